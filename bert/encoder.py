@@ -1,0 +1,155 @@
+"""`Encoder`: a model folder in, a matrix of sentence vectors out.
+
+    >>> from bert import Encoder
+    >>> encoder = Encoder.from_dir()                # the bundled all-MiniLM-L6-v2
+    >>> encoder.encode(["hello world", "abc"]).shape
+    (2, 384)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .batching import plan_batches
+from .checkpoint import ModelFolder, inspect_folder, load_weights
+from .config import EncoderOptions, PoolingConfig
+from .errors import CheckpointError
+from .modeling import BertModel
+from .pooling import pool
+from .tokenization import BertTokenizer, TokenBatch
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Padded tokens per forward pass: enough to fill a GPU, small enough for CPU caches.
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
+
+
+def resolve_pooling(folder: ModelFolder, options: EncoderOptions) -> PoolingConfig:
+    """The folder's default pooling, overridden by whatever the user set."""
+    pooling = folder.pooling
+    if options.pooling_strategy is not None:
+        pooling = PoolingConfig.from_strategy(options.pooling_strategy, layers=pooling.layers,
+                                              normalize=pooling.normalize)
+    changes: dict[str, Any] = {"mask_cls_sep": options.mask_cls_sep}
+    if options.pooling_layer is not None:
+        changes["layers"] = tuple(options.pooling_layer)
+    if options.normalize is not None:
+        changes["normalize"] = options.normalize
+    return dataclasses.replace(pooling, **changes)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return _TORCH_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_TORCH_DTYPES)}; got {dtype!r}") from None
+
+
+class Encoder:
+    """Tokenizer, truncated BERT and pooling, ready to turn sentences into vectors."""
+
+    def __init__(self, folder: ModelFolder, options: EncoderOptions) -> None:
+        self.folder = folder
+        self.options = options
+        config = folder.config
+        self.pooling = resolve_pooling(folder, options)
+        self.layers = self.pooling.resolve_layers(config.num_hidden_layers)
+        self.max_seq_len = options.max_seq_len or folder.max_seq_len
+        if not 2 <= self.max_seq_len <= config.max_position_embeddings:
+            raise ValueError(f"max_seq_len must be between 2 and the model's max_position_embeddings "
+                             f"({config.max_position_embeddings}), got {self.max_seq_len}")
+        self.device = torch.device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.max_batch_tokens = options.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(self.device.type, 4096)
+        do_lower_case = options.do_lower_case if options.do_lower_case is not None else folder.do_lower_case
+        self.tokenizer = BertTokenizer.from_dir(folder.weights_dir, self.max_seq_len, do_lower_case,
+                                                folder.lowercase_input)
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise CheckpointError(f"{folder.weights_dir}: the vocabulary has {self.tokenizer.vocab_size} "
+                                  f"tokens but the model only {config.vocab_size} embeddings")
+        self.model = self._build_model(max(self.layers))
+
+    def _build_model(self, num_layers: int) -> BertModel:
+        weights = load_weights(self.folder, num_layers)
+        model = BertModel(self.folder.config, num_layers=num_layers)
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.folder.weights_dir}: weights do not fit the config: {e}") from None
+        return model.to(device=self.device, dtype=self.dtype).eval()
+
+    @classmethod
+    def from_dir(cls, model_dir: str | None = None, **options: Any) -> "Encoder":
+        """Build from a Google, Hugging Face or sentence-transformers folder (None: the bundled model).
+
+        Keyword options are the fields of `EncoderOptions` (pooling_strategy, pooling_layer, ...).
+        """
+        return cls.from_options(EncoderOptions(model_dir=model_dir, **options))
+
+    @classmethod
+    def from_options(cls, options: EncoderOptions) -> "Encoder":
+        return cls(inspect_folder(options.model_dir), options)
+
+    @property
+    def dim(self) -> int:
+        """Length of a sentence vector (or of a token vector with pooling NONE)."""
+        per_mode = self.folder.config.hidden_size * len(self.layers)
+        return per_mode * (1 if self.pooling.per_token else len(self.pooling.modes))
+
+    def describe(self) -> dict[str, Any]:
+        """What is being served, for logs and the client's `server_config()`."""
+        return {
+            "model_dir": str(self.folder.path), "model_kind": self.folder.kind,
+            "num_layers_run": self.model.num_layers, "num_hidden_layers": self.folder.config.num_hidden_layers,
+            "hidden_size": self.folder.config.hidden_size, "dim": self.dim,
+            "pooling_modes": list(self.pooling.modes), "pooling_layer": list(self.pooling.layers),
+            "mask_cls_sep": self.pooling.mask_cls_sep, "normalize": self.pooling.normalize,
+            "max_seq_len": self.max_seq_len, "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "max_batch_tokens": self.max_batch_tokens,
+        }
+
+    # ------------------------------------------------------------ encoding
+
+    def tokenize(self, texts: Sequence[str], is_tokenized: bool = False) -> TokenBatch:
+        if is_tokenized:
+            return self.tokenizer.encode_pretokenized(texts)  # type: ignore[arg-type]
+        return self.tokenizer.encode(texts)
+
+    @torch.inference_mode()
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
+        """One padded forward pass over `batch`; float32 vectors on the CPU, in batch order."""
+        input_ids, mask = batch.padded(self.tokenizer.pad_id)
+        ids_t = torch.from_numpy(input_ids)
+        mask_t = torch.from_numpy(mask)
+        if self.device.type == "cuda":
+            ids_t = ids_t.pin_memory().to(self.device, non_blocking=True)
+            mask_t = mask_t.pin_memory().to(self.device, non_blocking=True)
+        hidden = self.model(ids_t, mask_t, keep=self.layers)
+        return pool(hidden, mask_t, self.pooling).cpu()
+
+    def encode_tokens(self, batch: TokenBatch) -> np.ndarray:
+        """Vectors for tokenized sentences, in their order: (n, dim), or (n, T, dim) for NONE."""
+        n = len(batch)
+        width = int(batch.lengths.max()) if n else 0
+        shape = (n, width, self.dim) if self.pooling.per_token else (n, self.dim)
+        out = np.zeros(shape, dtype=np.float32)
+        for index in plan_batches(batch.lengths, self.max_batch_tokens):
+            vectors = self.forward(batch.take(index)).numpy()
+            if self.pooling.per_token:
+                out[index, :vectors.shape[1]] = vectors
+            else:
+                out[index] = vectors
+        return out
+
+    def encode(self, texts: Sequence[str], is_tokenized: bool = False) -> np.ndarray:
+        """Sentence vectors as float32, shape (len(texts), dim); (n, T, dim) for pooling NONE."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of strings, not a single string")
+        return self.encode_tokens(self.tokenize(texts, is_tokenized))

@@ -1,0 +1,175 @@
+"""BERT WordPiece tokenization through Hugging Face `tokenizers` (Rust), in batch mode.
+
+The result of tokenizing a list of sentences is a `TokenBatch`: every id in one flat int64 array
+plus each sentence's length, so padding, sorting and slicing are numpy operations, not loops.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[UNK]", "[PAD]")
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token ids of n sentences: `ids` is flat, sentence i is ids[offsets[i]:offsets[i+1]]."""
+
+    ids: np.ndarray      # (total,) int64
+    lengths: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate(([0], np.cumsum(self.lengths)))
+
+    def take(self, order: np.ndarray) -> "TokenBatch":
+        """The sentences at positions `order`, in that order."""
+        offsets = self.offsets
+        lengths = self.lengths[order]
+        starts = offsets[:-1][order]
+        # Gather each selected sentence's id range without a Python loop.
+        index = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+        index += np.arange(int(lengths.sum()))
+        return TokenBatch(self.ids[index], lengths)
+
+    def padded(self, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), each (n, max_length), padded on the right."""
+        width = int(self.lengths.max()) if len(self.lengths) else 0
+        mask = np.arange(width)[None, :] < self.lengths[:, None]
+        input_ids = np.full((len(self.lengths), width), pad_id, dtype=np.int64)
+        input_ids[mask] = self.ids
+        return input_ids, mask
+
+    @staticmethod
+    def concat(batches: Sequence["TokenBatch"]) -> "TokenBatch":
+        return TokenBatch(np.concatenate([b.ids for b in batches]),
+                          np.concatenate([b.lengths for b in batches]))
+
+
+def _from_id_lists(id_lists: Sequence[Sequence[int]]) -> TokenBatch:
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
+    return TokenBatch(ids, lengths)
+
+
+class BertTokenizer:
+    """Sentences (or pre-split tokens) to `TokenBatch`es, truncated to `max_seq_len` with [CLS]/[SEP]."""
+
+    def __init__(self, tokenizer: Tokenizer, max_seq_len: int, lowercase_input: bool = False) -> None:
+        if max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be at least 2 ([CLS] and [SEP]), got {max_seq_len}")
+        self.max_seq_len = max_seq_len
+        self.lowercase_input = lowercase_input
+        self._tokenizer = tokenizer
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=max_seq_len)
+        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None and t != "[PAD]"]
+        if missing:
+            raise CheckpointError(f"the vocabulary has no {', '.join(missing)} token")
+        self.cls_id, self.sep_id, self.unk_id = ids["[CLS]"], ids["[SEP]"], ids["[UNK]"]
+        self.pad_id = ids["[PAD]"] or 0
+
+    @classmethod
+    def from_dir(cls, folder: Path, max_seq_len: int, do_lower_case: bool | None = None,
+                 lowercase_input: bool = False) -> "BertTokenizer":
+        """Use the folder's `tokenizer.json` if it has one, else build WordPiece from `vocab.txt`."""
+        folder = Path(folder)
+        tokenizer_json = folder / "tokenizer.json"
+        if tokenizer_json.is_file():
+            try:
+                tokenizer = Tokenizer.from_file(str(tokenizer_json))
+            except Exception as e:  # tokenizers raises a bare Exception on bad files
+                raise CheckpointError(f"{tokenizer_json}: not a valid tokenizer file ({e})") from None
+            if do_lower_case is not None:
+                tokenizer.normalizer = bert_normalizer(do_lower_case)
+        else:
+            if do_lower_case is None:
+                do_lower_case = True
+            tokenizer = wordpiece_tokenizer(folder / "vocab.txt", do_lower_case)
+        return cls(tokenizer, max_seq_len, lowercase_input)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: Sequence[str]) -> TokenBatch:
+        if self.lowercase_input:
+            texts = [t.lower() for t in texts]
+        encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=True)
+        return _from_id_lists([e.ids for e in encodings])
+
+    def encode_pretokenized(self, token_lists: Sequence[Sequence[str]]) -> TokenBatch:
+        """Tokens the caller already split into WordPieces: looked up as they are ([UNK] if unknown)."""
+        lookup = self._tokenizer.token_to_id
+        room = self.max_seq_len - 2
+        id_lists = [[self.cls_id] + [self._id_or_unk(lookup(t)) for t in tokens[:room]] + [self.sep_id]
+                    for tokens in token_lists]
+        return _from_id_lists(id_lists)
+
+    def _id_or_unk(self, token_id: int | None) -> int:
+        return self.unk_id if token_id is None else token_id
+
+    def tokens(self, batch: TokenBatch) -> list[list[str]]:
+        """The tokens the model saw, sentence by sentence (for `show_tokens`)."""
+        id_to_token = self._tokenizer.id_to_token
+        offsets = batch.offsets
+        return [[id_to_token(int(i)) for i in batch.ids[offsets[k]:offsets[k + 1]]] for k in range(len(batch))]
+
+
+def bert_normalizer(do_lower_case: bool) -> normalizers.Normalizer:
+    # strip_accents=None follows lowercase, exactly as BERT's BasicTokenizer does.
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                      strip_accents=None, lowercase=do_lower_case)
+
+
+def wordpiece_tokenizer(vocab_path: Path, do_lower_case: bool) -> Tokenizer:
+    """BERT's tokenizer from a `vocab.txt`, identical to `BertTokenizerFast`."""
+    if not vocab_path.is_file():
+        raise CheckpointError(f"{vocab_path}: file not found (the folder has neither tokenizer.json nor vocab.txt)")
+    try:
+        vocab = WordPiece.read_file(str(vocab_path))
+    except Exception as e:
+        raise CheckpointError(f"{vocab_path}: not a readable vocabulary ({e})") from None
+    if not vocab:
+        raise CheckpointError(f"{vocab_path}: the vocabulary is empty")
+    tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = bert_normalizer(do_lower_case)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    for token in ("[CLS]", "[SEP]"):
+        if token not in vocab:
+            raise CheckpointError(f"{vocab_path}: the vocabulary has no {token} token")
+    # Like BertTokenizerFast: special tokens written in the text are kept whole, not split.
+    tokenizer.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return tokenizer
+
+
+def read_do_lower_case(folder: Path) -> bool | None:
+    """`do_lower_case` from a Hugging Face `tokenizer_config.json`, if it says."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("do_lower_case")
+    except (OSError, ValueError, AttributeError):
+        log.warning("%s: unreadable, ignoring it", path)
+        return None
+    return value if isinstance(value, bool) else None
