@@ -1,0 +1,442 @@
+"""BertClient: sentence vectors from a running bert-as-service server, in two lines.
+
+    from client import BertClient          # or: from service.client import BertClient
+    vectors = BertClient(ip="localhost", port=5555).encode(["abc", "defg", "uwxyz"])
+
+This one file is all a client needs: it imports only the standard library, pyzmq and numpy, so
+copy it into any project. It is also the home of the wire protocol; the server imports it.
+
+Wire protocol (version 1), over a ZeroMQ DEALER (client) to ROUTER (server) connection:
+
+    request  frame 0  JSON header  {"v": 1, "id": int, "cmd": "encode" | "config" | "status",
+                                    "timeout": seconds | null, "is_tokenized": bool, "show_tokens": bool}
+             frame 1  JSON array of strings (or of arrays of WordPiece strings when is_tokenized);
+                      "encode" only
+    reply    frame 0  JSON header  {"v": 1, "id": int, "ok": true, "dtype": "float32" | "float16",
+                                    "shapes": [[n1, dim], [n2, dim], ...], "tokens": [[...], ...]?}
+                                   or {"v": 1, "id": int, "ok": true, "result": {...}}   (config, status)
+                                   or {"v": 1, "id": int, "ok": false, "error": code, "message": str}
+             frames 1..k  raw C-order array bytes, one frame per shape, concatenated in order by the
+                      client; shapes of 3 dimensions (pooling NONE) are zero-padded to the longest
+
+Nothing is pickled in either direction: vectors travel as raw bytes described by the header.
+
+Exceptions (all importable from this module):
+
+    BertClientError
+     ├── BertTimeoutError      no reply in time (also a builtin TimeoutError); the client stays usable
+     ├── BadRequestError       the input is wrong (also a ValueError); raised before sending when possible
+     ├── ProtocolError         a reply this client cannot understand
+     └── ServerError           the server failed the request
+          └── ServerBusyError  the server's queue is full; try again later
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+import uuid
+from collections import deque
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import zmq
+
+__all__ = ["BertClient", "BertClientError", "BertTimeoutError", "BadRequestError", "ProtocolError",
+           "ServerError", "ServerBusyError"]
+
+PROTOCOL_VERSION = 1
+COMMANDS = ("encode", "config", "status")
+DTYPES = ("float32", "float16")
+
+# Error codes a reply may carry, and the exception each becomes in the client.
+ERR_BAD_REQUEST = "bad_request"
+ERR_BUSY = "busy"
+ERR_SERVER = "server_error"
+ERR_TIMEOUT = "timeout"
+ERR_UNAVAILABLE = "unavailable"
+
+
+class BertClientError(Exception):
+    """Base class of every error this client raises."""
+
+
+class BertTimeoutError(BertClientError, TimeoutError):
+    """No reply within the timeout: the server is down, unreachable, or overloaded."""
+
+
+class BadRequestError(BertClientError, ValueError):
+    """The input cannot be encoded (wrong type, empty, too large...); the message says why."""
+
+
+class ProtocolError(BertClientError):
+    """A message that does not follow the wire protocol."""
+
+
+class ServerError(BertClientError):
+    """The server could not answer the request; `code` is the protocol's error code."""
+
+    def __init__(self, message: str, code: str = ERR_SERVER) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ServerBusyError(ServerError):
+    """The server's queue is full; the request was refused at once rather than queued."""
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+def check_texts(texts: Any, is_tokenized: bool = False) -> list:
+    """Return `texts` as a list after checking it is what `encode` accepts; raise BadRequestError."""
+    if isinstance(texts, (str, bytes)):
+        raise BadRequestError(f"encode() takes a list of strings, not a single {type(texts).__name__}; "
+                              "wrap it in a list: encode([text])")
+    if not isinstance(texts, (list, tuple)):
+        raise BadRequestError(f"encode() takes a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise BadRequestError("encode() got an empty list: there is nothing to encode")
+    for i, item in enumerate(texts):
+        if is_tokenized:
+            if not isinstance(item, (list, tuple)) or not all(isinstance(t, str) for t in item):
+                raise BadRequestError(f"with is_tokenized=True every item must be a list of token strings; "
+                                      f"item {i} is {_describe(item)}")
+        elif not isinstance(item, str):
+            hint = " (did you mean is_tokenized=True?)" if isinstance(item, (list, tuple)) else ""
+            raise BadRequestError(f"every item must be a str; item {i} is {_describe(item)}{hint}")
+    return list(texts)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def pack_request(request_id: int, cmd: str, texts: Sequence | None = None, timeout: float | None = None,
+                 is_tokenized: bool = False, show_tokens: bool = False) -> list[bytes]:
+    header = {"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd, "timeout": timeout,
+              "is_tokenized": is_tokenized, "show_tokens": show_tokens}
+    frames = [json.dumps(header).encode()]
+    if cmd == "encode":
+        frames.append(json.dumps(texts, ensure_ascii=False).encode("utf-8"))
+    return frames
+
+
+def unpack_request(frames: Sequence[bytes], max_sentences: int, max_bytes: int) -> tuple[dict, list | None]:
+    """Validate a request's frames; return (header, texts). Raise BadRequestError with the reason.
+
+    Used by the server on bytes from the network, so it checks every field and trusts nothing.
+    """
+    if not frames:
+        raise BadRequestError("empty message")
+    size = sum(len(f) for f in frames)
+    if size > max_bytes:
+        raise BadRequestError(f"request of {size} bytes is over the server's limit of {max_bytes} bytes")
+    header = _load_json_object(frames[0], "header")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise BadRequestError(f"protocol version {header.get('v')!r} is not supported (server speaks {PROTOCOL_VERSION})")
+    if not isinstance(header.get("id"), int) or isinstance(header.get("id"), bool):
+        raise BadRequestError("header field 'id' must be an integer")
+    cmd = header.get("cmd")
+    if cmd not in COMMANDS:
+        raise BadRequestError(f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})")
+    timeout = header.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+        raise BadRequestError("header field 'timeout' must be a positive number of seconds or null")
+    for flag in ("is_tokenized", "show_tokens"):
+        if not isinstance(header.get(flag, False), bool):
+            raise BadRequestError(f"header field {flag!r} must be true or false")
+    if cmd != "encode":
+        if len(frames) != 1:
+            raise BadRequestError(f"command {cmd!r} takes 1 frame, got {len(frames)}")
+        return header, None
+    if len(frames) != 2:
+        raise BadRequestError(f"command 'encode' takes 2 frames (header, texts), got {len(frames)}")
+    try:
+        texts = json.loads(frames[1].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadRequestError(f"texts frame is not UTF-8 JSON ({e})") from None
+    texts = check_texts(texts, bool(header.get("is_tokenized", False)))
+    if len(texts) > max_sentences:
+        raise BadRequestError(f"request of {len(texts)} sentences is over the server's limit of "
+                              f"{max_sentences} (-max_client_batch_size); split it or use encode_async")
+    return header, texts
+
+
+def _load_json_object(frame: bytes, what: str) -> dict:
+    try:
+        value = json.loads(frame.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequestError(f"{what} frame is not UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequestError(f"{what} frame must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def pack_error(request_id: Any, code: str, message: str) -> list[bytes]:
+    return [json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": False,
+                        "error": code, "message": message}).encode()]
+
+
+def pack_result(request_id: int, result: dict) -> list[bytes]:
+    return [json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}).encode()]
+
+
+def pack_vectors(request_id: int, dtype: str, shapes: list, buffers: list, tokens: list | None = None) -> list:
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "dtype": dtype, "shapes": shapes}
+    if tokens is not None:
+        header["tokens"] = tokens
+    return [json.dumps(header, ensure_ascii=False).encode("utf-8"), *buffers]
+
+
+def unpack_reply_header(frame: bytes) -> dict:
+    try:
+        header = json.loads(frame.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("reply header is not UTF-8 JSON") from None
+    if not isinstance(header, dict) or header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"reply is not protocol version {PROTOCOL_VERSION}: {str(header)[:100]}")
+    return header
+
+
+def raise_for_error(header: dict) -> None:
+    if header.get("ok"):
+        return
+    code, message = header.get("error", ERR_SERVER), str(header.get("message", "unknown error"))
+    if code == ERR_BAD_REQUEST:
+        raise BadRequestError(message)
+    if code == ERR_BUSY:
+        raise ServerBusyError(message, code)
+    if code == ERR_TIMEOUT:
+        raise BertTimeoutError(message)
+    raise ServerError(message, code)
+
+
+def unpack_vectors(header: dict, buffers: Sequence) -> np.ndarray:
+    """The reply's arrays joined in order; 3-D parts are zero-padded to the longest sequence."""
+    dtype, shapes = header.get("dtype"), header.get("shapes")
+    if dtype not in DTYPES or not isinstance(shapes, list) or len(shapes) != len(buffers) or not shapes:
+        raise ProtocolError(f"reply header does not describe its {len(buffers)} data frames: {str(header)[:200]}")
+    try:
+        parts = [np.frombuffer(buf, dtype=dtype).reshape(shape) for buf, shape in zip(buffers, shapes)]
+    except (ValueError, TypeError) as e:
+        raise ProtocolError(f"reply data does not match its header ({e})") from None
+    if len(parts) == 1:
+        return parts[0]
+    if parts[0].ndim == 3:
+        width = max(p.shape[1] for p in parts)
+        parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in parts]
+    return np.concatenate(parts)
+
+
+# ---------------------------------------------------------------- the client
+
+
+def _progress(total: int, enabled: bool):
+    """A progress bar: tqdm when installed, else a plain line rewritten on stderr."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, unit="sent", desc="encode")
+    except ImportError:
+        return _PlainProgress(total)
+
+
+class _PlainProgress:
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        rate = self.done / max(time.monotonic() - self.start, 1e-9)
+        sys.stderr.write(f"\rencode: {self.done}/{self.total} sentences ({rate:,.0f}/s)")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+class BertClient:
+    """A connection to a bert-as-service server.
+
+    Args:
+        ip, port: where the server listens (its start-up log prints the address).
+        timeout: seconds to wait for each reply; None waits forever. On timeout a
+            `BertTimeoutError` is raised, the late reply is dropped when it comes, and the
+            client stays usable (also across server restarts).
+        output_fmt: 'ndarray' (float32 numpy array) or 'list' (List[List[float]], as in 2018).
+        server_public_key: the server's CurveZMQ public key (z85 text, or a path to a key file made
+            by `python app.py keygen`), when the server runs with -auth_dir.
+        client_key: path to this client's secret key file (`*.key_secret`) for CurveZMQ.
+    """
+
+    def __init__(self, ip: str = "localhost", port: int = 5555, timeout: float | None = 60.0,
+                 output_fmt: str = "ndarray", server_public_key: str | None = None,
+                 client_key: str | None = None) -> None:
+        if output_fmt not in ("ndarray", "list"):
+            raise ValueError(f"output_fmt must be 'ndarray' or 'list', got {output_fmt!r}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.address = f"tcp://{ip}:{port}"
+        self.timeout = timeout
+        self.output_fmt = output_fmt
+        self._ids = itertools.count(1)
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        # A random identity lets the server tell two clients in one process apart.
+        self._socket.setsockopt(zmq.IDENTITY, b"c-" + uuid.uuid4().hex.encode())
+        if server_public_key is not None:
+            self._set_curve_keys(server_public_key, client_key)
+        self._socket.connect(self.address)
+        self._early: dict[int, list] = {}  # replies that arrived while waiting for another id
+        self._closed = False
+
+    def _set_curve_keys(self, server_public_key: str, client_key: str | None) -> None:
+        if client_key is None:
+            raise ValueError("a CurveZMQ client needs client_key, the path of its *.key_secret file")
+        import zmq.auth
+        if os.path.isfile(server_public_key):
+            server_public_key = zmq.auth.load_certificate(server_public_key)[0]
+        public, secret = zmq.auth.load_certificate(client_key)
+        if secret is None:
+            raise ValueError(f"{client_key} holds no secret key (use the .key_secret file)")
+        self._socket.curve_serverkey = server_public_key if isinstance(server_public_key, bytes) \
+            else server_public_key.encode()
+        self._socket.curve_publickey = public
+        self._socket.curve_secretkey = secret
+
+    # ------------------------------------------------------------ public API
+
+    def encode(self, texts: Sequence, is_tokenized: bool = False, show_tokens: bool = False,
+               show_progress: bool = False, batch_size: int = 1024) -> Any:
+        """Vectors for `texts`: a float32 ndarray (n, dim), or List[List[float]] with output_fmt='list'.
+
+        is_tokenized: `texts` are lists of WordPiece tokens (the server adds [CLS]/[SEP]).
+        show_tokens: return `(vectors, tokens)`, the tokens being what the model saw after truncation.
+        show_progress: send in chunks of `batch_size` and show progress (tqdm when installed).
+        """
+        texts = check_texts(texts, is_tokenized)
+        if show_progress and len(texts) > batch_size:
+            chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+            bar = _progress(len(texts), True)
+            results = []
+            try:
+                for chunk, result in zip(chunks, self.encode_async(chunks, is_tokenized=is_tokenized,
+                                                                   show_tokens=show_tokens)):
+                    results.append(result)
+                    bar.update(len(chunk))
+            finally:
+                bar.close()
+            return self._join(results, show_tokens)
+        request_id = self._send("encode", texts, is_tokenized, show_tokens)
+        return self._format(*self._receive(request_id), show_tokens)
+
+    def encode_async(self, batches: Iterable[Sequence], max_in_flight: int = 4, is_tokenized: bool = False,
+                     show_tokens: bool = False) -> Iterator[Any]:
+        """Encode each list of `batches`, yielding results in order with up to `max_in_flight` requests
+        outstanding, so the server never waits for the client between requests."""
+        pending: deque[int] = deque()
+        batches = iter(batches)
+        while True:
+            while len(pending) < max_in_flight:
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                pending.append(self._send("encode", check_texts(batch, is_tokenized), is_tokenized, show_tokens))
+            if not pending:
+                return
+            yield self._format(*self._receive(pending.popleft()), show_tokens)
+
+    def server_config(self) -> dict:
+        """The server's configuration: model, pooling, dimensions, limits."""
+        return self._call("config")
+
+    def server_status(self) -> dict:
+        """The server's live state: workers, queue, requests served, restarts."""
+        return self._call("status")
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._socket.close(linger=0)
+            self._context.term()
+
+    def __enter__(self) -> "BertClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------ internals
+
+    def _call(self, cmd: str) -> dict:
+        header, _ = self._receive(self._send(cmd))
+        result = header.get("result")
+        if not isinstance(result, dict):
+            raise ProtocolError(f"reply to {cmd!r} has no result object")
+        return result
+
+    def _send(self, cmd: str, texts: Sequence | None = None, is_tokenized: bool = False,
+              show_tokens: bool = False) -> int:
+        if self._closed:
+            raise BertClientError("the client is closed")
+        request_id = next(self._ids)
+        frames = pack_request(request_id, cmd, texts, self.timeout, is_tokenized, show_tokens)
+        try:
+            self._socket.send_multipart(frames, copy=False)
+        except zmq.ZMQError as e:
+            raise BertClientError(f"cannot send to {self.address}: {e}") from None
+        return request_id
+
+    def _receive(self, request_id: int) -> tuple[dict, list]:
+        """Wait for the reply to `request_id`, keeping replies to other pending ids, dropping stale ones."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while request_id not in self._early:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if wait is not None and wait == 0.0 or not self._socket.poll(None if wait is None else int(wait * 1000) + 1):
+                raise BertTimeoutError(f"no reply from {self.address} within {self.timeout} s "
+                                       "(is the server running and reachable?)")
+            frames = self._socket.recv_multipart(copy=False)
+            header = unpack_reply_header(frames[0].bytes)
+            reply_id = header.get("id")
+            if isinstance(reply_id, int) and reply_id >= request_id:
+                self._early[reply_id] = [header, frames[1:]]
+            # else: the late reply of a request that already timed out; dropped
+        header, buffers = self._early.pop(request_id)
+        raise_for_error(header)
+        return header, buffers
+
+    def _format(self, header: dict, buffers: list, show_tokens: bool) -> Any:
+        vectors = unpack_vectors(header, [b.buffer for b in buffers])
+        if vectors.dtype != np.float32:
+            vectors = vectors.astype(np.float32)
+        elif not vectors.flags.writeable:
+            vectors = vectors.copy()  # frombuffer views are read-only; callers expect a normal array
+        result = vectors.tolist() if self.output_fmt == "list" else vectors
+        return (result, header.get("tokens")) if show_tokens else result
+
+    def _join(self, results: list, show_tokens: bool) -> Any:
+        if show_tokens:
+            vectors = self._concat([r[0] for r in results])
+            return vectors, [t for r in results for t in (r[1] or [])]
+        return self._concat(results)
+
+    def _concat(self, parts: list) -> Any:
+        if self.output_fmt == "list":
+            return [row for part in parts for row in part]
+        if parts[0].ndim == 3:
+            width = max(p.shape[1] for p in parts)
+            parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in parts]
+        return np.concatenate(parts)
