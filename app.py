@@ -1,0 +1,148 @@
+"""Start the sentence-encoding server.
+
+    python app.py                                  # the bundled all-MiniLM-L6-v2, one worker, port 5555
+    python app.py -num_worker=4 -model_dir /tmp/uncased_L-12_H-768_A-12/
+    python app.py -keygen keys/                    # CurveZMQ key pairs for -auth_dir
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+
+from bert.config import DTYPES, STRATEGIES, EncoderOptions
+from bert.errors import CheckpointError
+from service.config import ServerConfig
+from service.logs import configure_logging
+
+log = logging.getLogger("app")
+
+
+def str_to_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="app.py", description="Serve sentence vectors from a BERT-family model over ZeroMQ.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("-model_dir", default=None,
+                       help="Google BERT, Hugging Face or sentence-transformers folder (default: the bundled all-MiniLM-L6-v2)")
+    model.add_argument("-pooling_strategy", choices=list(STRATEGIES), type=str.upper, default=None,
+                       help="how token vectors become a sentence vector (default: the folder's own; REDUCE_MEAN for plain BERT)")
+    model.add_argument("-pooling_layer", type=int, nargs="+", default=None,
+                       help="hidden layer(s) to pool, negative from the top; several concatenate (default: -2 for plain BERT, -1 for sentence-transformers)")
+    model.add_argument("-mask_cls_sep", action="store_true", help="leave [CLS] and [SEP] out of mean and max pooling")
+    model.add_argument("-normalize", type=str_to_bool, nargs="?", const=True, default=None,
+                       help="L2-normalise vectors (default: the folder's own)")
+    model.add_argument("-max_seq_len", type=int, default=None,
+                       help="tokens per sentence incl. [CLS]/[SEP]; longer is truncated (default: the model's own, at most 512)")
+    model.add_argument("-do_lower_case", type=str_to_bool, nargs="?", const=True, default=None,
+                       help="lower-case input (default: follows the folder, e.g. uncased_* vs cased_*)")
+    compute = p.add_argument_group("compute")
+    compute.add_argument("-num_worker", type=int, default=1, help="worker processes (each owns a GPU or a share of the CPU cores)")
+    compute.add_argument("-cpu", action="store_true", help="run on CPU even if a GPU is visible")
+    compute.add_argument("-device_map", type=int, nargs="+", default=[], help="GPU ids to spread workers over, round-robin (default: all visible)")
+    compute.add_argument("-dtype", choices=DTYPES, default="auto", help="precision: auto is fp16 on GPU, fp32 on CPU")
+    compute.add_argument("-fp16", dest="dtype", action="store_const", const="fp16", help="same as -dtype fp16")
+    compute.add_argument("-bf16", dest="dtype", action="store_const", const="bf16", help="same as -dtype bf16")
+    compute.add_argument("-cpu_threads", type=int, default=None, help="torch threads per CPU worker (default: cores / num_worker)")
+    compute.add_argument("-max_batch_size", type=int, default=256, help="a request is split into mini-batches of this many sentences, spread over workers")
+    compute.add_argument("-max_batch_tokens", type=int, default=None,
+                         help="padded tokens per forward pass (default: 4096 on CPU, 65536 on GPU)")
+    net = p.add_argument_group("network and limits")
+    net.add_argument("-port", type=int, default=5555, help="port clients connect to")
+    net.add_argument("-host", default="*", help="interface to listen on ('*' = all, '127.0.0.1' = this machine only)")
+    net.add_argument("-output_dtype", choices=("float32", "float16"), default="float32", help="vector type on the wire")
+    net.add_argument("-max_client_batch_size", type=int, default=32768, help="largest request, in sentences")
+    net.add_argument("-max_request_bytes", type=int, default=64 * 1024 * 1024, help="largest request, in bytes")
+    net.add_argument("-max_queue", type=int, default=200_000, help="sentences waiting for a worker before new requests get a 'busy' error")
+    net.add_argument("-auth_dir", default=None, help="CurveZMQ: encrypt and admit only the client keys in AUTH_DIR/clients")
+    net.add_argument("-keygen", metavar="DIR", default=None, help="create CurveZMQ keys in DIR (server pair once, plus one client pair) and exit")
+    net.add_argument("-client_name", default="client", help="name of the client key pair -keygen creates")
+    p.add_argument("-verbose", action="store_true", help="debug logging")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    encoder = EncoderOptions(
+        model_dir=args.model_dir, pooling_strategy=args.pooling_strategy,
+        pooling_layer=tuple(args.pooling_layer) if args.pooling_layer else None, mask_cls_sep=args.mask_cls_sep,
+        normalize=args.normalize, max_seq_len=args.max_seq_len, do_lower_case=args.do_lower_case,
+        dtype=args.dtype, max_batch_tokens=args.max_batch_tokens)
+    return ServerConfig(
+        encoder=encoder, num_worker=args.num_worker, host=args.host, port=args.port,
+        max_batch_size=args.max_batch_size, max_client_batch_size=args.max_client_batch_size,
+        max_request_bytes=args.max_request_bytes, max_queue=args.max_queue, cpu=args.cpu,
+        device_map=tuple(args.device_map), cpu_threads=args.cpu_threads, output_dtype=args.output_dtype,
+        auth_dir=args.auth_dir, verbose=args.verbose)
+
+
+def keygen(folder: str, client_name: str) -> int:
+    from service.auth import make_keys
+
+    paths = make_keys(folder, client_name)
+    print(f"server public key:  {paths['server_public']}   (give this to clients)")
+    print(f"server secret key:  {paths['server_secret']}   (keep on the server)")
+    print(f"client key pair:    {paths['client_secret']}   (give this to the client '{client_name}')")
+    print(f"client allowed via: {paths['client_public']}")
+    print(f"start the server with: python app.py -auth_dir {folder}")
+    return 0
+
+
+def client_address(config: ServerConfig) -> str:
+    host = config.host if config.host not in ("*", "0.0.0.0") else socket.gethostname()
+    return f"BertClient(ip='{host}', port={config.port})" + \
+        (" or BertClient() on this machine" if config.host in ("*", "0.0.0.0", "127.0.0.1", "localhost") else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    if args.keygen:
+        return keygen(args.keygen, args.client_name)
+    try:
+        config = config_from_args(args)
+        from bert.checkpoint import inspect_folder
+        folder = inspect_folder(config.encoder.model_dir)  # fail on a bad folder before anything starts
+    except (CheckpointError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    log.info("model: %s (%s, %d layers, hidden %d)", folder.path, folder.kind,
+             folder.config.num_hidden_layers, folder.config.hidden_size)
+    log.info("config: %s", ", ".join(f"{k}={v}" for k, v in config.public().items()))
+
+    from service.broker import Broker, StartupError
+    broker = Broker(config)
+
+    def request_stop(signum: int, _frame) -> None:
+        log.info("%s received", signal.Signals(signum).name)
+        broker.stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        broker.start()
+    except (StartupError, FileNotFoundError) as e:
+        log.error("cannot start: %s", e)
+        broker.shutdown()
+        return 1
+    info = broker.encoder_info
+    log.info("serving %s vectors of dim %s (pooling %s of layer %s, max_seq_len %s) with %d workers on %s",
+             info.get("dtype"), info.get("dim"), "+".join(info.get("pooling_modes", [])),
+             info.get("pooling_layer"), info.get("max_seq_len"), config.num_worker,
+             ", ".join(sorted({s.info.get("device", "?") for s in broker.slots})))
+    log.info("ready on tcp://%s:%d: clients use %s", config.host, config.port, client_address(config))
+    broker.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The serving side: broker, worker processes, protocol, and the one-file client."""

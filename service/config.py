@@ -1,0 +1,68 @@
+"""The server's one configuration object, built once by `app.py` and passed to broker and workers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bert.config import EncoderOptions
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server runs with.
+
+    - `encoder`: the model and pooling (see `bert.config.EncoderOptions`).
+    - `num_worker`: worker processes; each owns one GPU, or a share of the CPU cores.
+    - `host`, `port`: where clients connect (host '*' = every interface).
+    - `max_batch_size`: a request larger than this many sentences is split into mini-batches of
+      this size, spread over workers and reassembled in order.
+    - `max_client_batch_size`: a request over this many sentences is refused.
+    - `max_request_bytes`: a request over this many bytes is refused.
+    - `max_queue`: sentences waiting for a worker; past it new requests get a "busy" error at once.
+    - `cpu`: run on CPU even where a GPU is visible.
+    - `device_map`: GPU ids the workers are spread over, round-robin (empty: all visible GPUs).
+    - `cpu_threads`: torch threads per CPU worker (None: the machine's cores divided between workers).
+    - `output_dtype`: 'float32' or 'float16' on the wire.
+    - `auth_dir`: CurveZMQ keys (server.key_secret and clients/*.key); None: no authentication.
+    - `startup_timeout`: seconds a worker may take to load the model.
+    - `verbose`: debug logging.
+    """
+
+    encoder: EncoderOptions = field(default_factory=EncoderOptions)
+    num_worker: int = 1
+    host: str = "*"
+    port: int = 5555
+    max_batch_size: int = 256
+    max_client_batch_size: int = 32768
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_queue: int = 200_000
+    cpu: bool = False
+    device_map: tuple[int, ...] = ()
+    cpu_threads: int | None = None
+    output_dtype: str = "float32"
+    auth_dir: str | None = None
+    startup_timeout: float = 600.0
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_worker >= 1, f"num_worker must be at least 1, got {self.num_worker}"),
+            (0 < self.port < 65536, f"port must be between 1 and 65535, got {self.port}"),
+            (self.max_batch_size >= 1, f"max_batch_size must be at least 1, got {self.max_batch_size}"),
+            (self.max_client_batch_size >= 1, "max_client_batch_size must be at least 1"),
+            (self.max_request_bytes >= 1024, "max_request_bytes must be at least 1024"),
+            (self.max_queue >= 1, "max_queue must be at least 1"),
+            (self.output_dtype in ("float32", "float16"), f"output_dtype must be float32 or float16, got {self.output_dtype!r}"),
+            (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def public(self) -> dict:
+        """The configuration as plain JSON values, for logs and the client's `server_config()`."""
+        return {
+            "num_worker": self.num_worker, "port": self.port, "max_batch_size": self.max_batch_size,
+            "max_client_batch_size": self.max_client_batch_size, "max_request_bytes": self.max_request_bytes,
+            "max_queue": self.max_queue, "output_dtype": self.output_dtype,
+            "authentication": self.auth_dir is not None,
+        }

@@ -1,0 +1,278 @@
+"""A worker process: loads the model once, then turns jobs from the broker into vectors.
+
+Three stages joined by queues keep the device busy:
+
+    I/O (main thread)  --jobs-->  tokenize thread  --token batches-->  compute thread  --results--> I/O
+
+The I/O thread owns the only socket to the broker (ZeroMQ sockets are not thread-safe): it passes
+jobs on, sends results back, and exchanges heartbeats. Tokenizing the next jobs overlaps the forward
+pass of the current ones, and everything tokenized while the model was busy is merged into one
+length-sorted set of forward passes. A batch that fails fails every job in it; the worker lives on,
+except after a CUDA error, which poisons the process: it exits and the broker re-sends its jobs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from .client import ERR_SERVER, ERR_TIMEOUT
+from .config import ServerConfig
+from .logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+CUDA_ERROR_EXIT_CODE = 70
+
+
+@dataclass
+class Job:
+    job_id: int
+    deadline: float | None
+    is_tokenized: bool
+    show_tokens: bool
+    payload: bytes
+    tokens: Any = None          # TokenBatch once tokenized
+    error: str | None = None
+    received: float = field(default_factory=time.monotonic)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+
+def pick_device(config: ServerConfig, index: int) -> str:
+    """Worker `index`'s device: GPUs round-robin over `device_map` (or all visible), else the CPU."""
+    if config.cpu:
+        return "cpu"
+    import torch
+    if not torch.cuda.is_available():
+        return "cpu"
+    gpus = config.device_map or tuple(range(torch.cuda.device_count()))
+    return f"cuda:{gpus[index % len(gpus)]}"
+
+
+def cpu_threads(config: ServerConfig) -> int:
+    """Divide the cores between workers rather than let each use all of them (oversubscription)."""
+    return config.cpu_threads or max(1, (os.cpu_count() or 1) // config.num_worker)
+
+
+def worker_main(config: ServerConfig, index: int, identity: bytes, backend: str, parent_pid: int) -> None:
+    """Entry point of a worker process (started with the 'spawn' method by the broker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the broker decides
+    configure_logging(config.verbose)
+    threads = cpu_threads(config)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # before `tokenizers` is imported
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, identity)
+    socket.setsockopt(zmq.LINGER, 2000)
+    socket.connect(backend)
+    try:
+        encoder = load_encoder(config, index, threads)
+    except Exception as e:  # any failure to load is reported, then this process ends
+        log.debug("model loading failed", exc_info=True)
+        socket.send_multipart([P.FAILED, P.dumps({"message": f"{type(e).__name__}: {e}"})])
+        socket.close()
+        context.term()
+        raise SystemExit(2)
+    info = {"pid": os.getpid(), "device": str(encoder.device), "encoder": encoder.describe(), "threads": threads}
+    socket.send_multipart([P.READY, P.dumps(info)])
+    log.info("worker %d ready on %s (%s)", index, encoder.device, str(encoder.dtype).removeprefix("torch."))
+    try:
+        Worker(encoder, config, socket, context, parent_pid).run()
+    finally:
+        socket.close()
+        context.term()
+
+
+def load_encoder(config: ServerConfig, index: int, threads: int):
+    import dataclasses
+
+    import torch
+
+    from bert.encoder import Encoder
+
+    device = pick_device(config, index)
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    else:
+        torch.cuda.set_device(torch.device(device))
+    return Encoder.from_options(dataclasses.replace(config.encoder, device=device))
+
+
+class Worker:
+    def __init__(self, encoder, config: ServerConfig, socket: zmq.Socket, context: zmq.Context,
+                 parent_pid: int) -> None:
+        self.encoder = encoder
+        self.config = config
+        self.socket = socket
+        self.context = context
+        self.parent_pid = parent_pid
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.tokenized: queue.Queue[Job | None] = queue.Queue()
+        self.results_address = f"inproc://results-{id(self)}"
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        results = self.context.socket(zmq.PAIR)
+        results.bind(self.results_address)
+        stages = [threading.Thread(target=self.tokenize_loop, name="tokenize", daemon=True),
+                  threading.Thread(target=self.compute_loop, name="compute", daemon=True)]
+        for stage in stages:
+            stage.start()
+        try:
+            self.io_loop(results)
+        finally:
+            self.stopping.set()
+            self.jobs.put(None)
+            for stage in stages:
+                stage.join(timeout=30)
+            results.close(linger=0)
+
+    # ------------------------------------------------------------ I/O thread
+
+    def io_loop(self, results: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(results, zmq.POLLIN)
+        broker_seen = next_heartbeat = time.monotonic()
+        in_flight = 0
+        stopping = False
+        while True:
+            events = dict(poller.poll(int(P.HEARTBEAT_INTERVAL * 250)))
+            now = time.monotonic()
+            if self.socket in events:
+                frames = self.socket.recv_multipart(copy=True)
+                broker_seen = now
+                if frames[0] == P.JOB:
+                    header = P.loads(frames[1])
+                    self.jobs.put(Job(header["job"], header.get("deadline"), header.get("is_tokenized", False),
+                                      header.get("show_tokens", False), frames[2]))
+                    in_flight += 1
+                elif frames[0] == P.STOP:
+                    log.debug("stop received; finishing %d jobs", in_flight)
+                    stopping = True
+            if results in events:
+                frames = results.recv_multipart(copy=False)
+                if frames[0].bytes == b"EXIT":
+                    os._exit(CUDA_ERROR_EXIT_CODE)
+                self.socket.send_multipart([P.RESULT, *frames], copy=False)
+                in_flight -= 1
+            if stopping and in_flight == 0:
+                return
+            if now >= next_heartbeat:
+                self.socket.send_multipart([P.HEARTBEAT])
+                next_heartbeat = now + P.HEARTBEAT_INTERVAL
+            if now - broker_seen > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS * 3 or os.getppid() != self.parent_pid:
+                log.warning("broker is gone; worker exits")
+                return
+
+    # ------------------------------------------------------------ tokenize thread
+
+    def tokenize_loop(self) -> None:
+        import json
+
+        while (job := self.jobs.get()) is not None:
+            if job.expired():
+                job.error = ERR_TIMEOUT
+            else:
+                try:
+                    texts = json.loads(job.payload.decode("utf-8"))
+                    job.tokens = self.encoder.tokenize(texts, is_tokenized=job.is_tokenized)
+                except Exception as e:  # the broker validated the texts; this is a bug, not bad input
+                    log.exception("tokenizing job %d failed", job.job_id)
+                    job.error = f"tokenization failed: {type(e).__name__}: {e}"
+            job.payload = b""
+            self.tokenized.put(job)
+        self.tokenized.put(None)
+
+    # ------------------------------------------------------------ compute thread
+
+    def compute_loop(self) -> None:
+        sender = self.context.socket(zmq.PAIR)
+        sender.connect(self.results_address)
+        try:
+            while (window := self.next_window()) is not None:
+                self.process_window(window, sender)
+        finally:
+            sender.close(linger=1000)
+
+    def next_window(self) -> list[Job] | None:
+        """Every job tokenized so far (at least one): these are merged into one set of forward passes."""
+        first = self.tokenized.get()
+        if first is None:
+            return None
+        window = [first]
+        while True:
+            try:
+                job = self.tokenized.get_nowait()
+            except queue.Empty:
+                return window
+            if job is None:
+                self.tokenized.put(None)  # seen again by the next call, which then ends the loop
+                return window
+            window.append(job)
+
+    def process_window(self, window: list[Job], sender: zmq.Socket) -> None:
+        live = []
+        for job in window:
+            if job.error is None and job.expired():
+                job.error = ERR_TIMEOUT  # its client has given up: do not spend the model on it
+            if job.error is not None:
+                sender.send_multipart(self.error_frames(job))
+            else:
+                live.append(job)
+        if not live:
+            return
+        from bert.tokenization import TokenBatch
+
+        try:
+            vectors = self.encoder.encode_tokens(TokenBatch.concat([job.tokens for job in live]))
+        except Exception as e:
+            if is_fatal_device_error(e):
+                log.critical("device error, worker exits so the broker re-sends its jobs: %s", e)
+                sender.send_multipart([b"EXIT"])
+                time.sleep(60)  # the I/O thread ends the process
+            log.exception("forward pass over %d jobs failed", len(live))
+            for job in live:
+                job.error = f"encoding failed: {type(e).__name__}: {e}"
+                sender.send_multipart(self.error_frames(job))
+            return
+        start = 0
+        for job in live:
+            n = len(job.tokens)
+            part = vectors[start:start + n]
+            start += n
+            sender.send_multipart(self.result_frames(job, part), copy=False)
+
+    def result_frames(self, job: Job, vectors: np.ndarray) -> list:
+        if vectors.ndim == 3:  # per-token vectors: trim the merged window's padding to this job's longest
+            vectors = vectors[:, :int(job.tokens.lengths.max())]
+        vectors = np.ascontiguousarray(vectors, dtype=self.config.output_dtype)
+        header: dict[str, Any] = {"job": job.job_id, "ok": True, "dtype": self.config.output_dtype,
+                                  "shape": list(vectors.shape)}
+        if job.show_tokens:
+            header["tokens"] = self.encoder.tokenizer.tokens(job.tokens)
+        return [P.dumps(header), vectors]
+
+    @staticmethod
+    def error_frames(job: Job) -> list[bytes]:
+        if job.error == ERR_TIMEOUT:
+            return [P.dumps({"job": job.job_id, "ok": False, "error": ERR_TIMEOUT,
+                             "message": "the client's timeout passed before the request reached the model"})]
+        return [P.dumps({"job": job.job_id, "ok": False, "error": ERR_SERVER, "message": job.error})]
+
+
+def is_fatal_device_error(error: Exception) -> bool:
+    """CUDA errors other than out-of-memory leave the CUDA context unusable for this process."""
+    text = str(error)
+    return "CUDA error" in text or "CUBLAS_STATUS" in text or "device-side assert" in text
