@@ -1,0 +1,158 @@
+"""Shared test helpers: fixture paths, test sentences, random BERT folders, and reference vectors
+computed from Hugging Face `transformers` (never from our own code)."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HF_TINY = FIXTURES / "hf_tiny"
+GOOGLE_TINY = FIXTURES / "google_tiny_uncased"
+SENTENCES_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sentences.txt"
+
+# Text that tokenizers get wrong: accents, CJK, emoji, control and zero-width characters, tabs and
+# newlines, combining marks, literal special tokens, mixed case, and an empty string.
+HARD_TEXTS = [
+    "",
+    "   ",
+    "Héllo Wörld, Crème brûlée à la CAFÉ naïve façade",
+    "e\u0301te\u0301 Cafe\u0301 combining marks: a\u0308 o\u0302 n\u0303",
+    "中文分词测试：我爱北京天安门。",
+    "日本語のテキストです。カタカナとひらがな、漢字。",
+    "emoji 😀🎉👍🏽 and ZWJ family 👨\u200d👩\u200d👧 flags 🇫🇷",
+    "control\x00chars\x07here\u200bzero\u200bwidth \ufeffbom \x1b[31mred",
+    "tabs\tand\nnew\r\nlines\u2028separator\u00a0nbsp",
+    "literal [SEP] and [MASK] and [CLS] and [UNK] and [PAD] tokens, also [sep] and [Mask]",
+    "MiXeD CaSe WoRdS iPhone McDonald's O'Neill USA U.S.A.",
+    "numbers 3.14159 1,000,000 2024-01-01 #hashtag @user http://example.com/a?b=c&d=e",
+    "Ελληνικά кириллица العربية עברית हिन्दी ไทย 한국어",
+    "supercalifragilisticexpialidocious" * 5,  # one word longer than WordPiece's 100 characters
+    " ".join(["the quick brown fox jumps over the lazy dog"] * 60),  # truncated at any max_seq_len
+]
+
+
+def real_sentences(n: int, seed: int = 0) -> list[str]:
+    """`n` real English sentences from the shared data set, or generated ones where it is absent."""
+    if SENTENCES_FILE.is_file():
+        lines = [s for s in SENTENCES_FILE.read_text(encoding="utf-8").splitlines() if s.strip()]
+        return random.Random(seed).sample(lines, n)
+    rng = random.Random(seed)
+    words = ("the a model vector returns array of an index graph file string number value sorted "
+             "sentence function module data type error if not None list this that").split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))).capitalize() + "."
+            for _ in range(n)]
+
+
+def mixed_batch(n_real: int = 12) -> list[str]:
+    """A batch of very different lengths: empty, short, real sentences, hard text, truncated."""
+    return ["", "hi", "a b c"] + real_sentences(n_real, seed=1) + HARD_TEXTS
+
+
+def id_lists(batch) -> list[list[int]]:
+    """A `TokenBatch`'s sentences as Python lists of ids."""
+    offsets = batch.offsets
+    return [batch.ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(batch))]
+
+
+def hf_token_ids(vocab: Path, texts: Sequence[str], do_lower_case: bool, max_len: int) -> list[list[int]]:
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast(str(vocab), do_lower_case=do_lower_case)
+    return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+
+
+# ---------------------------------------------------------------- random BERT folders
+
+
+def save_random_bert(folder: Path, vocab: Path, *, masked_lm: bool = False, as_bin: bool = False,
+                     seed: int = 0, **config) -> torch.nn.Module:
+    """Save a randomly initialised BERT as a Hugging Face folder (config.json, weights, vocab.txt)
+    and return the `transformers.BertModel` holding the same weights, for reference outputs.
+
+    Every parameter is drawn at random, LayerNorm and biases included (Hugging Face's own init
+    leaves those at 1 and 0, which would hide a swapped or dropped bias).
+    """
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    vocab_size = sum(1 for _ in vocab.open(encoding="utf-8"))
+    cfg = BertConfig(vocab_size=vocab_size, **config)
+    torch.manual_seed(seed)
+    model = (BertForMaskedLM if masked_lm else BertModel)(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.15 + (1.0 if "LayerNorm.weight" in name else 0.0))
+    folder.mkdir(parents=True)
+    if as_bin:
+        cfg.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder)
+    shutil.copy(vocab, folder / "vocab.txt")
+    return model.bert if masked_lm else model
+
+
+# ---------------------------------------------------------------- reference vectors
+
+
+@torch.no_grad()
+def hf_hidden_states(model: torch.nn.Module, ids: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray]:
+    """All hidden states (index 0 = embeddings) of `transformers.BertModel` on right-padded ids,
+    and each sentence's length."""
+    lengths = np.array([len(x) for x in ids])
+    width = int(lengths.max())
+    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+    mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+    out = model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids),
+                output_hidden_states=True)
+    return [h.float().numpy() for h in out.hidden_states], lengths
+
+
+def reference_vectors(hidden: list[np.ndarray], lengths: np.ndarray, strategy: str = "REDUCE_MEAN",
+                      layers: Sequence[int] = (-2,), mask_cls_sep: bool = False) -> np.ndarray:
+    """bert-as-service's pooling strategies, written independently of `bert/pooling.py`."""
+    x = np.concatenate([hidden[layer] for layer in layers], axis=-1)  # (B, T, D)
+    rows = np.arange(len(lengths))
+    real = np.arange(x.shape[1])[None, :] < lengths[:, None]  # (B, T)
+    pooled = real.copy()
+    if mask_cls_sep:
+        pooled[:, 0] = False
+        pooled[rows, lengths - 1] = False
+    count = pooled.sum(axis=1, keepdims=True)
+    mean = (x * pooled[..., None]).sum(axis=1) / np.maximum(count, 1)  # nothing to pool -> zeros
+    top = np.where(pooled[..., None], x, -np.inf).max(axis=1)
+    top = np.where(count > 0, top, 0.0)
+    return {
+        "REDUCE_MEAN": mean,
+        "REDUCE_MAX": top,
+        "REDUCE_MEAN_MAX": np.concatenate([mean, top], axis=-1),
+        "CLS_TOKEN": x[:, 0],
+        "SEP_TOKEN": x[rows, lengths - 1],
+        "NONE": x * real[..., None],
+    }[strategy]
+
+
+def sentence_transformers_folder(bundled: Path, dest: Path, pooling: dict, normalize: bool) -> Path:
+    """A copy of the bundled sentence-transformers folder with another Pooling config, with or
+    without the Normalize module. The large files are linked, not copied."""
+    dest.mkdir(parents=True)
+    for item in bundled.iterdir():
+        if item.is_file():
+            if item.suffix in (".safetensors", ".txt") or item.name == "tokenizer.json":
+                (dest / item.name).symlink_to(item)
+            else:
+                shutil.copy(item, dest / item.name)
+    (dest / "1_Pooling").mkdir()
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    modules = json.loads((bundled / "modules.json").read_text())
+    if not normalize:
+        modules = [m for m in modules if not m["type"].endswith("Normalize")]
+    (dest / "modules.json").write_text(json.dumps(modules))
+    return dest

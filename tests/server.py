@@ -1,0 +1,104 @@
+"""Start and stop a real `app.py` on loopback for tests (and for benchmark.py).
+
+    with RunningServer(["-num_worker", "2"]) as server:
+        with BertClient(port=server.port, timeout=10) as bc:
+            bc.encode(["hello"])
+
+The server runs in its own process group; it is stopped by its process id (SIGTERM, then SIGKILL
+to the group), never by name, and its log is kept for the assertion messages.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """A real `python app.py` process listening on 127.0.0.1 at a free port."""
+
+    def __init__(self, args: list[str] | None = None, port: int | None = None, ready_timeout: float = 120.0,
+                 wait_ready: bool = True) -> None:
+        self.args = list(args or [])
+        self.port = port or free_port()
+        self.ready_timeout = ready_timeout
+        self.wait_ready = wait_ready
+        self.process: subprocess.Popen | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="app-", suffix=".log", delete=False)
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, str(ROOT / "app.py"), "-host", "127.0.0.1", "-port", str(self.port), *self.args]
+
+    def start(self) -> "RunningServer":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        if self.wait_ready:
+            self.wait_until_ready()
+        return self
+
+    def wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while "ready on tcp://" not in self.log():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"app.py exited with code {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"app.py not ready within {self.ready_timeout} s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Stop the server and every process it started; return its exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever is left of the group (workers of a server that was killed)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.process.poll() is None:
+            self.process.wait(timeout=10)
+        return self.process.returncode
+
+    def __enter__(self) -> "RunningServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        os.unlink(self._log.name)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Process ids still alive in process group `pgid` (to check that nothing was left behind)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
