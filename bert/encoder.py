@@ -124,15 +124,16 @@ class Encoder:
 
     @torch.inference_mode()
     def forward(self, batch: TokenBatch) -> torch.Tensor:
-        """One padded forward pass over `batch`; float32 vectors on the CPU, in batch order."""
+        """One padded forward pass over `batch`: float32 vectors on the encoder's device, in batch order.
+
+        On a GPU this returns as soon as the work is queued, so the caller can prepare the next batch
+        while the device computes this one.
+        """
         input_ids, mask = batch.padded(self.tokenizer.pad_id)
-        ids_t = torch.from_numpy(input_ids)
-        mask_t = torch.from_numpy(mask)
-        if self.device.type == "cuda":
-            ids_t = ids_t.pin_memory().to(self.device, non_blocking=True)
-            mask_t = mask_t.pin_memory().to(self.device, non_blocking=True)
+        ids_t = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
+        mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
         hidden = self.model(ids_t, mask_t, keep=self.layers)
-        return pool(hidden, mask_t, self.pooling).cpu()
+        return pool(hidden, mask_t, self.pooling)
 
     def encode_tokens(self, batch: TokenBatch) -> np.ndarray:
         """Vectors for tokenized sentences, in their order: (n, dim), or (n, T, dim) for NONE."""
@@ -140,8 +141,11 @@ class Encoder:
         width = int(batch.lengths.max()) if n else 0
         shape = (n, width, self.dim) if self.pooling.per_token else (n, self.dim)
         out = np.zeros(shape, dtype=np.float32)
-        for index in plan_batches(batch.lengths, self.max_batch_tokens):
-            vectors = self.forward(batch.take(index)).numpy()
+        plan = plan_batches(batch.lengths, self.max_batch_tokens)
+        # Queue every forward pass first and copy results back after: one sync per call, not per batch.
+        results = [self.forward(batch.take(index)) for index in plan]
+        for index, vectors in zip(plan, results):
+            vectors = vectors.cpu().numpy()
             if self.pooling.per_token:
                 out[index, :vectors.shape[1]] = vectors
             else:
