@@ -28,10 +28,21 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default unless its help already explains it or there is nothing to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="app.py", description="Serve sentence vectors from a BERT-family model over ZeroMQ.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter,
+        epilog="Clients: from service.client import BertClient; BertClient(ip=..., port=...).encode([...])")
     model = p.add_argument_group("model")
     model.add_argument("-model_dir", default=None,
                        help="Google BERT, Hugging Face or sentence-transformers folder (default: the bundled all-MiniLM-L6-v2)")
