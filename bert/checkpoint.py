@@ -200,13 +200,15 @@ def _st_pooling(path: Path) -> tuple[str, ...]:
 
 def load_weights(folder: ModelFolder, num_layers: int) -> dict[str, "torch.Tensor"]:
     """Weights of the first `num_layers` layers under our names, checked for completeness."""
+    hf = _load_google(folder.weights_dir) if folder.kind == "google" else _load_huggingface(folder.weights_dir)
+    return rename_to_ours(hf, folder.config.num_hidden_layers, num_layers, weights_source(folder))
+
+
+def weights_source(folder: ModelFolder) -> str:
+    """The weight file(s) of `folder`, as error messages name them."""
     if folder.kind == "google":
-        hf = _load_google(folder.weights_dir)
-        source = str(_google_checkpoint_prefix(folder.weights_dir)) + ".*"
-    else:
-        hf = _load_huggingface(folder.weights_dir)
-        source = ", ".join(str(p) for p in _huggingface_weight_files(folder.weights_dir))
-    return rename_to_ours(hf, folder.config.num_hidden_layers, num_layers, source)
+        return str(_google_checkpoint_prefix(folder.weights_dir)) + ".*"
+    return ", ".join(str(p) for p in _huggingface_weight_files(folder.weights_dir))
 
 
 def rename_to_ours(hf: dict[str, "torch.Tensor"], total_layers: int, num_layers: int,
@@ -232,7 +234,11 @@ def rename_to_ours(hf: dict[str, "torch.Tensor"], total_layers: int, num_layers:
             if "{i}" in hf_name:
                 ours[our_name.format(i=i)] = take(hf_name.format(i=i))
         for kind in ("weight", "bias"):
-            parts = [take(HF_QKV.format(i=i, part=p, kind=kind)) for p in ("query", "key", "value")]
+            names = [HF_QKV.format(i=i, part=p, kind=kind) for p in ("query", "key", "value")]
+            parts = [take(name) for name in names]
+            if len({p.shape for p in parts}) > 1:  # torch.cat would fail, or fuse a misshapen matrix
+                raise CheckpointError(f"{source}: {', '.join(names)} differ in shape "
+                                      f"({', '.join(str(tuple(p.shape)) for p in parts)})")
             ours[OURS_QKV.format(i=i, kind=kind)] = torch.cat(parts, dim=0)
     skipped_layers = re.compile(r"^encoder\.layer\.(\d+)\.")
     unknown = [k for k in hf if k not in used and not IGNORED_HF.match(k)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .batching import plan_batches
-from .checkpoint import ModelFolder, inspect_folder, load_weights
+from .checkpoint import ModelFolder, inspect_folder, load_weights, weights_source
 from .config import EncoderOptions, PoolingConfig
 from .errors import CheckpointError
 from .modeling import BertModel
@@ -82,7 +82,7 @@ class Encoder:
         try:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f"{self.folder.weights_dir}: weights do not fit the config: {e}") from None
+            raise CheckpointError(f"{weights_source(self.folder)}: weights do not fit the config: {e}") from None
         return model.to(device=self.device, dtype=self.dtype).eval()
 
     @classmethod

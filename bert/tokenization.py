@@ -99,6 +99,8 @@ class BertTokenizer:
             if do_lower_case is not None:
                 tokenizer.normalizer = bert_normalizer(do_lower_case)
         else:
+            if do_lower_case is None:  # a Hugging Face folder says so in tokenizer_config.json
+                do_lower_case = read_do_lower_case(folder)
             if do_lower_case is None:
                 do_lower_case = True
             tokenizer = wordpiece_tokenizer(folder / "vocab.txt", do_lower_case)

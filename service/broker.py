@@ -81,6 +81,8 @@ class WorkerSlot:
     in_flight: dict[int, Job] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     restarts: int = 0
+    jobs_done: int = 0
+    sentences_done: int = 0
     quick_deaths: int = 0     # deaths soon after starting, for backoff
     respawn_at: float | None = None
 
@@ -308,9 +310,13 @@ class Broker:
 
     def on_result(self, slot: WorkerSlot, header: dict, data: zmq.Frame | None) -> None:
         job = slot.in_flight.pop(header.get("job"), None)
-        if job is None or job.request.finished:
+        if job is None:
             return
+        slot.jobs_done += 1
+        slot.sentences_done += job.size
         request = job.request
+        if request.finished:
+            return
         if not header.get("ok"):
             self.fail(request, header.get("error", ERR_SERVER), header.get("message", "encoding failed"))
             return
@@ -386,7 +392,8 @@ class Broker:
 
     def status(self) -> dict:
         workers = [{"index": s.index, "pid": s.process.pid if s.process else None, "ready": s.ready,
-                    "device": s.info.get("device"), "jobs_in_flight": len(s.in_flight), "restarts": s.restarts}
+                    "device": s.info.get("device"), "jobs_in_flight": len(s.in_flight), "restarts": s.restarts,
+                    "jobs_done": s.jobs_done, "sentences_done": s.sentences_done}
                    for s in self.slots]
         return {"uptime": time.time() - self.started, "workers": workers,
                 "workers_ready": sum(s.ready for s in self.slots), "queued_sentences": self.pending_sentences,
@@ -395,18 +402,30 @@ class Broker:
     # ------------------------------------------------------------ shutdown
 
     def shutdown(self) -> None:
-        """Let in-flight jobs finish (bounded), fail the rest with a clear error, stop every worker."""
+        """Fail queued work at once, give jobs on workers a bounded grace to finish (answering new
+        requests with "shutting down" meanwhile), fail what is left, and stop every worker."""
         log.info("shutting down: %d jobs in flight, %d queued", sum(len(s.in_flight) for s in self.slots),
                  len(self.pending))
         if self.frontend is not None:
-            deadline = time.monotonic() + SHUTDOWN_GRACE
-            while any(s.in_flight for s in self.slots if s.ready) and time.monotonic() < deadline:
-                if self.backend.poll(100):
-                    self.drain(self.backend, self.on_worker_message)
-                self.check_workers(time.monotonic())
-            for job in list(self.pending) + [j for s in self.slots for j in s.in_flight.values()]:
-                self.fail(job.request, ERR_UNAVAILABLE, "the server shut down before this request was encoded")
+            self.fail_jobs(list(self.pending), "the server shut down before this request was encoded")
             self.pending.clear()
+            self.pending_sentences = 0
+            poller = zmq.Poller()
+            poller.register(self.frontend, zmq.POLLIN)
+            poller.register(self.backend, zmq.POLLIN)
+            deadline = time.monotonic() + SHUTDOWN_GRACE
+            while any(s.in_flight for s in self.slots) and time.monotonic() < deadline:
+                events = dict(poller.poll(100))
+                if self.backend in events:
+                    self.drain(self.backend, self.on_worker_message)
+                if self.frontend in events:
+                    self.drain(self.frontend, self.on_client_message)
+                for slot in self.slots:
+                    if slot.in_flight and slot.process.exitcode is not None:  # died: no replacement now
+                        self.fail_jobs(list(slot.in_flight.values()), "a worker died while the server shut down")
+                        slot.in_flight = {}
+            self.fail_jobs([j for s in self.slots for j in s.in_flight.values()],
+                           f"the server shut down; encoding did not finish within {SHUTDOWN_GRACE:.0f} s")
         self.stop_workers()
         if self.authenticator is not None:
             self.authenticator.stop()
@@ -415,6 +434,10 @@ class Broker:
                 socket.close(linger=0)
         self.context.term()
         log.info("stopped")
+
+    def fail_jobs(self, jobs: list[Job], message: str) -> None:
+        for job in jobs:
+            self.fail(job.request, ERR_UNAVAILABLE, message)
 
     def stop_workers(self) -> None:
         for slot in self.slots:

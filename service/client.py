@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -104,10 +105,25 @@ def check_texts(texts: Any, is_tokenized: bool = False) -> list:
             if not isinstance(item, (list, tuple)) or not all(isinstance(t, str) for t in item):
                 raise BadRequestError(f"with is_tokenized=True every item must be a list of token strings; "
                                       f"item {i} is {_describe(item)}")
+            strings = item
         elif not isinstance(item, str):
             hint = " (did you mean is_tokenized=True?)" if isinstance(item, (list, tuple)) else ""
             raise BadRequestError(f"every item must be a str; item {i} is {_describe(item)}{hint}")
+        else:
+            strings = (item,)
+        if not all(_is_utf8_encodable(s) for s in strings):
+            raise BadRequestError(f"item {i} is not valid Unicode: it holds a lone surrogate (such as '\\ud800')")
     return list(texts)
+
+
+def _is_utf8_encodable(text: str) -> bool:
+    # A str can hold lone surrogates (Python's own, or JSON's "\ud800" escape) that no UTF-8 encoder
+    # takes: the request could be neither sent nor passed on to a worker.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _describe(value: Any) -> str:
@@ -144,7 +160,7 @@ def unpack_request(frames: Sequence[bytes], max_sentences: int, max_bytes: int) 
     if cmd not in COMMANDS:
         raise BadRequestError(f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})")
     timeout = header.get("timeout")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+    if timeout is not None and not _is_positive_seconds(timeout):
         raise BadRequestError("header field 'timeout' must be a positive number of seconds or null")
     for flag in ("is_tokenized", "show_tokens"):
         if not isinstance(header.get(flag, False), bool):
@@ -157,7 +173,7 @@ def unpack_request(frames: Sequence[bytes], max_sentences: int, max_bytes: int) 
         raise BadRequestError(f"command 'encode' takes 2 frames (header, texts), got {len(frames)}")
     try:
         texts = json.loads(frames[1].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
         raise BadRequestError(f"texts frame is not UTF-8 JSON ({e})") from None
     texts = check_texts(texts, bool(header.get("is_tokenized", False)))
     if len(texts) > max_sentences:
@@ -166,10 +182,21 @@ def unpack_request(frames: Sequence[bytes], max_sentences: int, max_bytes: int) 
     return header, texts
 
 
+def _is_positive_seconds(value: Any) -> bool:
+    # Python's JSON reads NaN, which would never expire, and integers of any size, which break
+    # the deadline arithmetic (`time.time() + 10**400` raises OverflowError).
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return 0 < float(value) < math.inf
+    except OverflowError:
+        return False
+
+
 def _load_json_object(frame: bytes, what: str) -> dict:
     try:
         value = json.loads(frame.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         raise BadRequestError(f"{what} frame is not UTF-8 JSON") from None
     if not isinstance(value, dict):
         raise BadRequestError(f"{what} frame must be a JSON object, got {type(value).__name__}")

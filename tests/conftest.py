@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers import save_random_bert
-
 
 @pytest.fixture(scope="session")
 def bundled_dir() -> Path:
@@ -30,6 +28,8 @@ def random_bert(tmp_path_factory, bundled_dir):
     Saves a randomly initialised BERT as a Hugging Face folder, once per name; options are
     those of `helpers.save_random_bert` (vocab defaults to the bundled model's vocab.txt).
     """
+    from helpers import save_random_bert  # here, so tests that never build a model never import torch
+
     made: dict[str, tuple[Path, object]] = {}
 
     def make(name: str, **options):

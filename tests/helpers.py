@@ -81,9 +81,9 @@ def save_random_bert(folder: Path, vocab: Path, *, masked_lm: bool = False, as_b
     from transformers import BertConfig, BertForMaskedLM, BertModel
 
     vocab_size = sum(1 for _ in vocab.open(encoding="utf-8"))
-    cfg = BertConfig(vocab_size=vocab_size, **config)
+    cfg = BertConfig(vocab_size=vocab_size, attn_implementation="eager", **config)
     torch.manual_seed(seed)
-    model = (BertForMaskedLM if masked_lm else BertModel)(cfg, attn_implementation="eager").eval()
+    model = (BertForMaskedLM if masked_lm else BertModel)(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.15 + (1.0 if "LayerNorm.weight" in name else 0.0))

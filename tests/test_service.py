@@ -1,0 +1,597 @@
+"""End-to-end tests of the service: a real `python app.py` on 127.0.0.1, real ZeroMQ sockets, the
+bundled all-MiniLM-L6-v2, and `BertClient`; the expected vectors come from `Encoder` in this process.
+
+Servers (few, because each costs a model load):
+- `server`: 2 workers, -max_batch_size 256, shared by most tests (module scope);
+- one per special option, each alive only for its class: pooling NONE with tiny jobs, CLS_TOKEN with
+  -max_seq_len 8, -output_dtype float16;
+- short-lived ones: a server started on a port a client already timed out on, servers sent SIGTERM
+  under load, and one started on a port in use.
+Every server is started and stopped through `tests/server.py` (own process group, stopped by pid);
+processes are checked through `group_pids`, never looked up by name.
+"""
+from __future__ import annotations
+
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server import ROOT, RunningServer, free_port, group_pids
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from service.client import (BadRequestError, BertClient, BertClientError, BertTimeoutError,  # noqa: E402
+                            ServerError)
+
+ATOL = 1e-5          # server vs in-process encoder, float32
+TIMEOUT = 60.0       # client timeout for requests that must succeed
+DIM = 384
+SENTENCES_FILE = ROOT.parent / "shared" / "data" / "sentences.txt"
+
+
+def real_lines() -> list[str]:
+    """The shared data set's distinct sentences, in file order; [] where it is absent."""
+    if not SENTENCES_FILE.is_file():
+        return []
+    return list(dict.fromkeys(s.strip() for s in SENTENCES_FILE.read_text(encoding="utf-8").splitlines()
+                              if s.strip()))
+
+
+def generated_lines(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = ("the a model vector returns array of an index graph file string number value sorted "
+             "sentence function module data type error if not None list this that").split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))).capitalize() + f" {i}."
+            for i in range(n)]
+
+
+def load_corpus(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct real sentences from the shared data set, or generated ones where it is absent."""
+    lines = real_lines()
+    return random.Random(seed).sample(lines, n) if len(lines) >= n else generated_lines(n, seed)
+
+
+def client_for(server: RunningServer, **kwargs) -> BertClient:
+    kwargs.setdefault("timeout", TIMEOUT)
+    return BertClient(ip="127.0.0.1", port=server.port, **kwargs)
+
+
+def assert_close(actual, expected, atol: float = ATOL) -> None:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
+    assert diff <= atol, f"max abs difference {diff:.3g} > {atol:g}"
+
+
+def leftover_pids(pgid: int) -> list[int]:
+    """Processes of group `pgid` still alive once its leader has exited. Checked before the harness's
+    SIGKILL to the group could hide anything. multiprocessing's resource tracker (a child of the
+    broker) exits on EOF once the broker has exited, so it may outlive it by a few milliseconds on a
+    busy machine: hence a short, bounded wait."""
+    deadline = time.monotonic() + 2
+    while (left := group_pids(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
+
+
+# ---------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    """1,000 distinct real sentences; the first `N_REF` have in-process reference vectors."""
+    return load_corpus(1000)
+
+
+@pytest.fixture(scope="module")
+def short_corpus() -> list[str]:
+    """5,000 distinct real sentences among the shortest of the data set (about half the tokens of a
+    random sample), shuffled: enough for ~20 jobs while keeping the test fast on 2 CPU cores."""
+    lines = real_lines()
+    if len(lines) < 5000:
+        lines = generated_lines(5000, seed=1)
+    by_text = {" ".join(line.lower().split()): line for line in lines}  # the model is uncased
+    lines = sorted(by_text.values(), key=len)[:5000]
+    random.Random(2).shuffle(lines)
+    return lines
+
+
+N_REF = 400
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_encoder, corpus) -> np.ndarray:
+    """`Encoder.from_dir().encode()` of corpus[:N_REF], in this process."""
+    return bundled_encoder.encode(corpus[:N_REF])
+
+
+@pytest.fixture(scope="module")
+def server():
+    with RunningServer(["-num_worker", "2", "-max_batch_size", "256"]) as s:
+        yield s
+
+
+@pytest.fixture
+def bc(server):
+    with client_for(server) as client:
+        yield client
+
+
+# ---------------------------------------------------------------- vectors
+
+
+def test_vectors_equal_in_process_encoder(bc, corpus, reference):
+    vectors = bc.encode(corpus[:300])
+    assert isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.shape == (300, DIM)
+    assert vectors.flags.writeable
+    assert_close(vectors, reference[:300])
+
+
+def test_output_fmt_list(server, corpus, reference):
+    with client_for(server, output_fmt="list") as client:
+        vectors = client.encode(corpus[300:360])
+    assert isinstance(vectors, list) and len(vectors) == 60
+    assert all(isinstance(row, list) and len(row) == DIM for row in vectors)
+    assert all(type(x) is float for row in vectors for x in row)
+    assert_close(np.array(vectors, dtype=np.float32), reference[300:360])
+
+
+def test_concurrent_clients_each_get_their_own_vectors(server, corpus, reference):
+    n_threads, per_thread, rounds = 16, 6, 3
+    barrier = threading.Barrier(n_threads, timeout=30)
+    errors: list[str] = []
+    checked = [0] * n_threads
+
+    def run(k: int) -> None:
+        rows = list(range(k * per_thread, (k + 1) * per_thread))  # this thread's own sentences
+        rng = random.Random(k)
+        try:
+            with client_for(server) as client:
+                barrier.wait()
+                for r in range(rounds):
+                    order = rows[:] if r == 0 else rng.sample(rows, rng.randint(1, per_thread))
+                    vectors = client.encode([corpus[i] for i in order])
+                    diff = float(np.max(np.abs(vectors - reference[order])))
+                    if vectors.shape != (len(order), DIM) or diff > ATOL:
+                        errors.append(f"thread {k} round {r}: shape {vectors.shape}, max diff {diff:.3g}")
+                    checked[k] += 1
+        except Exception as e:  # reported below, with the thread it happened in
+            errors.append(f"thread {k}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    for t in threads:
+        t.join(timeout=max(0.1, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "client threads still waiting after 120 s"
+    assert not errors, "\n".join(errors)
+    assert checked == [rounds] * n_threads
+
+
+def test_large_request_is_split_over_both_workers_and_reassembled_in_order(server, bc, short_corpus,
+                                                                          bundled_encoder):
+    texts = short_corpus
+    assert len(texts) == len(set(texts)) == 5000
+    before = bc.server_status()
+    seen = {"max_in_flight": [0, 0], "max_outstanding": 0}
+    stop = threading.Event()
+    poll_errors: list[str] = []
+
+    def poll_status() -> None:  # a second client watches the server while the request is served
+        try:
+            with client_for(server, timeout=10) as watcher:
+                while not stop.is_set():
+                    status = watcher.server_status()
+                    for w in status["workers"]:
+                        seen["max_in_flight"][w["index"]] = max(seen["max_in_flight"][w["index"]],
+                                                                w["jobs_in_flight"])
+                    outstanding = status["queued_jobs"] + sum(w["jobs_in_flight"] for w in status["workers"])
+                    seen["max_outstanding"] = max(seen["max_outstanding"], outstanding)
+                    stop.wait(0.05)
+        except Exception as e:
+            poll_errors.append(f"{type(e).__name__}: {e}")
+
+    watcher = threading.Thread(target=poll_status, daemon=True)
+    watcher.start()
+    try:
+        vectors = bc.encode(texts)  # 5,000 sentences: 20 jobs of <= 256
+    finally:
+        stop.set()
+        watcher.join(timeout=15)
+    assert not poll_errors, poll_errors
+    assert vectors.shape == (5000, DIM) and vectors.dtype == np.float32
+    # The model normalises: every row is a real vector, none missing (a missing part would be zeros).
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert len({row.tobytes() for row in vectors}) == 5000  # no row repeated (e.g. a job sent twice)
+    # In order: each job's first and last rows and 3 random ones, against the in-process encoder.
+    rng = random.Random(5)
+    sample = sorted({i for start in range(0, 5000, 256)
+                     for i in (start, min(start + 255, 4999), *rng.sample(range(start, min(start + 256, 5000)), 3))})
+    assert_close(vectors[sample], bundled_encoder.encode([texts[i] for i in sample]))
+    after = bc.server_status()
+    assert after["requests"] - before["requests"] == 1
+    assert after["sentences"] - before["sentences"] == 5000
+    assert all(w["restarts"] == 0 and w["ready"] for w in after["workers"])
+    # Both workers had jobs of this request, and more jobs were outstanding than two workers hold
+    # (4 each): the request really was split (status has no per-worker job counters to check ~20).
+    assert all(n > 0 for n in seen["max_in_flight"]), seen
+    assert seen["max_outstanding"] > 8, seen
+
+
+def test_encode_async_yields_in_order_equal_to_encode(bc, corpus, reference):
+    sizes = [7, 1, 30, 12, 50, 3]
+    starts = np.cumsum([0] + sizes)
+    batches = [corpus[starts[k]:starts[k + 1]] for k in range(len(sizes))]
+    results = list(bc.encode_async(iter(batches), max_in_flight=2))
+    assert [len(r) for r in results] == sizes
+    for k, (batch, result) in enumerate(zip(batches, results)):
+        assert_close(result, reference[starts[k]:starts[k + 1]])
+        assert_close(result, bc.encode(batch), atol=0)
+
+
+def test_show_tokens_and_is_tokenized(bc, bundled_encoder, corpus):
+    texts = ["hello world", "Unbelievably, tokenization works!", corpus[0]]
+    vectors, tokens = bc.encode(texts, show_tokens=True)
+    assert len(tokens) == 3 and all(t[0] == "[CLS]" and t[-1] == "[SEP]" for t in tokens)
+    assert tokens[0] == ["[CLS]", "hello", "world", "[SEP]"]
+    assert any(piece.startswith("##") for piece in tokens[1])  # WordPiece split a word
+    assert tokens == bundled_encoder.tokenizer.tokens(bundled_encoder.tokenize(texts))
+    # Sending the same WordPiece tokens (without [CLS]/[SEP]; the server adds them) gives the same vectors.
+    pieces = [t[1:-1] for t in tokens]
+    tok_vectors, tok_tokens = bc.encode(pieces, is_tokenized=True, show_tokens=True)
+    assert tok_tokens == tokens
+    assert_close(tok_vectors, vectors)
+    assert_close(bc.encode(pieces, is_tokenized=True), bundled_encoder.encode(pieces, is_tokenized=True))
+
+
+def test_show_progress_returns_the_same_vectors(bc, corpus, reference, capsys):
+    vectors = bc.encode(corpus[:150], show_progress=True, batch_size=40)  # 4 requests
+    assert_close(vectors, reference[:150])
+    assert "150/150" in capsys.readouterr().err  # the progress bar reached the end
+
+
+def test_server_config_and_status(bc, server, bundled_dir, bundled_encoder):
+    config = bc.server_config()
+    assert config["dim"] == DIM == bundled_encoder.dim
+    assert Path(config["model_dir"]) == Path(bundled_dir)
+    assert config["pooling_modes"] == ["mean"] and config["normalize"] is True
+    assert config["max_seq_len"] == bundled_encoder.max_seq_len == 256
+    assert config["num_worker"] == 2 and config["max_batch_size"] == 256 and config["port"] == server.port
+    assert config["output_dtype"] == "float32"
+    assert config["server_pid"] == server.process.pid
+    status = bc.server_status()
+    assert status["workers_ready"] == 2 and len(status["workers"]) == 2
+    assert all(w["ready"] and w["device"] == "cpu" and w["restarts"] == 0 for w in status["workers"])
+    worker_pids = {w["pid"] for w in status["workers"]}
+    assert len(worker_pids) == 2 and worker_pids <= set(group_pids(server.process.pid))
+
+
+def test_context_manager_and_double_close(server):
+    with client_for(server) as client:
+        assert client.encode(["inside the with block"]).shape == (1, DIM)
+    with pytest.raises(BertClientError, match="closed"):
+        client.encode(["after the with block"])
+    client.close()  # a second close is harmless
+    other = client_for(server)
+    other.close()
+    other.close()
+
+
+def test_bad_input_is_refused_and_the_client_stays_usable(bc):
+    with pytest.raises(BadRequestError) as info:
+        bc.encode("a single string")
+    assert isinstance(info.value, ValueError) and "list" in str(info.value)
+    assert bc.encode(["still works"]).shape == (1, DIM)
+
+
+# ---------------------------------------------------------------- timeouts
+
+
+def test_dead_port_times_out_then_client_works_once_a_server_listens(bundled_encoder):
+    assert issubclass(BertTimeoutError, TimeoutError)
+    port = free_port()  # nothing listens here
+    client = BertClient(ip="127.0.0.1", port=port, timeout=1)
+    try:
+        for call in (lambda: client.encode(["hello"]), client.server_status):
+            start = time.monotonic()
+            with pytest.raises(BertTimeoutError) as info:
+                call()
+            elapsed = time.monotonic() - start
+            assert 0.9 <= elapsed < 3, elapsed
+            assert isinstance(info.value, TimeoutError) and str(port) in str(info.value)
+        # The same client works once a server listens there; the late replies to the two requests
+        # above (sent when the connection is made) are dropped, not mistaken for this one's.
+        with RunningServer(["-num_worker", "1"], port=port):
+            client.timeout = TIMEOUT
+            assert_close(client.encode(["the first reply"]), bundled_encoder.encode(["the first reply"]))
+            assert client.server_status()["workers_ready"] == 1
+    finally:
+        client.close()
+
+
+def test_timeout_on_a_busy_server_then_the_next_request_gets_its_own_reply(server, corpus, reference):
+    with client_for(server, timeout=0.1) as client:
+        start = time.monotonic()
+        with pytest.raises(BertTimeoutError):
+            client.encode(corpus[N_REF:N_REF + 300])  # takes over a second on 2 CPU cores
+        assert time.monotonic() - start < 2
+        client.timeout = TIMEOUT
+        assert_close(client.encode(corpus[:3]), reference[:3])
+        assert_close(client.encode(corpus[3:5]), reference[3:5])
+
+
+# ---------------------------------------------------------------- the example script
+
+
+def test_client_example_script(server, bundled_encoder):
+    from client_example import EXAMPLE_SENTENCES
+
+    base = [sys.executable, str(ROOT / "client_example.py"), "-ip", "127.0.0.1", "-port", str(server.port),
+            "-timeout", "60"]
+    run = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "dim 384" in run.stdout and "pooling mean" in run.stdout
+    rows = [line for line in run.stdout.splitlines() if re.match(r"\[\d\]\s", line)]
+    assert len(rows) == 3
+    printed = np.array([[float(x) for x in row.split()[1:4]] for row in rows])
+    ref = bundled_encoder.encode(EXAMPLE_SENTENCES)
+    np.testing.assert_allclose(printed, ref @ ref.T, atol=1.5e-3)  # 3 decimals
+    assert all(row.endswith(sentence) for row, sentence in zip(rows, EXAMPLE_SENTENCES))
+    assert printed[0, 1] > printed[0, 2]  # the cat and the kitten are closer than the cat and the market
+
+    speed = subprocess.run(base + ["-num_sentences", "120", "-batch_size", "32", "-num_repeat", "2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert speed.returncode == 0, speed.stderr
+    rounds = re.findall(r"round \d/2: 120 sentences in [\d.]+ s: ([\d,.]+) sentences/s", speed.stdout)
+    assert len(rounds) == 2 and all(float(r.replace(",", "")) > 0 for r in rounds), speed.stdout
+    assert re.search(r"best: [\d,.]+ sentences/s", speed.stdout)
+
+    dead = subprocess.run(base[:4] + [str(free_port()), "-timeout", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert dead.returncode == 1 and "python app.py" in dead.stderr
+
+
+# ---------------------------------------------------------------- servers with other options
+
+
+class TestPoolingNoneAcrossJobs:
+    """Per-token vectors, with requests split into jobs of 4 whose widths differ: the client pads."""
+
+    @pytest.fixture(scope="class")
+    def none_server(self):
+        with RunningServer(["-pooling_strategy", "NONE", "-max_batch_size", "4"]) as s:
+            yield s
+
+    @pytest.fixture(scope="class")
+    def none_encoder(self):
+        from bert import Encoder
+
+        return Encoder.from_dir(pooling_strategy="NONE")
+
+    TEXTS = ["a", "short one", "hi", "ok then",  # job 1: short
+             "a somewhat longer sentence with quite a few more words in it than the others",  # job 2: long
+             "b", "c d", "e",
+             "a medium sentence of some words", "f"]  # job 3: medium
+
+    def test_per_token_vectors_zero_padded_equal_in_process(self, none_server, none_encoder):
+        with client_for(none_server) as client:
+            vectors, tokens = client.encode(self.TEXTS, show_tokens=True)
+            assert client.server_config()["pooling_modes"] == ["none"]
+        lengths = [len(t) for t in tokens]
+        job_widths = [max(lengths[i:i + 4]) for i in range(0, len(lengths), 4)]
+        assert len(set(job_widths)) == 3, job_widths  # the parts really had different widths
+        assert vectors.ndim == 3 and vectors.shape == (len(self.TEXTS), max(lengths), DIM)
+        for i, n in enumerate(lengths):
+            assert not vectors[i, n:].any(), f"row {i}: padding after its {n} tokens is not zero"
+            assert np.all(np.linalg.norm(vectors[i, :n], axis=1) > 0)
+        assert_close(vectors, none_encoder.encode(self.TEXTS))
+
+    def test_client_pads_chunks_of_show_progress(self, none_server, none_encoder):
+        with client_for(none_server) as client:
+            vectors = client.encode(self.TEXTS, show_progress=True, batch_size=3)
+        assert_close(vectors, none_encoder.encode(self.TEXTS))
+
+
+class TestClsTokenWithShortMaxSeqLen:
+    @pytest.fixture(scope="class")
+    def cls_server(self):
+        with RunningServer(["-pooling_strategy", "CLS_TOKEN", "-max_seq_len", "8"]) as s:
+            yield s
+
+    @pytest.fixture(scope="class")
+    def cls_encoder(self):
+        from bert import Encoder
+
+        return Encoder.from_dir(pooling_strategy="CLS_TOKEN", max_seq_len=8)
+
+    def test_cls_vectors_equal_in_process(self, cls_server, cls_encoder, corpus):
+        texts = corpus[:40] + ["hi"]
+        with client_for(cls_server) as client:
+            vectors = client.encode(texts)
+            config = client.server_config()
+        assert config["pooling_modes"] == ["cls"] and config["max_seq_len"] == 8 and config["dim"] == DIM
+        assert_close(vectors, cls_encoder.encode(texts))
+
+    def test_tokens_show_truncation(self, cls_server, cls_encoder):
+        long = "this sentence has many more than eight word pieces once it is tokenized by the server"
+        with client_for(cls_server) as client:
+            vectors, tokens = client.encode([long, "hi"], show_tokens=True)
+        assert tokens[0] == ["[CLS]", "this", "sentence", "has", "many", "more", "than", "[SEP]"]
+        assert tokens[1] == ["[CLS]", "hi", "[SEP]"]
+        # Truncated means only those 8 tokens count: the same vector as the 6 words alone.
+        assert_close(vectors, cls_encoder.encode(["this sentence has many more than", "hi"]))
+
+
+class TestFloat16Output:
+    @pytest.fixture(scope="class")
+    def fp16_server(self):
+        with RunningServer(["-output_dtype", "float16"]) as s:
+            yield s
+
+    def test_float16_on_the_wire_float32_to_the_caller(self, fp16_server, corpus, reference):
+        with client_for(fp16_server) as client:
+            vectors = client.encode(corpus[:100])
+            assert client.server_config()["output_dtype"] == "float16"
+        assert vectors.dtype == np.float32 and vectors.shape == (100, DIM)
+        # Every value is a float16 value (it travelled as one), within float16 rounding of the reference.
+        np.testing.assert_array_equal(vectors.astype(np.float16).astype(np.float32), vectors)
+        np.testing.assert_allclose(vectors, reference[:100], rtol=2 ** -10, atol=1e-6)
+        assert np.max(np.abs(vectors - reference[:100])) > 0  # really rounded, not the float32 values
+
+
+# ---------------------------------------------------------------- shutdown and the command line
+
+
+@pytest.mark.parametrize("case", ["mostly_queued", "all_in_flight"])
+def test_sigterm_during_a_large_request(case, corpus, reference):
+    """SIGTERM: jobs already on a worker finish (within a grace period) and a request made only of
+    them is answered; a request with jobs still queued gets the server's 'shut down' error. Never a
+    hang; the server exits 0 leaving no process of its group behind."""
+    # mostly_queued: 1,000 sentences in 63 jobs of 16, a worker holds 4; all_in_flight: 4 jobs of 64.
+    batch_size, n = (16, 1000) if case == "mostly_queued" else (64, 256)
+    with RunningServer(["-num_worker", "1", "-max_batch_size", str(batch_size)]) as server:
+        outcome: dict = {}
+
+        def request() -> None:
+            start = time.monotonic()
+            try:
+                with client_for(server, timeout=30) as client:
+                    outcome["value"] = client.encode(corpus[:n])
+            except Exception as e:
+                outcome["value"] = e
+            outcome["seconds"] = time.monotonic() - start
+
+        thread = threading.Thread(target=request, daemon=True)
+        thread.start()
+        with client_for(server, timeout=10) as watcher:  # wait until the request is on the worker
+            deadline = time.monotonic() + 20
+            while sum(w["jobs_in_flight"] for w in watcher.server_status()["workers"]) == 0:
+                assert time.monotonic() < deadline and thread.is_alive(), "the request was never seen in flight"
+                time.sleep(0.02)
+        pid = server.process.pid
+        names = {p: process_name(p) for p in group_pids(pid)}  # broker, worker, multiprocessing's tracker
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(timeout=30)
+        left = [(p, names.get(p) or process_name(p)) for p in leftover_pids(pid)]
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the client is still waiting after the server exited"
+        log = server.log()
+    result = outcome["value"]
+    assert len(names) >= 2, names
+    assert code == 0, log
+    assert left == [], f"processes of the server's group left after it exited: {left}\n{log}"
+    assert "SIGTERM received" in log and "stopped" in log
+    if case == "all_in_flight":
+        assert isinstance(result, np.ndarray), f"{result!r} after {outcome['seconds']:.1f} s\n{log}"
+        assert_close(result, reference[:n])
+    else:
+        assert isinstance(result, ServerError) and result.code == "unavailable" and "shut down" in str(result), \
+            f"expected the server's 'shut down' error, got {result!r} after {outcome['seconds']:.1f} s"
+        assert outcome["seconds"] < 20
+
+
+def test_request_during_the_shutdown_grace_gets_a_shutting_down_error(corpus):
+    with RunningServer(["-num_worker", "1", "-max_batch_size", "256"]) as server:
+        outcome: dict = {}
+
+        def request() -> None:  # 2 jobs, both on the worker: the grace period lasts while they compute
+            try:
+                with client_for(server, timeout=60) as client:
+                    outcome["value"] = client.encode(corpus[:512])
+            except Exception as e:
+                outcome["value"] = e
+
+        thread = threading.Thread(target=request, daemon=True)
+        thread.start()
+        with client_for(server, timeout=10) as watcher:
+            deadline = time.monotonic() + 20
+            while sum(w["jobs_in_flight"] for w in watcher.server_status()["workers"]) == 0:
+                assert time.monotonic() < deadline and thread.is_alive(), "the request was never seen in flight"
+                time.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while "shutting down" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.02)
+        assert thread.is_alive(), "the first request finished before the test could send the late one"
+        start = time.monotonic()
+        with client_for(server, timeout=3) as late:
+            try:
+                late.server_status()
+                late_result = None
+            except BertClientError as e:
+                late_result = e
+        seconds = time.monotonic() - start
+        assert server.process.wait(timeout=30) == 0
+        thread.join(timeout=30)
+    assert isinstance(outcome.get("value"), np.ndarray)  # the in-flight request was still answered
+    assert isinstance(late_result, ServerError) and late_result.code == "unavailable", \
+        f"late request during shutdown: {late_result!r} after {seconds:.1f} s"
+    assert seconds < 1
+
+
+def test_port_in_use_exits_1_and_the_running_server_is_unharmed(server):
+    start = time.monotonic()
+    with RunningServer(["-num_worker", "1"], port=server.port, wait_ready=False) as busy:
+        code = busy.process.wait(timeout=60)
+        left = [(p, process_name(p)) for p in leftover_pids(busy.process.pid)]
+        log = busy.log()
+    assert code == 1, log
+    assert time.monotonic() - start < 30
+    assert f"cannot listen on tcp://127.0.0.1:{server.port}" in log and "ready on tcp://" not in log
+    assert left == [], f"the failed server left processes behind: {left}"
+    with client_for(server) as client:
+        assert client.server_status()["workers_ready"] == 2
+        assert client.encode(["still here"]).shape == (1, DIM)
+
+
+def test_bad_model_dir_exits_1_without_opening_the_port():
+    port = free_port()
+    missing = "/nonexistent/model-folder-xyz"
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "-host", "127.0.0.1", "-port", str(port),
+                             "-model_dir", missing], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    connected = 0
+    try:
+        while proc.poll() is None and time.monotonic() - start < 30:  # probe the port while it runs
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                connected += s.connect_ex(("127.0.0.1", port)) == 0
+            time.sleep(0.01)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 1, out
+    assert time.monotonic() - start < 15
+    assert missing in out and "ready on tcp://" not in out
+    assert connected == 0, "the port accepted a connection"
+
+
+def test_help_lists_the_flags():
+    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "-h"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith("usage: app.py")
+    for flag in ("-model_dir", "-num_worker", "-port", "-host", "-pooling_strategy", "-pooling_layer", "-max_seq_len",
+                 "-max_batch_size", "-output_dtype", "-cpu", "-auth_dir", "CLS_TOKEN", "REDUCE_MEAN"):
+        assert flag in run.stdout, flag

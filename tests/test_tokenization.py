@@ -1,0 +1,137 @@
+"""Token ids identical to `transformers.BertTokenizerFast`, for vocab.txt folders and tokenizer.json."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bert import Encoder
+from helpers import HARD_TEXTS, HF_TINY, hf_token_ids, id_lists, real_sentences
+
+TINY_SHAPE = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=512)
+TEXTS = HARD_TEXTS + real_sentences(40, seed=7) + [
+    "Ünïcödé ÀÉÎÕÜ ÇA VA? Ça va. Straße STRASSE ǅungla ﬁnance",
+    "Ａｌｐｈａ full-width ＡＢＣ １２３ and ligature ﬀ",
+    "x" * 99 + " " + "y" * 101,  # around WordPiece's 100-character limit
+    "[SEP][MASK][CLS]glued[SEP]",
+    "don't won't can't it's i'm",
+]
+
+
+@pytest.fixture(scope="module")
+def cased_vocab(tmp_path_factory, bundled_dir):
+    """A cased vocabulary: the bundled uncased one plus capitalised and upper-case word pieces."""
+    lines = (bundled_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    known = set(lines)
+    words = [w for w in lines[1000:6000] if w.isalpha() and len(w) > 1]
+    extra = [w.capitalize() for w in words] + [w.upper() for w in words[:500]]
+    extra += [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZÀÉÎÕÜÇ"] + ["##" + c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+    path = tmp_path_factory.mktemp("cased") / "vocab.txt"
+    path.write_text("\n".join(lines + [w for w in dict.fromkeys(extra) if w not in known]) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def vocab_folders(random_bert, bundled_dir, cased_vocab):
+    """{'uncased': (folder, vocab), 'cased': (folder, vocab)}: HF folders with vocab.txt, no tokenizer.json."""
+    return {"uncased": (random_bert("tok_uncased", **TINY_SHAPE)[0], bundled_dir / "vocab.txt"),
+            "cased": (random_bert("tok_cased", vocab=cased_vocab, **TINY_SHAPE)[0], cased_vocab)}
+
+
+@pytest.mark.parametrize("max_len", [512, 20])
+@pytest.mark.parametrize("casing", ["uncased", "cased"])
+def test_vocab_txt_tokens_equal_bert_tokenizer_fast(vocab_folders, casing, max_len):
+    folder, vocab = vocab_folders[casing]
+    assert not (folder / "tokenizer.json").exists()
+    lower = casing == "uncased"
+    encoder = Encoder.from_dir(str(folder), do_lower_case=lower, max_seq_len=max_len)
+    expected = hf_token_ids(vocab, TEXTS, do_lower_case=lower, max_len=max_len)
+    assert max(map(len, expected)) == max_len  # some input is truncated
+    assert id_lists(encoder.tokenize(TEXTS)) == expected
+
+
+def test_cased_and_uncased_really_differ(vocab_folders):
+    """The cased vocabulary exercises casing: the two tokenizations above are not the same."""
+    folder, vocab = vocab_folders["cased"]
+    cased = id_lists(Encoder.from_dir(str(folder), do_lower_case=False).tokenize(TEXTS))
+    uncased = id_lists(Encoder.from_dir(str(folder), do_lower_case=True).tokenize(TEXTS))
+    differing = sum(a != b for a, b in zip(cased, uncased))
+    assert differing > len(TEXTS) // 3
+
+
+def test_vocab_txt_folder_lower_cases_by_default(vocab_folders):
+    folder, vocab = vocab_folders["uncased"]
+    encoder = Encoder.from_dir(str(folder))
+    assert id_lists(encoder.tokenize(TEXTS)) == hf_token_ids(vocab, TEXTS, True, encoder.max_seq_len)
+
+
+@pytest.mark.parametrize("do_lower_case", [False, True])
+def test_tokenizer_config_do_lower_case_is_followed(tmp_path, do_lower_case):
+    """A Hugging Face folder without tokenizer.json says its casing in tokenizer_config.json."""
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path / "hf"
+    shutil.copytree(HF_TINY, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": do_lower_case}))
+    texts = ["Hello World", "héllo wörld", "HELLO the Quick Brown Fox", "Café Naïve"]
+    expected = BertTokenizerFast.from_pretrained(str(folder))(texts)["input_ids"]
+    assert id_lists(Encoder.from_dir(str(folder)).tokenize(texts)) == expected
+    hello = (HF_TINY / "vocab.txt").read_text().splitlines().index("hello")
+    assert (hello in expected[0]) == do_lower_case  # 'Hello' is [UNK] in this vocabulary unless lower-cased
+
+
+def test_bundled_tokenizer_json_tokens_equal_bert_tokenizer_fast(bundled_encoder, bundled_dir):
+    assert (bundled_dir / "tokenizer.json").is_file()
+    expected = hf_token_ids(bundled_dir / "vocab.txt", TEXTS, do_lower_case=True, max_len=256)
+    assert max(map(len, expected)) == 256
+    assert id_lists(bundled_encoder.tokenize(TEXTS)) == expected
+
+
+def test_bundled_do_lower_case_override(bundled_dir):
+    encoder = Encoder.from_dir(do_lower_case=False)
+    expected = hf_token_ids(bundled_dir / "vocab.txt", TEXTS, do_lower_case=False, max_len=256)
+    assert id_lists(encoder.tokenize(TEXTS)) == expected
+    assert expected != hf_token_ids(bundled_dir / "vocab.txt", TEXTS, do_lower_case=True, max_len=256)
+
+
+@pytest.mark.parametrize("name", ["bundled", "hf_tiny"])
+def test_tokens_round_trip_through_show_tokens(name, bundled_encoder):
+    encoder = bundled_encoder if name == "bundled" else Encoder.from_dir(str(HF_TINY))
+    batch = encoder.tokenize(["Hello, world!", ""])
+    tokens = encoder.tokenizer.tokens(batch)
+    assert tokens[0][0] == "[CLS]" and tokens[0][-1] == "[SEP]" and tokens[1] == ["[CLS]", "[SEP]"]
+    assert "hello" in tokens[0] and "," in tokens[0]
+
+
+# ---------------------------------------------------------------- property test
+
+PIECES = ["[SEP]", "[MASK]", "[CLS]", "Hello", "naïve", "\t", "\n", " ", "中文", "##ing", "e\u0301", "\x00",
+          "\u200b", "😀", "ÉCOLE", "don't"]
+text_strategy = st.lists(st.one_of(st.text(max_size=12), st.sampled_from(PIECES)), max_size=30).map("".join)
+
+
+@pytest.fixture(scope="module")
+def property_tokenizers(vocab_folders):
+    """(our encoder, transformers tokenizer) for uncased and cased vocab.txt, max_seq_len 40."""
+    from transformers import BertTokenizerFast
+
+    pairs = {}
+    for casing, (folder, vocab) in vocab_folders.items():
+        lower = casing == "uncased"
+        pairs[casing] = (Encoder.from_dir(str(folder), do_lower_case=lower, max_seq_len=40),
+                         BertTokenizerFast(str(vocab), do_lower_case=lower))
+    return pairs
+
+
+@pytest.mark.parametrize("casing", ["uncased", "cased"])
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(text_strategy, min_size=1, max_size=4))
+def test_random_unicode_tokens_equal_bert_tokenizer_fast(property_tokenizers, casing, texts):
+    encoder, reference = property_tokenizers[casing]
+    expected = reference(texts, truncation=True, max_length=40)["input_ids"]
+    assert id_lists(encoder.tokenize(texts)) == expected
