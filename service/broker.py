@@ -212,6 +212,13 @@ class Broker:
         client, body = frames[0].bytes, [f.bytes for f in frames[1:]]
         request_id = _peek_id(body)
         try:
+            self.handle_request(client, request_id, body)
+        except Exception as e:  # a safety net: no message may take the broker down with it
+            log.exception("unexpected error on a request from %s", client[:12].hex())
+            self.reply(client, pack_error(request_id, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"))
+
+    def handle_request(self, client: bytes, request_id: Any, body: list[bytes]) -> None:
+        try:
             header, texts = unpack_request(body, self.config.max_client_batch_size, self.config.max_request_bytes)
         except BadRequestError as e:
             self.stats["bad_requests"] += 1
@@ -294,6 +301,12 @@ class Broker:
         return request.deadline is not None and time.time() > request.deadline
 
     def on_worker_message(self, frames: list) -> None:
+        try:
+            self.handle_worker_message(frames)
+        except Exception:  # workers are ours, but a bug in handling one message must not stop serving
+            log.exception("unexpected error on a message from a worker")
+
+    def handle_worker_message(self, frames: list) -> None:
         identity, command = frames[0].bytes, frames[1].bytes
         slot = self.by_identity.get(identity)
         if slot is None or slot.identity != identity:
