@@ -12,6 +12,7 @@ except after a CUDA error, which poisons the process: it exits and the broker re
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
@@ -19,7 +20,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zmq
@@ -32,6 +33,16 @@ from .logs import configure_logging
 log = logging.getLogger(__name__)
 
 CUDA_ERROR_EXIT_CODE = 70
+# Batches of ever-changing shapes fragment glibc's heap: without giving freed memory back, a CPU
+# worker's RSS grew from 340 MB to 1.3 GB in 7 minutes. A trim costs ~12 ms, so at most every 2 s.
+MALLOC_TRIM_INTERVAL = 2.0
+
+
+def _malloc_trim() -> Callable[[], object]:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return lambda *_: None
 
 
 @dataclass
@@ -200,9 +211,13 @@ class Worker:
     def compute_loop(self) -> None:
         sender = self.context.socket(zmq.PAIR)
         sender.connect(self.results_address)
+        trim, last_trim = _malloc_trim(), time.monotonic()
         try:
             while (window := self.next_window()) is not None:
                 self.process_window(window, sender)
+                if time.monotonic() - last_trim > MALLOC_TRIM_INTERVAL:
+                    trim(0)
+                    last_trim = time.monotonic()
         finally:
             sender.close(linger=1000)
 
