@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     compute.add_argument("-cpu_threads", type=int, default=None, help="torch threads per CPU worker (default: cores / num_worker)")
     compute.add_argument("-max_batch_size", type=int, default=256, help="a request is split into mini-batches of this many sentences, spread over workers")
     compute.add_argument("-max_batch_tokens", type=int, default=None,
-                         help="padded tokens per forward pass (default: 4096 on CPU, 65536 on GPU)")
+                         help="padded tokens per forward pass (default: 1024 on CPU, 65536 on GPU)")
     net = p.add_argument_group("network and limits")
     net.add_argument("-port", type=int, default=5555, help="port clients connect to")
     net.add_argument("-host", default="*", help="interface to listen on ('*' = all, '127.0.0.1' = this machine only)")

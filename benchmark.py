@@ -1,0 +1,853 @@
+"""Benchmark bert-as-service end to end: sentences per second through `BertClient` against a real `app.py`.
+
+    python benchmark.py                                  # quick run: bundled all-MiniLM-L6-v2, GPU if any
+    python benchmark.py -max_seq_len 25 128 -client_batch_size 1 16 256 1024 -num_client 1 4 16 \\
+                        -num_worker 1 2 -num_sentences 2000 -repeat 3
+    python benchmark.py -compare                         # also sentence-transformers, same model and sentences
+    python benchmark.py -random_bert_base bench_out/bert_base -compare    # random BERT-base, no download
+    python benchmark.py -preset cpu_bar                  # the issue's CPU bar, PASS/FAIL
+    python benchmark.py -preset gpu_bar                  # the issue's GPU bar (H100, fp16)
+
+What one point is: the server runs with one (max_seq_len, num_worker, dtype); `num_client` threads,
+each with its own `BertClient`, start together at a barrier and send their share of the
+`num_sentences` sentences in requests of `client_batch_size` (one request at a time per client,
+as in the 2018 benchmark, unless -max_in_flight is raised); throughput is all sentences over the
+wall time from the barrier to the last reply. Each point is measured -repeat times after a
+warm-up, and the median is reported. The server is restarted only when a server-side setting
+changes. "Latency" is -latency_requests single-sentence requests one after another (median, p99).
+
+With -compare, sentence-transformers encodes the same sentences with the same model in this
+process, while the server is up but idle; its repeats are interleaved with the service's, so load
+from other processes hits both alike, and the ratio service / sentence-transformers is printed
+per max_seq_len (against the fastest of the -st_batch_size values tried).
+
+Everything goes to -out (default bench_out/, git-ignored): results.csv, and one chart per swept
+parameter (speed_vs_max_seq_len.png, ..._client_batch_size, ..._num_client, ..._num_worker), as
+in the 2018 README. Exit status: 0, or 1 when a preset's bar fails.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # `service` and `tests.server` import from anywhere this file is run
+
+from service.client import BertClient  # noqa: E402
+from tests.server import RunningServer, group_pids  # noqa: E402
+
+DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "sentences.txt"
+DEFAULT_OUT = ROOT / "bench_out"
+CLIENT_TIMEOUT = 900.0  # seconds; one large request to a slow CPU server can take minutes
+SERVER_READY_TIMEOUT = 600.0
+QUIET_SHARE = 0.10  # other processes using less than this share of the CPU count as "quiet"
+
+# The issue's acceptance bars. Each preset fixes the whole run, so its numbers mean the same thing
+# on every machine; explicit flags still override them (at the user's own risk).
+PRESETS: dict[str, dict[str, Any]] = {
+    # 2-core CPU, the bundled MiniLM, the first 2,000 shared sentences, max_seq_len 128: the whole
+    # corpus in one encode() call on each side, the server with its default single worker, against
+    # sentence-transformers' default batch size and a larger one (the faster counts). The machine
+    # is shared: each measurement first waits (up to 20 s) for other processes to leave the CPU,
+    # and one they disturbed anyway is taken again (twice at most).
+    "cpu_bar": dict(device="cpu", model_dir=None, random_bert_base=None, num_sentences=2000,
+                    max_seq_len=[128], client_batch_size=[2000], num_client=[1], num_worker=[1],
+                    dtype=["auto"], repeat=3, compare=True, st_batch_size=[32, 128], latency_requests=100,
+                    wait_quiet=20, retry_noisy=2),
+    # H100, random BERT-base in fp16, 20,000 sentences, max_seq_len 25 and 128.
+    "gpu_bar": dict(device="cuda", model_dir=None, random_bert_base=str(DEFAULT_OUT / "random_bert_base"),
+                    num_sentences=20000, max_seq_len=[25, 128], client_batch_size=[1024, 4096],
+                    num_client=[1, 4], num_worker=[1], dtype=["fp16"], repeat=3, compare=True,
+                    st_batch_size=[32, 256], latency_requests=1000, wait_quiet=0, retry_noisy=0),
+}
+
+
+# ---------------------------------------------------------------- hardware and input
+
+
+def describe_hardware(device: str) -> str:
+    """'Intel Xeon ... (2 cores)', plus the GPU's name when the run uses one."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        import platform
+        cpu = platform.processor() or cpu
+    text = f"{cpu} ({os.cpu_count()} cores)"
+    if device.startswith("cuda"):
+        import torch
+        text = f"{torch.cuda.get_device_name(torch.device(device))} GPU, {text}"
+    return text
+
+
+def cpu_load_warning() -> str | None:
+    """Other processes on the CPU make every number here noisy; say so beside the numbers."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load > 0.5 * cores:
+        return f"warning: load average {load:.1f} on {cores} cores before the run: other processes compete for the CPU"
+    return None
+
+
+def load_sentences(path: Path, n: int, seed: int = 0) -> tuple[list[str], str]:
+    """The first `n` non-empty lines of the corpus (repeated if it is shorter), or generated text."""
+    if path.is_file():
+        lines = [s for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+        if lines:
+            return [lines[i % len(lines)] for i in range(n)], str(path)
+    rng = random.Random(seed)
+    words = ("the a model vector returns array of an index graph file string number value sorted "
+             "sentence function module data type error if not None list this that").split()
+    # Lengths like the shared corpus's: median about 12 words, a long tail.
+    texts = [" ".join(rng.choice(words) for _ in range(min(60, max(1, int(rng.lognormvariate(2.4, 0.5))))))
+             .capitalize() + "." for _ in range(n)]
+    return texts, "generated text (corpus not found)"
+
+
+# ---------------------------------------------------------------- other processes on the machine
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine since boot, all cores, from /proc/stat.
+    Steal (the hypervisor running other guests) counts as busy: it is time we did not get."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def _process_jiffies(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += int(fields[11]) + int(fields[12])  # utime + stime, every thread of the process
+    return total
+
+
+class CpuMeter:
+    """Share of the machine's CPU used by processes other than this benchmark and its server.
+
+    On a shared machine a burst of someone else's work can halve one measurement and not the
+    next; this number, printed beside each measurement, tells a real difference from such noise.
+    """
+
+    def __init__(self, own_pids: Callable[[], list[int]]) -> None:
+        self.own_pids = own_pids
+        self.available = Path("/proc/stat").is_file()
+        self._start: tuple[int, int, int] | None = None
+
+    def start(self) -> None:
+        if self.available:
+            self._start = (*_machine_jiffies(), _process_jiffies(self.own_pids()))
+
+    def stop(self) -> float | None:
+        """The share (0..1 of all cores) others used since `start()`, or None where unknown."""
+        if not self.available or self._start is None:
+            return None
+        busy, total = _machine_jiffies()
+        ours = _process_jiffies(self.own_pids())
+        busy0, total0, ours0 = self._start
+        if total <= total0:
+            return None
+        return min(1.0, max(0.0, ((busy - busy0) - (ours - ours0)) / (total - total0)))
+
+    def wait_until_quiet(self, max_wait: float, threshold: float, window: float = 1.0) -> float | None:
+        """Wait (up to `max_wait` s) for a `window` in which others use under `threshold` of the CPU;
+        return the last share seen."""
+        deadline = time.monotonic() + max_wait
+        while True:
+            self.start()
+            time.sleep(window)
+            share = self.stop()
+            if share is None or share < threshold or time.monotonic() >= deadline:
+                return share
+
+
+# ---------------------------------------------------------------- random BERT-base
+
+
+def random_bert_config(vocab_size: int, hidden_size: int = 768, num_hidden_layers: int = 12,
+                       num_attention_heads: int = 12, intermediate_size: int = 3072,
+                       max_position_embeddings: int = 512, seed: int = 0) -> dict[str, Any]:
+    """A Hugging Face `config.json` for BERT (defaults: BERT-base) that both our loader and
+    `transformers` read."""
+    return {
+        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": vocab_size,
+        "hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads, "intermediate_size": intermediate_size,
+        "hidden_act": "gelu", "max_position_embeddings": max_position_embeddings, "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12, "pad_token_id": 0, "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02,
+        "position_embedding_type": "absolute", "random_init_seed": seed,
+    }
+
+
+def random_bert_weights(config: dict[str, Any], seed: int = 0) -> dict[str, "Any"]:
+    """Hugging Face BERT weights (the names `bert/checkpoint.py` reads): matrices and embeddings
+    drawn from N(0, 0.02) as BERT's own initialiser does, biases 0, LayerNorm weight 1 and bias 0."""
+    import torch
+
+    H, I, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * config["initializer_range"]
+
+    def norm(prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.LayerNorm.weight": torch.ones(H), f"{prefix}.LayerNorm.bias": torch.zeros(H)}
+
+    def dense(name: str, out_dim: int, in_dim: int) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": normal(out_dim, in_dim), f"{name}.bias": torch.zeros(out_dim)}
+
+    weights = {
+        "embeddings.word_embeddings.weight": normal(config["vocab_size"], H),
+        "embeddings.position_embeddings.weight": normal(config["max_position_embeddings"], H),
+        "embeddings.token_type_embeddings.weight": normal(config["type_vocab_size"], H),
+        **norm("embeddings"),
+    }
+    for i in range(L):
+        layer = f"encoder.layer.{i}"
+        for part in ("query", "key", "value"):
+            weights.update(dense(f"{layer}.attention.self.{part}", H, H))
+        weights.update(dense(f"{layer}.attention.output.dense", H, H))
+        weights.update(norm(f"{layer}.attention.output"))
+        weights.update(dense(f"{layer}.intermediate.dense", I, H))
+        weights.update(dense(f"{layer}.output.dense", H, I))
+        weights.update(norm(f"{layer}.output"))
+    # Serving ignores the pooler; transformers (hence sentence-transformers) expects one in a BertModel.
+    weights.update(dense("pooler.dense", H, H))
+    return weights
+
+
+def build_random_bert(folder: str | Path, vocab_file: str | Path | None = None, seed: int = 0,
+                      **sizes: int) -> Path:
+    """Write a randomly initialised BERT (BERT-base unless `sizes` say otherwise) as a Hugging Face
+    folder: config.json, model.safetensors, vocab.txt. A folder already holding the same config is
+    reused as it is, so repeated runs do not rewrite 440 MB."""
+    from safetensors.torch import save_file
+
+    from bert.checkpoint import bundled_model_dir
+
+    folder = Path(folder)
+    vocab_file = Path(vocab_file) if vocab_file else bundled_model_dir() / "vocab.txt"
+    vocab = vocab_file.read_text(encoding="utf-8")
+    vocab_size = sum(1 for line in vocab.splitlines() if line)
+    config = random_bert_config(vocab_size, seed=seed, **sizes)
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    if config_path.is_file() and weights_path.is_file() and json.loads(config_path.read_text()) == config:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(random_bert_weights(config, seed), str(weights_path), metadata={"format": "pt"})
+    (folder / "vocab.txt").write_text(vocab, encoding="utf-8")
+    # The bundled vocabulary is uncased; transformers' AutoTokenizer reads this, our loader reads vocab.txt.
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+         "model_max_length": config["max_position_embeddings"]}, indent=2))
+    config_path.write_text(json.dumps(config, indent=2))  # last: its presence marks a complete folder
+    return folder
+
+
+# ---------------------------------------------------------------- measurements
+
+
+@dataclass
+class Row:
+    """One measured point: a throughput (sentences/s per repeat) or a latency (ms per request)."""
+
+    kind: str                      # 'service', 'sentence-transformers' or 'latency'
+    max_seq_len: int
+    dtype: str
+    num_worker: int | None = None
+    client_batch_size: int | None = None   # for sentence-transformers: its encode(batch_size=...)
+    num_client: int | None = None
+    sentences: int = 0
+    runs: list[float] = field(default_factory=list)
+    other_cpu: list[float] = field(default_factory=list)  # per run: CPU share other processes used
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs) if self.runs else float("nan")
+
+    @property
+    def p99(self) -> float:
+        return float(np.percentile(self.runs, 99)) if self.runs else float("nan")
+
+
+def split_evenly(items: Sequence[str], parts: int) -> list[list[str]]:
+    """`parts` contiguous shares whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    shares, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        shares.append(list(items[start:end]))
+        start = end
+    return shares
+
+
+def client_throughput(port: int, sentences: Sequence[str], batch_size: int, num_client: int,
+                      max_in_flight: int = 1) -> float:
+    """Sentences per second of `num_client` concurrent clients, each sending its share of
+    `sentences` in requests of `batch_size`; timed from a common start to the last reply."""
+    shares = [s for s in split_evenly(sentences, num_client) if s]
+    barrier = threading.Barrier(len(shares) + 1)
+    errors: list[BaseException] = []
+
+    def run(share: list[str]) -> None:
+        try:
+            with BertClient(port=port, timeout=CLIENT_TIMEOUT) as bc:
+                bc.encode(share[:1])  # connection set up before the clock starts
+                barrier.wait()
+                batches = [share[i:i + batch_size] for i in range(0, len(share), batch_size)]
+                if max_in_flight > 1:
+                    for _ in bc.encode_async(batches, max_in_flight=max_in_flight):
+                        pass
+                else:
+                    for batch in batches:
+                        bc.encode(batch)
+        except BaseException as e:  # re-raised in the main thread; abort so nobody waits forever
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(share,), daemon=True) for share in shares]
+    for t in threads:
+        t.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return len(sentences) / elapsed
+
+
+def single_sentence_latencies(port: int, sentences: Sequence[str], n: int, warmup: int = 10) -> list[float]:
+    """Milliseconds for each of `n` one-sentence requests sent one after another."""
+    times = []
+    with BertClient(port=port, timeout=CLIENT_TIMEOUT) as bc:
+        for i in range(warmup + n):
+            text = [sentences[i % len(sentences)]]
+            start = time.perf_counter()
+            bc.encode(text)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def service_vectors(port: int, sentences: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """Vectors for `sentences` (also the server's warm-up: every worker sees real batches)."""
+    with BertClient(port=port, timeout=CLIENT_TIMEOUT) as bc:
+        batches = [list(sentences[i:i + batch_size]) for i in range(0, len(sentences), batch_size)]
+        return np.concatenate(list(bc.encode_async(batches, max_in_flight=4)))
+
+
+class SentenceTransformersRunner:
+    """sentence-transformers on the same folder, device and precision as the server."""
+
+    def __init__(self, model_dir: str, device: str, dtype: str) -> None:
+        import torch
+        import transformers
+        from sentence_transformers import SentenceTransformer
+
+        transformers.utils.logging.disable_progress_bar()  # its per-weight bar would break up the table
+        self.model = SentenceTransformer(model_dir, device=device)
+        torch_dtype = resolve_dtype(dtype, device)
+        if torch_dtype == "fp16":
+            self.model.half()
+        elif torch_dtype == "bf16":
+            self.model.to(torch.bfloat16)
+        self.device = device
+
+    def encode(self, sentences: Sequence[str], max_seq_len: int, batch_size: int) -> np.ndarray:
+        self.model.max_seq_length = max_seq_len
+        return self.model.encode(list(sentences), batch_size=batch_size, convert_to_numpy=True,
+                                 show_progress_bar=False).astype(np.float32)
+
+    def throughput(self, sentences: Sequence[str], max_seq_len: int, batch_size: int) -> float:
+        start = time.perf_counter()
+        self.encode(sentences, max_seq_len, batch_size)  # returns numpy: the GPU work is finished
+        return len(sentences) / (time.perf_counter() - start)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The server's rule: 'auto' is fp16 on a GPU and fp32 on the CPU."""
+    if dtype == "auto":
+        return "fp16" if device.startswith("cuda") else "fp32"
+    return dtype
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return float(np.mean(np.sum(a * b, axis=1)))
+
+
+# ---------------------------------------------------------------- output
+
+
+TABLE_COLUMNS = ("kind", "max_seq_len", "dtype", "workers", "batch", "clients", "median", "min..max / p99")
+
+
+def table_header(hardware: str, model: str, corpus: str, notes: Sequence[str]) -> str:
+    lines = [f"hardware: {hardware}", f"model:    {model}", f"corpus:   {corpus}", *notes, "",
+             f"{'kind':<22}{'max_seq_len':>12}{'dtype':>7}{'workers':>9}{'batch':>7}{'clients':>9}"
+             f"{'median':>14}   min..max (or p99)",
+             "-" * 100]
+    return "\n".join(lines)
+
+
+def table_line(row: Row) -> str:
+    def cell(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    if row.kind == "latency":
+        value, spread = f"{row.median:,.2f} ms", f"p99 {row.p99:,.2f} ms"
+    else:
+        value, spread = f"{row.median:,.0f} sent/s", f"{min(row.runs):,.0f}..{max(row.runs):,.0f}"
+    others = f"   (others used up to {max(row.other_cpu):.0%} CPU)" if row.other_cpu else ""
+    return (f"{row.kind:<22}{row.max_seq_len:>12}{row.dtype:>7}{cell(row.num_worker):>9}"
+            f"{cell(row.client_batch_size):>7}{cell(row.num_client):>9}{value:>14}   {spread}{others}")
+
+
+CSV_FIELDS = ("hardware", "device", "model", "kind", "dtype", "max_seq_len", "num_worker", "client_batch_size",
+              "num_client", "max_in_flight", "sentences", "repeat", "sent_per_s", "sent_per_s_min",
+              "sent_per_s_max", "latency_median_ms", "latency_p99_ms", "runs", "other_cpu_max")
+
+
+def write_csv(path: Path, rows: Sequence[Row], context: dict[str, Any]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            record = {**context, "kind": row.kind, "dtype": row.dtype, "max_seq_len": row.max_seq_len,
+                      "num_worker": row.num_worker, "client_batch_size": row.client_batch_size,
+                      "num_client": row.num_client, "sentences": row.sentences,
+                      "repeat": None if row.kind == "latency" else len(row.runs),
+                      "runs": " ".join(f"{r:.4g}" for r in row.runs),
+                      "other_cpu_max": f"{max(row.other_cpu):.3f}" if row.other_cpu else None}
+            if row.kind == "latency":
+                record.update(latency_median_ms=f"{row.median:.3f}", latency_p99_ms=f"{row.p99:.3f}")
+            else:
+                record.update(sent_per_s=f"{row.median:.1f}", sent_per_s_min=f"{min(row.runs):.1f}",
+                              sent_per_s_max=f"{max(row.runs):.1f}")
+            if row.kind != "service":
+                record["max_in_flight"] = None
+            writer.writerow(record)
+
+
+# The seed's charts: speed against one parameter, a line per value of another, the rest held fixed.
+CHARTS = (("max_seq_len", "client_batch_size"), ("client_batch_size", "max_seq_len"),
+          ("num_client", "max_seq_len"), ("num_worker", "max_seq_len"))
+
+
+def reference_values(sweeps: dict[str, list]) -> dict[str, Any]:
+    """What a chart holds fixed: the largest client batch (small ones measure round trips, not the
+    model), the first value of everything else."""
+    ref = {name: values[0] for name, values in sweeps.items()}
+    ref["client_batch_size"] = max(sweeps["client_batch_size"])
+    return ref
+
+
+def plot_charts(rows: Sequence[Row], sweeps: dict[str, list], out: Path, title: str) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    service = [r for r in rows if r.kind == "service"]
+    st_best = best_by_seq_len([r for r in rows if r.kind == "sentence-transformers"])
+    ref = reference_values(sweeps)
+    paths = []
+    for x_name, line_name in CHARTS:
+        fixed = {k: v for k, v in ref.items() if k not in (x_name, line_name)}
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        for line_value in sweeps[line_name]:
+            points = sorted((getattr(r, x_name), r.median) for r in service
+                            if getattr(r, line_name) == line_value
+                            and all(getattr(r, k) == v for k, v in fixed.items()))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{line_name}={line_value}")
+        if x_name == "max_seq_len" and st_best:
+            points = sorted((length, r.median) for length, r in st_best.items())
+            ax.plot(*zip(*points), marker="s", linestyle="--", color="gray", label="sentence-transformers")
+        if x_name in ("client_batch_size", "num_client") and len(sweeps[x_name]) > 1 \
+                and max(sweeps[x_name]) / min(sweeps[x_name]) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(sweeps[x_name])
+        ax.set_xticklabels([str(v) for v in sweeps[x_name]])
+        ax.set_xlabel(x_name)
+        ax.set_ylabel("sentences / s")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        held = ", ".join(f"{k}={v}" for k, v in fixed.items())
+        ax.set_title(f"{title}\nspeed vs {x_name} ({held})", fontsize=8)
+        fig.tight_layout()
+        path = out / f"speed_vs_{x_name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- bars
+
+
+@dataclass
+class BarCheck:
+    name: str
+    passed: bool
+    detail: str
+
+
+def best_by_seq_len(rows: Sequence[Row]) -> dict[int, Row]:
+    """The fastest row (by median) at each max_seq_len."""
+    best: dict[int, Row] = {}
+    for row in rows:
+        if row.max_seq_len not in best or row.median > best[row.max_seq_len].median:
+            best[row.max_seq_len] = row
+    return best
+
+
+def describe_point(row: Row) -> str:
+    if row.kind == "sentence-transformers":
+        return f"batch_size={row.client_batch_size}"
+    return f"num_worker={row.num_worker}, client_batch_size={row.client_batch_size}, num_client={row.num_client}"
+
+
+def ratio_checks(rows: Sequence[Row], at_least: float, never_below: float | None) -> list[BarCheck]:
+    """Service / sentence-transformers at each max_seq_len: best service point against best
+    sentence-transformers batch size on medians, and (interleaved) repeat by repeat."""
+    service = best_by_seq_len([r for r in rows if r.kind == "service"])
+    st = best_by_seq_len([r for r in rows if r.kind == "sentence-transformers"])
+    checks = []
+    for length in sorted(service):
+        if length not in st:
+            checks.append(BarCheck(f"max_seq_len {length}: service >= {at_least:g}x sentence-transformers",
+                                   False, "sentence-transformers was not measured"))
+            continue
+        s, t = service[length], st[length]
+        ratio = s.median / t.median
+        checks.append(BarCheck(
+            f"max_seq_len {length}: service >= {at_least:g}x sentence-transformers", ratio >= at_least,
+            f"{s.median:,.0f} vs {t.median:,.0f} sent/s = {ratio:.2f}x "
+            f"(service {describe_point(s)}; sentence-transformers {describe_point(t)})"))
+        if never_below is not None:
+            paired = [a / b for a, b in zip(s.runs, t.runs)]
+            others = [max(pair) for pair in zip(s.other_cpu, t.other_cpu)]
+            notes = [f" (others used up to {o:.0%} CPU)" for o in others] or [""] * len(paired)
+            checks.append(BarCheck(
+                f"max_seq_len {length}: no repeat below {never_below:g}x", min(paired) >= never_below,
+                "repeat ratios " + ", ".join(f"{p:.2f}x{n}" for p, n in zip(paired, notes))))
+    return checks
+
+
+def throughput_checks(rows: Sequence[Row], minimum: dict[int, float]) -> list[BarCheck]:
+    service = best_by_seq_len([r for r in rows if r.kind == "service"])
+    checks = []
+    for length, floor in minimum.items():
+        row = service.get(length)
+        checks.append(BarCheck(
+            f"max_seq_len {length}: >= {floor:,.0f} sentences/s", row is not None and row.median >= floor,
+            "not measured" if row is None else f"{row.median:,.0f} sent/s ({describe_point(row)})"))
+    return checks
+
+
+def latency_checks(rows: Sequence[Row], max_ms: float) -> list[BarCheck]:
+    return [BarCheck(f"max_seq_len {r.max_seq_len}, num_worker {r.num_worker}: single-sentence median "
+                     f"latency < {max_ms:g} ms", r.median < max_ms,
+                     f"median {r.median:.2f} ms, p99 {r.p99:.2f} ms")
+            for r in rows if r.kind == "latency"]
+
+
+BARS: dict[str, Callable[[Sequence[Row]], list[BarCheck]]] = {
+    "cpu_bar": lambda rows: ratio_checks(rows, at_least=1.0, never_below=0.9),
+    "gpu_bar": lambda rows: (throughput_checks(rows, {128: 50_000, 25: 60_000})
+                             + ratio_checks(rows, at_least=7.0, never_below=None)
+                             + latency_checks(rows, max_ms=3.0)),
+}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmark.py", description="Sentences per second of bert-as-service, end to end through BertClient.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-preset", choices=sorted(PRESETS), default=None,
+                   help="run exactly the issue's acceptance setting and print PASS/FAIL for its bars")
+    model = p.add_argument_group("model")
+    model.add_argument("-model_dir", default=None, help="model folder; None: the bundled all-MiniLM-L6-v2")
+    model.add_argument("-random_bert_base", metavar="DIR", default=None,
+                       help="build (once) a random-weight BERT-base in DIR and benchmark it; no download")
+    model.add_argument("-pooling_layer", type=int, default=-1,
+                       help="layer the server pools; -1 runs the whole model, as sentence-transformers does")
+    sweep = p.add_argument_group("sweeps (several values each)")
+    sweep.add_argument("-max_seq_len", type=int, nargs="+", default=[25, 128], help="server side")
+    sweep.add_argument("-num_worker", type=int, nargs="+", default=[1], help="server side")
+    sweep.add_argument("-dtype", nargs="+", default=["auto"], choices=("auto", "fp32", "fp16", "bf16"),
+                       help="server side; auto is fp16 on a GPU, fp32 on the CPU")
+    sweep.add_argument("-client_batch_size", type=int, nargs="+", default=[1, 16, 256],
+                       help="sentences per request")
+    sweep.add_argument("-num_client", type=int, nargs="+", default=[1, 4], help="concurrent clients")
+    run = p.add_argument_group("run")
+    run.add_argument("-num_sentences", type=int, default=512, help="sentences per measurement (all clients together)")
+    run.add_argument("-repeat", type=int, default=3, help="timed repeats per point; the median is reported")
+    run.add_argument("-warmup", type=int, default=512, help="sentences encoded before timing (per server, and for sentence-transformers)")
+    run.add_argument("-max_in_flight", type=int, default=1,
+                     help="requests each client keeps outstanding (1: wait for each reply, as in 2018)")
+    run.add_argument("-latency_requests", type=int, default=100, help="single-sentence requests for the latency figure (0: skip)")
+    run.add_argument("-wait_quiet", type=float, default=0, metavar="SECONDS",
+                     help="before each measurement, wait up to SECONDS for other processes to leave the CPU "
+                          "(under 10%% of it for a second); for shared machines")
+    run.add_argument("-retry_noisy", type=int, default=0, metavar="N",
+                     help="measure again, up to N times, when other processes took over 10%% of the CPU "
+                          "meanwhile; the quietest attempt is kept")
+    run.add_argument("-corpus", type=Path, default=DEFAULT_CORPUS, help="one sentence a line")
+    run.add_argument("-out", type=Path, default=DEFAULT_OUT, help="folder for results.csv and the charts")
+    device = p.add_argument_group("device")
+    device.add_argument("-device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the GPU if torch sees one, else the CPU")
+    device.add_argument("-cpu", dest="device", action="store_const", const="cpu", help="same as -device cpu")
+    device.add_argument("-max_batch_size", type=int, default=None, help="passed to the server (its default if unset)")
+    device.add_argument("-max_batch_tokens", type=int, default=None, help="passed to the server (its default if unset)")
+    device.add_argument("-cpu_threads", type=int, default=None, help="passed to the server (its default if unset)")
+    device.add_argument("-output_dtype", choices=("float32", "float16"), default=None, help="passed to the server")
+    compare = p.add_argument_group("comparison")
+    compare.add_argument("-compare", action="store_true",
+                         help="also time sentence-transformers encode() on the same model and sentences")
+    compare.add_argument("-st_batch_size", type=int, nargs="+", default=[32],
+                         help="sentence-transformers batch sizes; the ratio uses the fastest")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags, with a preset's values as the defaults that explicit flags override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    if args.device == "auto":
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("num_sentences", "repeat"):
+        if getattr(args, name) < 1:
+            parser.error(f"-{name} must be at least 1")
+    return args
+
+
+def server_args(args: argparse.Namespace, model_dir: str | None, max_seq_len: int, num_worker: int,
+                dtype: str) -> list[str]:
+    cli = ["-max_seq_len", str(max_seq_len), "-num_worker", str(num_worker), "-dtype", dtype,
+           "-pooling_layer", str(args.pooling_layer)]
+    if model_dir:
+        cli += ["-model_dir", model_dir]
+    if args.device == "cpu":
+        cli.append("-cpu")
+    for name in ("max_batch_size", "max_batch_tokens", "cpu_threads", "output_dtype"):
+        if getattr(args, name) is not None:
+            cli += [f"-{name}", str(getattr(args, name))]
+    return cli
+
+
+def others_note(row: Row) -> str:
+    return f" (other processes used {row.other_cpu[-1]:.0%} of the CPU)" if row.other_cpu else ""
+
+
+def progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+class Benchmark:
+    """The sweep: servers in the outer loops, client settings inside, rows printed as they finish."""
+
+    def __init__(self, args: argparse.Namespace, model_dir: str | None, sentences: list[str]) -> None:
+        self.args = args
+        self.model_dir = model_dir
+        self.sentences = sentences
+        self.warmup_sentences = sentences[:max(1, min(args.warmup, len(sentences)))]
+        self.rows: list[Row] = []
+        self.st: SentenceTransformersRunner | None = None
+        self.on_row: Callable[[Row], None] = lambda row: None
+
+    def run(self) -> list[Row]:
+        a = self.args
+        for length in a.max_seq_len:
+            compare_here = a.compare  # sentence-transformers once per max_seq_len, beside the first server
+            for dtype in a.dtype:
+                for workers in a.num_worker:
+                    self.run_server(length, dtype, workers, compare_here)
+                    compare_here = False
+        return self.rows
+
+    def run_server(self, length: int, dtype: str, workers: int, compare: bool) -> None:
+        a = self.args
+        cli = server_args(a, self.model_dir, length, workers, dtype)
+        progress(f"starting server: {' '.join(cli)}")
+        with RunningServer(cli, ready_timeout=SERVER_READY_TIMEOUT) as server:
+            label = f"max_seq_len={length} dtype={dtype} num_worker={workers}"
+            progress(f"{label}: warm-up ({len(self.warmup_sentences)} sentences)")
+            service_warm = service_vectors(server.port, self.warmup_sentences)
+            shown_dtype = resolve_dtype(dtype, a.device)
+            points = [Row("service", length, shown_dtype, workers, batch, clients, len(self.sentences))
+                      for batch in a.client_batch_size for clients in a.num_client]
+            st_rows = self.start_comparison(length, dtype, service_warm) if compare else []
+            meter = CpuMeter(lambda: [os.getpid(), *group_pids(server.process.pid)])
+            # Repeats outermost: every point and sentence-transformers take turns, so a burst of load
+            # from elsewhere on the machine lands on all of them rather than on one.
+            for rep in range(a.repeat):
+                for row in points:
+                    self.measure(row, meter, lambda: client_throughput(
+                        server.port, self.sentences, row.client_batch_size, row.num_client, a.max_in_flight))
+                    progress(f"repeat {rep + 1}/{a.repeat} {label} client_batch_size={row.client_batch_size} "
+                             f"num_client={row.num_client}: {row.runs[-1]:,.0f} sent/s{others_note(row)}")
+                for row in st_rows:
+                    self.measure(row, meter, lambda: self.st.throughput(self.sentences, length, row.client_batch_size))
+                    progress(f"repeat {rep + 1}/{a.repeat} sentence-transformers max_seq_len={length} "
+                             f"batch_size={row.client_batch_size}: {row.runs[-1]:,.0f} sent/s{others_note(row)}")
+            for row in points + st_rows:
+                self.add(row)
+            if a.latency_requests > 0:
+                progress(f"{label}: latency of {a.latency_requests} single-sentence requests")
+                latency = Row("latency", length, shown_dtype, workers, 1, 1, a.latency_requests)
+                self.measure(latency, meter, lambda: single_sentence_latencies(
+                    server.port, self.sentences, a.latency_requests))
+                self.add(latency)
+
+    def measure(self, row: Row, meter: CpuMeter, run: Callable[[], float | list[float]]) -> None:
+        """One timed measurement into `row`, with the CPU share other processes took meanwhile.
+
+        With -retry_noisy, a measurement during which others took more than QUIET_SHARE of the CPU
+        is taken again (up to that many times) and the quietest attempt kept: on a shared machine
+        a single burst of someone else's work would otherwise decide a ratio.
+        """
+        a = self.args
+        attempts: list[tuple[float, Any]] = []
+        for attempt in range(1 + a.retry_noisy):
+            if a.wait_quiet > 0:
+                meter.wait_until_quiet(a.wait_quiet, QUIET_SHARE)
+            meter.start()
+            value = run()
+            share = meter.stop()
+            attempts.append((1.0 if share is None else share, value))
+            if share is None or share <= QUIET_SHARE:
+                break
+            if attempt < a.retry_noisy:
+                progress(f"discarded a {row.kind} measurement: other processes used {share:.0%} of the CPU")
+        share, value = min(attempts, key=lambda item: item[0])
+        row.runs.extend(value if isinstance(value, list) else [value])
+        if meter.available:
+            row.other_cpu.append(share)
+
+    def start_comparison(self, length: int, dtype: str, service_warm: np.ndarray) -> list[Row]:
+        """Load sentence-transformers (once), warm it up, and check it computes what the server does."""
+        a = self.args
+        if self.st is None:
+            progress("loading sentence-transformers")
+            from bert.checkpoint import bundled_model_dir
+            self.st = SentenceTransformersRunner(self.model_dir or str(bundled_model_dir()), a.device, dtype)
+        progress(f"sentence-transformers warm-up ({len(self.warmup_sentences)} sentences)")
+        st_warm = self.st.encode(self.warmup_sentences, length, a.st_batch_size[0])
+        cosine = mean_cosine(service_warm, st_warm)
+        # Same model, same sentences: anything but ~1.0 means the two are not doing the same work.
+        print(f"# max_seq_len {length}: service and sentence-transformers vectors agree to mean cosine {cosine:.5f}",
+              flush=True)
+        return [Row("sentence-transformers", length, resolve_dtype(dtype, a.device), None, bs, None,
+                    len(self.sentences)) for bs in a.st_batch_size]
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.on_row(row)
+
+
+def ratio_lines(rows: Sequence[Row]) -> list[str]:
+    service = best_by_seq_len([r for r in rows if r.kind == "service"])
+    st = best_by_seq_len([r for r in rows if r.kind == "sentence-transformers"])
+    return [f"max_seq_len {length}: service {service[length].median:,.0f} sent/s "
+            f"({describe_point(service[length])}) / sentence-transformers {st[length].median:,.0f} sent/s "
+            f"({describe_point(st[length])}) = {service[length].median / st[length].median:.2f}x"
+            for length in sorted(service) if length in st]
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(folder for the server or None for the bundled model, its description)."""
+    if args.random_bert_base:
+        progress(f"random BERT-base in {args.random_bert_base} (built once, reused after)")
+        folder = build_random_bert(args.random_bert_base)
+        return str(folder), f"random BERT-base (12 layers, 768 wide, seed 0) in {folder}"
+    if args.model_dir:
+        return args.model_dir, args.model_dir
+    from bert.checkpoint import bundled_model_dir
+    return None, f"bundled all-MiniLM-L6-v2 ({bundled_model_dir()})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    notes = [w for w in [cpu_load_warning()] if w]
+    model_dir, model_name = resolve_model(args)
+    hardware = describe_hardware(args.device)
+    sentences, corpus = load_sentences(args.corpus, args.num_sentences)
+    notes.append(f"device {args.device}; {args.num_sentences} sentences per point, median of {args.repeat}, "
+                 f"pooling layer {args.pooling_layer}, max_in_flight {args.max_in_flight}"
+                 + (f"; preset {args.preset}" if args.preset else ""))
+    print(table_header(hardware, model_name, corpus, notes), flush=True)
+    context = {"hardware": hardware, "device": args.device, "model": model_name, "max_in_flight": args.max_in_flight}
+    csv_path = args.out / "results.csv"
+    bench = Benchmark(args, model_dir, sentences)
+
+    def on_row(row: Row) -> None:
+        print(table_line(row), flush=True)
+        write_csv(csv_path, bench.rows, context)  # after every row, so an interrupted run keeps its results
+
+    bench.on_row = on_row
+    started = time.monotonic()
+    rows = bench.run()
+    sweeps = {"max_seq_len": args.max_seq_len, "client_batch_size": args.client_batch_size,
+              "num_client": args.num_client, "num_worker": args.num_worker}
+    charts = plot_charts(rows, sweeps, args.out, f"bert-as-service, {model_name.split(' (')[0]}, {hardware}")
+    print(f"\nwrote {csv_path} and {', '.join(p.name for p in charts)} in {time.monotonic() - started:.0f} s")
+    disturbed = sum(share > QUIET_SHARE for row in rows for share in row.other_cpu)
+    if disturbed:
+        print(f"\nnote: during {disturbed} of {sum(len(r.other_cpu) for r in rows)} measurements other processes "
+              f"took over {QUIET_SHARE:.0%} of the CPU; those numbers are lower than this machine can do")
+    if args.compare:
+        print("\nservice / sentence-transformers (fastest setting of each):")
+        for line in ratio_lines(rows):
+            print("  " + line)
+    if args.preset:
+        checks = BARS[args.preset](rows)
+        print(f"\nbars of {args.preset} on {hardware}:")
+        for check in checks:
+            print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+        return 0 if all(c.passed for c in checks) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""benchmark.py: a tiny sweep end to end (real server, CSV, charts), the random BERT-base builder,
+and the acceptance-bar arithmetic."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server import ROOT
+
+sys.path.insert(0, str(ROOT))
+import benchmark  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=64)
+
+
+def read_png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, after checking the file is a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_tiny_sweep_writes_csv_and_charts(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(ROOT / "benchmark.py"), "-cpu", "-max_seq_len", "32", "-client_batch_size", "8", "64",
+           "-num_client", "1", "2", "-num_sentences", "200", "-repeat", "1", "-warmup", "32",
+           "-latency_requests", "10", "-compare", "-out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    service = [r for r in rows if r["kind"] == "service"]
+    assert sorted((int(r["client_batch_size"]), int(r["num_client"])) for r in service) == \
+        [(8, 1), (8, 2), (64, 1), (64, 2)]
+    for r in service:
+        assert r["max_seq_len"] == "32" and r["num_worker"] == "1" and r["sentences"] == "200"
+        assert float(r["sent_per_s"]) > 0
+        assert "cores" in r["hardware"]
+    (st,) = [r for r in rows if r["kind"] == "sentence-transformers"]
+    assert float(st["sent_per_s"]) > 0
+    (latency,) = [r for r in rows if r["kind"] == "latency"]
+    assert 0 < float(latency["latency_median_ms"]) <= float(latency["latency_p99_ms"])
+
+    for name in ("max_seq_len", "client_batch_size", "num_client", "num_worker"):
+        width, height = read_png_size(out / f"speed_vs_{name}.png")
+        assert width > 100 and height > 100
+
+    # The printed table names the hardware, and the comparison shows the two computed the same vectors.
+    assert "hardware:" in done.stdout and "cores" in done.stdout
+    assert "agree to mean cosine 1.0000" in done.stdout or "agree to mean cosine 0.9999" in done.stdout
+    assert re.search(r"max_seq_len 32: service [\d,]+ sent/s .* = \d+\.\d\dx", done.stdout), done.stdout
+
+
+def test_random_bert_base_config_has_bert_base_sizes(bundled_dir):
+    config = benchmark.random_bert_config(vocab_size=30522)
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"],
+            config["intermediate_size"], config["num_attention_heads"]) == ("bert", 12, 768, 3072, 12)
+    vocab_lines = (bundled_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert len([v for v in vocab_lines if v]) == 30522
+
+
+def test_random_bert_base_builds_and_loads(tmp_path):
+    """The real size: 110M parameters, about 440 MB, a few seconds; loaded by our own Encoder."""
+    from bert import Encoder
+
+    folder = benchmark.build_random_bert(tmp_path / "base")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["vocab_size"], config["num_hidden_layers"], config["hidden_size"]) == (30522, 12, 768)
+    encoder = Encoder.from_dir(str(folder), pooling_layer=(-1,), max_seq_len=32)
+    assert encoder.model.num_layers == 12
+    assert sum(p.numel() for p in encoder.model.parameters()) > 100_000_000
+    vectors = encoder.encode(["hello world", "a second sentence"])
+    assert vectors.shape == (2, 768) and np.isfinite(vectors).all()
+
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    benchmark.build_random_bert(folder)  # same config: reused, not rewritten
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_tiny_random_bert_is_the_same_model_to_us_and_to_sentence_transformers(tmp_path):
+    from safetensors.numpy import load_file
+
+    from bert import Encoder
+
+    folder = benchmark.build_random_bert(tmp_path / "tiny", seed=3, **TINY_SIZES)
+    weights = load_file(str(folder / "model.safetensors"))
+    assert np.all(weights["encoder.layer.1.output.LayerNorm.weight"] == 1)
+    assert np.all(weights["encoder.layer.0.attention.self.query.bias"] == 0)
+    assert abs(float(weights["embeddings.word_embeddings.weight"].std()) - 0.02) < 0.001
+
+    texts = ["Hello world", "A somewhat longer sentence about Python's standard library.", "x"]
+    ours = Encoder.from_dir(str(folder), pooling_layer=(-1,), max_seq_len=64).encode(texts)
+    theirs = benchmark.SentenceTransformersRunner(str(folder), "cpu", "auto").encode(texts, 64, 32)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+    again = benchmark.build_random_bert(tmp_path / "again", seed=3, **TINY_SIZES)
+    assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+def rows_for(service_runs: list[float], st_runs: list[float], length: int = 128) -> list[benchmark.Row]:
+    return [benchmark.Row("service", length, "fp32", 1, 2000, 1, 2000, service_runs),
+            benchmark.Row("sentence-transformers", length, "fp32", None, 32, None, 2000, st_runs)]
+
+
+@pytest.mark.parametrize("service, st, passed", [
+    ([110, 100, 95], [100, 100, 100], [True, True]),   # median 1.0x, worst repeat 0.95x
+    ([120, 85, 120], [100, 100, 100], [True, False]),  # one repeat at 0.85x
+    ([90, 95, 92], [100, 100, 100], [False, True]),    # median 0.92x
+])
+def test_cpu_bar_checks_median_and_each_repeat(service, st, passed):
+    checks = benchmark.BARS["cpu_bar"](rows_for(service, st))
+    assert [c.passed for c in checks] == passed
+
+
+def test_gpu_bar_checks_throughput_ratio_and_latency():
+    rows = rows_for([55_000] * 3, [7_000] * 3) + rows_for([59_000] * 3, [9_000] * 3, length=25)
+    rows.append(benchmark.Row("latency", 128, "fp16", 1, 1, 1, 100, [2.0] * 99 + [9.0]))
+    checks = {c.name: c.passed for c in benchmark.BARS["gpu_bar"](rows)}
+    assert checks["max_seq_len 128: >= 50,000 sentences/s"] and not checks["max_seq_len 25: >= 60,000 sentences/s"]
+    assert checks["max_seq_len 128: service >= 7x sentence-transformers"]
+    assert not checks["max_seq_len 25: service >= 7x sentence-transformers"]  # 6.6x
+    assert all(passed for name, passed in checks.items() if "latency" in name)
+
+
+def test_split_evenly_keeps_every_sentence_in_order():
+    shares = benchmark.split_evenly([str(i) for i in range(10)], 3)
+    assert [len(s) for s in shares] == [4, 3, 3]
+    assert sum(shares, []) == [str(i) for i in range(10)]
+
+
+def test_cpu_meter_reports_a_share_of_the_machine():
+    meter = benchmark.CpuMeter(lambda: [os.getpid()])
+    meter.start()
+    sum(i * i for i in range(200_000))  # our own work is not "other processes"
+    share = meter.stop()
+    assert share is None or 0.0 <= share <= 1.0
