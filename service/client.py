@@ -251,6 +251,11 @@ def unpack_vectors(header: dict, buffers: Sequence) -> np.ndarray:
         parts = [np.frombuffer(buf, dtype=dtype).reshape(shape) for buf, shape in zip(buffers, shapes)]
     except (ValueError, TypeError) as e:
         raise ProtocolError(f"reply data does not match its header ({e})") from None
+    return join_arrays(parts)
+
+
+def join_arrays(parts: list) -> np.ndarray:
+    """Concatenate row blocks in order; 3-D blocks (per-token vectors) are zero-padded to the longest."""
     if len(parts) == 1:
         return parts[0]
     if parts[0].ndim == 3:
@@ -463,7 +468,4 @@ class BertClient:
     def _concat(self, parts: list) -> Any:
         if self.output_fmt == "list":
             return [row for part in parts for row in part]
-        if parts[0].ndim == 3:
-            width = max(p.shape[1] for p in parts)
-            parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in parts]
-        return np.concatenate(parts)
+        return join_arrays(parts)
