@@ -198,7 +198,7 @@ def _st_pooling(path: Path) -> tuple[str, ...]:
 # ---------------------------------------------------------------- weights
 
 
-def load_weights(folder: ModelFolder, num_layers: int) -> dict[str, "torch.Tensor"]:
+def load_weights(folder: ModelFolder, num_layers: int) -> dict[str, torch.Tensor]:
     """Weights of the first `num_layers` layers under our names, checked for completeness."""
     hf = _load_google(folder.weights_dir) if folder.kind == "google" else _load_huggingface(folder.weights_dir)
     return rename_to_ours(hf, folder.config.num_hidden_layers, num_layers, weights_source(folder))
@@ -211,16 +211,16 @@ def weights_source(folder: ModelFolder) -> str:
     return ", ".join(str(p) for p in _huggingface_weight_files(folder.weights_dir))
 
 
-def rename_to_ours(hf: dict[str, "torch.Tensor"], total_layers: int, num_layers: int,
-                   source: str) -> dict[str, "torch.Tensor"]:
+def rename_to_ours(hf: dict[str, torch.Tensor], total_layers: int, num_layers: int,
+                   source: str) -> dict[str, torch.Tensor]:
     """Map Hugging Face names onto ours, fusing q/k/v; refuse unknown or missing names."""
     import torch
 
     hf = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in hf.items()}
-    ours: dict[str, "torch.Tensor"] = {}
+    ours: dict[str, torch.Tensor] = {}
     used: set[str] = set()
 
-    def take(name: str) -> "torch.Tensor":
+    def take(name: str) -> torch.Tensor:
         if name not in hf:
             raise CheckpointError(f"{source}: weight {name!r} is missing")
         used.add(name)
@@ -270,14 +270,14 @@ def _huggingface_weight_files(folder: Path) -> list[Path]:
         f"{folder}: no weights: expected model.safetensors or pytorch_model.bin (or a sharded index)")
 
 
-def _load_huggingface(folder: Path) -> dict[str, "torch.Tensor"]:
-    weights: dict[str, "torch.Tensor"] = {}
+def _load_huggingface(folder: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
     for path in _huggingface_weight_files(folder):
         weights.update(_read_weight_file(path))
     return weights
 
 
-def _read_weight_file(path: Path) -> dict[str, "torch.Tensor"]:
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     try:
@@ -319,7 +319,7 @@ def google_to_hf_name(name: str) -> tuple[str, bool]:
     return ".".join(parts), transpose
 
 
-def _load_google(folder: Path) -> dict[str, "torch.Tensor"]:
+def _load_google(folder: Path) -> dict[str, torch.Tensor]:
     import torch
 
     from .tf_checkpoint import read_tf_checkpoint

@@ -13,13 +13,14 @@ except after a CUDA error, which poisons the process: it exits and the broker re
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -54,7 +55,6 @@ class Job:
     payload: bytes
     tokens: Any = None          # TokenBatch once tokenized
     error: str | None = None
-    received: float = field(default_factory=time.monotonic)
 
     def expired(self) -> bool:
         return self.deadline is not None and time.time() > self.deadline
@@ -131,7 +131,6 @@ class Worker:
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.tokenized: queue.Queue[Job | None] = queue.Queue()
         self.results_address = f"inproc://results-{id(self)}"
-        self.stopping = threading.Event()
 
     def run(self) -> None:
         results = self.context.socket(zmq.PAIR)
@@ -143,7 +142,6 @@ class Worker:
         try:
             self.io_loop(results)
         finally:
-            self.stopping.set()
             self.jobs.put(None)
             for stage in stages:
                 stage.join(timeout=30)
@@ -190,8 +188,6 @@ class Worker:
     # ------------------------------------------------------------ tokenize thread
 
     def tokenize_loop(self) -> None:
-        import json
-
         while (job := self.jobs.get()) is not None:
             if job.expired():
                 job.error = ERR_TIMEOUT
