@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -142,6 +143,7 @@ class Encoder:
         width = int(batch.lengths.max()) if n else 0
         shape = (n, width, self.dim) if self.pooling.per_token else (n, self.dim)
         out = np.zeros(shape, dtype=np.float32)
+        start = time.perf_counter()
         plan = plan_batches(batch.lengths, self.max_batch_tokens)
         # Queue every forward pass first and copy results back after: one sync per call, not per batch.
         results = [self.forward(batch.take(index)) for index in plan]
@@ -151,6 +153,11 @@ class Encoder:
                 out[index, :vectors.shape[1]] = vectors
             else:
                 out[index] = vectors
+        if log.isEnabledFor(logging.DEBUG) and n:
+            real = int(batch.lengths.sum())
+            padded = sum(len(index) * int(batch.lengths[index].max()) for index in plan)
+            log.debug("encoded %d sentences in %d passes: %d tokens + %.1f%% padding, %.0f ms", n, len(plan),
+                      real, 100 * (padded - real) / real, 1000 * (time.perf_counter() - start))
         return out
 
     def encode(self, texts: Sequence[str], is_tokenized: bool = False) -> np.ndarray:

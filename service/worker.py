@@ -130,6 +130,12 @@ class Worker:
         self.parent_pid = parent_pid
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.tokenized: queue.Queue[Job | None] = queue.Queue()
+        # Each counter has one writer (the I/O and the tokenize thread), so no lock is needed.
+        self.jobs_received = self.jobs_tokenized = 0
+        # On a CPU the model and the tokenizer share the cores, so overlapping them gains nothing;
+        # waiting for every job already received gives one larger length-sorted window instead
+        # (2,000 sentences in 256-sentence jobs: 4% padding instead of 7%, and fewer, wider passes).
+        self.window_waits_for_tokenizer = encoder.device.type == "cpu"
         self.results_address = f"inproc://results-{id(self)}"
 
     def run(self) -> None:
@@ -164,6 +170,7 @@ class Worker:
                 broker_seen = now
                 if frames[0] == P.JOB:
                     header = P.loads(frames[1])
+                    self.jobs_received += 1
                     self.jobs.put(Job(header["job"], header.get("deadline"), header.get("is_tokenized", False),
                                       header.get("show_tokens", False), frames[2]))
                     in_flight += 1
@@ -200,6 +207,7 @@ class Worker:
                     job.error = f"tokenization failed: {type(e).__name__}: {e}"
             job.payload = b""
             self.tokenized.put(job)
+            self.jobs_tokenized += 1
         self.tokenized.put(None)
 
     # ------------------------------------------------------------ compute thread
@@ -218,15 +226,19 @@ class Worker:
             sender.close(linger=1000)
 
     def next_window(self) -> list[Job] | None:
-        """Every job tokenized so far (at least one): these are merged into one set of forward passes."""
+        """The jobs merged into one set of forward passes: every job tokenized so far (at least one),
+        and on a CPU also those still being tokenized."""
         first = self.tokenized.get()
         if first is None:
             return None
         window = [first]
         while True:
+            wait = self.window_waits_for_tokenizer and self.jobs_received > self.jobs_tokenized
             try:
-                job = self.tokenized.get_nowait()
+                job = self.tokenized.get(timeout=1.0) if wait else self.tokenized.get_nowait()
             except queue.Empty:
+                if wait:
+                    continue
                 return window
             if job is None:
                 self.tokenized.put(None)  # seen again by the next call, which then ends the loop
