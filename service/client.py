@@ -374,15 +374,21 @@ class BertClient:
         outstanding, so the server never waits for the client between requests."""
         pending: deque[int] = deque()
         batches = iter(batches)
-        while True:
-            while len(pending) < max_in_flight:
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                pending.append(self._send("encode", check_texts(batch, is_tokenized), is_tokenized, show_tokens))
-            if not pending:
-                return
-            yield self._format(*self._receive(pending.popleft()), show_tokens)
+        try:
+            while True:
+                while len(pending) < max_in_flight:
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    pending.append(self._send("encode", check_texts(batch, is_tokenized), is_tokenized, show_tokens))
+                if not pending:
+                    return
+                yield self._format(*self._receive(pending.popleft()), show_tokens)
+        finally:
+            # Stopped early (an error, or the caller left the loop): replies to the requests still
+            # out are no longer wanted. Those already here are dropped now, later ones on arrival.
+            for request_id in pending:
+                self._early.pop(request_id, None)
 
     def server_config(self) -> dict:
         """The server's configuration: model, pooling, dimensions, limits."""

@@ -247,6 +247,17 @@ def test_encode_async_yields_in_order_equal_to_encode(bc, corpus, reference):
         assert_close(result, bc.encode(batch), atol=0)
 
 
+def test_leaving_encode_async_early_keeps_no_replies_and_the_client_stays_in_step(bc, corpus, reference):
+    batches = [corpus[k:k + 5] for k in range(0, 40, 5)]
+    results = bc.encode_async(batches, max_in_flight=4)
+    assert_close(next(results), reference[0:5])
+    assert_close(next(results), reference[5:10])  # two more requests are out, perhaps already answered
+    results.close()
+    assert bc._early == {}  # nothing kept for requests nobody will read
+    assert_close(bc.encode(corpus[40:43]), reference[40:43])  # their late replies are not taken for this one
+    assert bc._early == {}
+
+
 def test_show_tokens_and_is_tokenized(bc, bundled_encoder, corpus):
     texts = ["hello world", "Unbelievably, tokenization works!", corpus[0]]
     vectors, tokens = bc.encode(texts, show_tokens=True)
