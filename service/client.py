@@ -302,7 +302,7 @@ class BertClient:
             client stays usable (also across server restarts).
         output_fmt: 'ndarray' (float32 numpy array) or 'list' (List[List[float]], as in 2018).
         server_public_key: the server's CurveZMQ public key (z85 text, or a path to a key file made
-            by `python app.py keygen`), when the server runs with -auth_dir.
+            by `python app.py -keygen DIR`), when the server runs with -auth_dir.
         client_key: path to this client's secret key file (`*.key_secret`) for CurveZMQ.
     """
 
