@@ -444,8 +444,9 @@ class BertClient:
         while request_id not in self._early:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if wait is not None and wait == 0.0 or not self._socket.poll(None if wait is None else int(wait * 1000) + 1):
-                raise BertTimeoutError(f"no reply from {self.address} within {self.timeout} s "
-                                       "(is the server running and reachable?)")
+                raise BertTimeoutError(f"no reply from {self.address} within {self.timeout} s: the server is "
+                                       "down, unreachable, or still encoding (for large requests to a slow "
+                                       "server, raise BertClient(timeout=...))")
             frames = self._socket.recv_multipart(copy=False)
             header = unpack_reply_header(frames[0].bytes)
             reply_id = header.get("id")
