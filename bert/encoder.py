@@ -138,13 +138,37 @@ class Encoder:
         return pool(hidden, mask_t, self.pooling)
 
     def encode_tokens(self, batch: TokenBatch) -> np.ndarray:
-        """Vectors for tokenized sentences, in their order: (n, dim), or (n, T, dim) for NONE."""
+        """Vectors for tokenized sentences, in their order: (n, dim), or (n, T, dim) for NONE.
+
+        When the device runs out of memory, the same sentences are encoded again in passes of half
+        as many tokens, down to one sentence a pass; the vectors do not depend on how they were batched.
+        """
+        budget = self.max_batch_tokens
+        longest = int(batch.lengths.max()) if len(batch) else 0
+        while True:
+            try:
+                return self._encode_in_passes(batch, budget)
+            except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
+                if not is_out_of_memory(e) or budget <= longest:
+                    raise
+                log.warning("out of memory in passes of %d tokens; encoding again in passes of %d "
+                            "(lower -max_batch_tokens if this repeats): %s", budget, budget // 2,
+                            str(e).splitlines()[0][:200])
+            # Out here the exception and its traceback are gone, and the failed pass's tensors with them.
+            self._release_cached_memory()
+            budget //= 2
+
+    def _release_cached_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _encode_in_passes(self, batch: TokenBatch, max_tokens: int) -> np.ndarray:
         n = len(batch)
         width = int(batch.lengths.max()) if n else 0
         shape = (n, width, self.dim) if self.pooling.per_token else (n, self.dim)
         out = np.zeros(shape, dtype=np.float32)
         start = time.perf_counter()
-        plan = plan_batches(batch.lengths, self.max_batch_tokens)
+        plan = plan_batches(batch.lengths, max_tokens)
         # Queue every forward pass first and copy results back after: one sync per call, not per batch.
         results = [self.forward(batch.take(index)) for index in plan]
         for index, vectors in zip(plan, results):
@@ -165,3 +189,8 @@ class Encoder:
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings, not a single string")
         return self.encode_tokens(self.tokenize(texts, is_tokenized))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """The device (CUDA's caching allocator) or the host (a failed CPU allocation) had no memory left."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)

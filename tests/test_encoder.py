@@ -5,6 +5,8 @@ pooling written out in numpy (`helpers.reference_vectors`), never with our own c
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -281,3 +283,44 @@ def test_in_range_extremes_are_accepted():
     # hf_tiny has 3 layers: indices -4 (embeddings) .. 3 (last)
     assert Encoder.from_dir(str(HF_TINY), pooling_layer=(-4, 3)).model.num_layers == 3
 
+
+
+# Run in a child process: an address-space limit (RLIMIT_AS) makes a pass too large for memory fail
+# for real, as CUDA's allocator does on a full GPU. MALLOC_MMAP_THRESHOLD_ makes glibc hand large
+# blocks back on free, so the memory of a failed pass is really free for the next try.
+OUT_OF_MEMORY_CHILD = r"""
+import re, resource, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+from bert import Encoder
+encoder = Encoder.from_dir(sys.argv[1], max_batch_tokens=1 << 24)
+words = open(sys.argv[1] + "/vocab.txt").read().split()[10:]
+rng = np.random.default_rng(0)
+batch = encoder.tokenize([" ".join(rng.choice(words, size=rng.integers(20, 60))) for _ in range(6000)])
+expected = encoder._encode_in_passes(batch, 4096)
+vm = int(re.search(r"VmSize:\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (200 << 20), resource.RLIM_INFINITY))
+try:
+    torch.empty(300 << 20, dtype=torch.uint8)
+    sys.exit("the memory limit did not hold")
+except RuntimeError:
+    pass
+got = encoder.encode_tokens(batch)
+print("max abs difference", float(np.abs(got - expected).max()))
+sys.exit(0 if np.abs(got - expected).max() <= 1e-5 else 1)
+"""
+
+
+def test_a_pass_too_large_for_memory_is_encoded_again_in_smaller_passes():
+    import os
+    import subprocess
+    import sys
+
+    from server import ROOT
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_CHILD, str(HF_TINY)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    retries = re.findall(r"out of memory in passes of (\d+) tokens", result.stderr)
+    assert len(retries) >= 1 and int(retries[0]) == 1 << 24, result.stderr[-3000:]
