@@ -106,6 +106,9 @@ def worker_main(config: ServerConfig, index: int, identity: bytes, backend: str,
 
 
 def load_encoder(config: ServerConfig, index: int, threads: int):
+    """Build the encoder on this worker's device and run it once before the worker says READY: a
+    device that cannot run the model fails start-up with its error instead of the first request,
+    and the first client does not pay for CUDA's and oneDNN's one-time set-up."""
     import dataclasses
 
     import torch
@@ -117,7 +120,9 @@ def load_encoder(config: ServerConfig, index: int, threads: int):
         torch.set_num_threads(threads)
     else:
         torch.cuda.set_device(torch.device(device))
-    return Encoder.from_options(dataclasses.replace(config.encoder, device=device))
+    encoder = Encoder.from_options(dataclasses.replace(config.encoder, device=device))
+    encoder.encode(["warm-up", "a second, longer sentence to warm up with"])
+    return encoder
 
 
 class Worker:
