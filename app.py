@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     info = broker.encoder_info
     log.info("serving %s vectors of dim %s (pooling %s of layer %s, max_seq_len %s) with %d worker%s on %s",
              info.get("dtype"), info.get("dim"), "+".join(info.get("pooling_modes", [])),
-             info.get("pooling_layer"), info.get("max_seq_len"), config.num_worker, "s" if config.num_worker > 1 else "",
+             info.get("pooling_layer"), info.get("max_seq_len"), config.num_worker,
+             "s" if config.num_worker > 1 else "",
              ", ".join(sorted({s.info.get("device", "?") for s in broker.slots})))
     log.info("ready on tcp://%s:%d: clients use %s", config.host, config.port, client_address(config))
     broker.serve_forever()

@@ -175,9 +175,8 @@ class Worker:
                 broker_seen = now
                 if frames[0] == P.JOB:
                     header = P.loads(frames[1])
-                    self.jobs_received += 1
-                    self.jobs.put(Job(header["job"], header.get("deadline"), header.get("is_tokenized", False),
-                                      header.get("show_tokens", False), frames[2]))
+                    self.accept(Job(header["job"], header.get("deadline"), header.get("is_tokenized", False),
+                                    header.get("show_tokens", False), frames[2]))
                     in_flight += 1
                 elif frames[0] == P.STOP:
                     log.debug("stop received; finishing %d jobs", in_flight)
@@ -196,6 +195,11 @@ class Worker:
             if now - broker_seen > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS * 3 or os.getppid() != self.parent_pid:
                 log.warning("broker is gone; worker exits")
                 return
+
+    def accept(self, job: Job) -> None:
+        """Hand a job from the broker to the tokenize thread (called by the I/O thread only)."""
+        self.jobs_received += 1
+        self.jobs.put(job)
 
     # ------------------------------------------------------------ tokenize thread
 

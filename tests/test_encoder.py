@@ -5,7 +5,10 @@ pooling written out in numpy (`helpers.reference_vectors`), never with our own c
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from bert import Encoder
 from bert.batching import plan_batches
 from helpers import (GOOGLE_TINY, HARD_TEXTS, HF_TINY, hf_hidden_states, hf_token_ids, mixed_batch,
                      real_sentences, reference_vectors, sentence_transformers_folder)
+from server import ROOT
 
 ATOL = 1e-5
 
@@ -284,7 +288,6 @@ def test_in_range_extremes_are_accepted():
     assert Encoder.from_dir(str(HF_TINY), pooling_layer=(-4, 3)).model.num_layers == 3
 
 
-
 # Run in a child process: an address-space limit (RLIMIT_AS) makes a pass too large for memory fail
 # for real, as CUDA's allocator does on a full GPU. MALLOC_MMAP_THRESHOLD_ makes glibc hand large
 # blocks back on free, so the memory of a failed pass is really free for the next try.
@@ -312,12 +315,6 @@ sys.exit(0 if np.abs(got - expected).max() <= 1e-5 else 1)
 
 
 def test_a_pass_too_large_for_memory_is_encoded_again_in_smaller_passes():
-    import os
-    import subprocess
-    import sys
-
-    from server import ROOT
-
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_CHILD, str(HF_TINY)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from bert.tokenization import TokenBatch
 from helpers import real_sentences
 from service.config import ServerConfig
 from service.worker import Job, Worker
@@ -14,7 +15,7 @@ from service.worker import Job, Worker
 
 @pytest.fixture
 def worker(bundled_encoder):
-    """A `Worker` whose tokenize thread runs; jobs go in as the I/O thread would put them."""
+    """A `Worker` whose tokenize thread runs; jobs go in through `accept`, as from the I/O thread."""
     worker = Worker(bundled_encoder, ServerConfig(), socket=None, context=None, parent_pid=0)
     thread = threading.Thread(target=worker.tokenize_loop, daemon=True)
     thread.start()
@@ -24,9 +25,8 @@ def worker(bundled_encoder):
 
 
 def receive(worker: Worker, job_id: int, texts: list[str]) -> None:
-    """What the I/O thread does with a JOB from the broker."""
-    worker.jobs_received += 1
-    worker.jobs.put(Job(job_id, None, False, False, json.dumps(texts).encode()))
+    """A JOB from the broker, as the I/O thread hands it on."""
+    worker.accept(Job(job_id, None, False, False, json.dumps(texts).encode()))
 
 
 def test_a_cpu_window_merges_every_job_received_even_while_it_is_tokenized(worker, bundled_encoder):
@@ -36,7 +36,7 @@ def test_a_cpu_window_merges_every_job_received_even_while_it_is_tokenized(worke
         receive(worker, job_id, texts)
     window = worker.next_window()
     assert [job.job_id for job in window] == [1, 2, 3, 4]
-    merged = bundled_encoder.encode_tokens(type(window[0].tokens).concat([job.tokens for job in window]))
+    merged = bundled_encoder.encode_tokens(TokenBatch.concat([job.tokens for job in window]))
     np.testing.assert_allclose(merged, bundled_encoder.encode(sum(chunks, [])), atol=1e-5)
 
 
