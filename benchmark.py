@@ -43,10 +43,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))  # `service` and `tests.server` import from anywhere this file is run
+sys.path.insert(0, str(ROOT))  # `service` imports from anywhere this file is run
 
 from service.client import BertClient  # noqa: E402
-from tests.server import RunningServer, group_pids  # noqa: E402
+from service.harness import RunningServer, group_pids  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "sentences.txt"
 DEFAULT_OUT = ROOT / "bench_out"
@@ -709,7 +709,7 @@ class Benchmark:
         a = self.args
         cli = server_args(a, self.model_dir, length, workers, dtype)
         progress(f"starting server: {' '.join(cli)}")
-        with RunningServer(cli, ready_timeout=SERVER_READY_TIMEOUT) as server:
+        with RunningServer(cli, ready_timeout=SERVER_READY_TIMEOUT, device="auto") as server:  # cli names it
             label = f"max_seq_len={length} dtype={dtype} num_worker={workers}"
             progress(f"{label}: warm-up ({len(self.warmup_sentences)} sentences)")
             service_warm = service_vectors(server.port, self.warmup_sentences)

@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import ROOT
-
-sys.path.insert(0, str(ROOT))
-import benchmark  # noqa: E402
+import benchmark
+from service.harness import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import ROOT, RunningServer, free_port
+from service.harness import ROOT, RunningServer, free_port
 
 NETWORK_ERRORS = ("No matching distribution", "Could not find a version", "NewConnectionError",
                   "Temporary failure in name resolution", "Network is unreachable", "Failed to establish",

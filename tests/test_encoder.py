@@ -17,7 +17,7 @@ from bert import Encoder
 from bert.batching import plan_batches
 from helpers import (GOOGLE_TINY, HARD_TEXTS, HF_TINY, hf_hidden_states, hf_token_ids, mixed_batch,
                      real_sentences, reference_vectors, sentence_transformers_folder)
-from server import ROOT
+from service.harness import ROOT
 
 ATOL = 1e-5
 

@@ -30,14 +30,10 @@ import pytest
 import zmq
 
 from helpers import real_sentences
-from server import ROOT, RunningServer, free_port, group_pids
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from service import protocol as P  # noqa: E402
-from service.client import (ERR_BAD_REQUEST, BadRequestError, BertClient, BertTimeoutError,  # noqa: E402
+from service import protocol as P
+from service.client import (ERR_BAD_REQUEST, BadRequestError, BertClient, BertTimeoutError,
                             ServerBusyError, ServerError)
+from service.harness import ROOT, RunningServer, free_port, group_pids
 
 ATOL = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

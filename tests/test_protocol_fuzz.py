@@ -16,7 +16,7 @@ import zmq
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from server import RunningServer
+from service.harness import RunningServer
 from service.client import (COMMANDS, ERR_BAD_REQUEST, ERR_TIMEOUT, PROTOCOL_VERSION, BadRequestError,
                             check_texts, pack_request, unpack_request)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import real_sentences
-from server import RunningServer
+from service.harness import RunningServer
 from service.client import BertClient, BertTimeoutError
 
 

@@ -25,13 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import ROOT, RunningServer, free_port, group_pids
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from service.client import (BadRequestError, BertClient, BertClientError, BertTimeoutError,  # noqa: E402
+from service.client import (BadRequestError, BertClient, BertClientError, BertTimeoutError,
                             ServerError)
+from service.harness import ROOT, RunningServer, free_port, group_pids
 
 ATOL = 1e-5          # server vs in-process encoder, float32
 TIMEOUT = 60.0       # client timeout for requests that must succeed
@@ -375,7 +371,7 @@ def test_client_example_script(server, bundled_encoder):
     assert len(rounds) == 2 and all(float(r.replace(",", "")) > 0 for r in rounds), speed.stdout
     assert re.search(r"best: [\d,.]+ sentences/s", speed.stdout)
 
-    dead = subprocess.run(base[:4] + [str(free_port()), "-timeout", "1"], cwd=ROOT, capture_output=True,
+    dead = subprocess.run(base[:5] + [str(free_port()), "-timeout", "1"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert dead.returncode == 1 and "python app.py" in dead.stderr
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from server import ROOT
+from service.harness import ROOT
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
     python tools/soak.py                                  # 4 client threads x 3 minutes, 2 workers
     python tools/soak.py -threads 8 -minutes 10 -kill_every 30
 
-Starts `app.py` through the test harness (127.0.0.1, a free port, its own process group, stopped by
+Starts `app.py` through the harness (service/harness.py) (127.0.0.1, a free port, its own process group, stopped by
 pid), then runs client threads that send requests of 1 to 300 sentences drawn from a fixed pool. Every
 row of every reply is checked against vectors the in-process `Encoder` computed for that pool. With
 -kill_every, a random worker gets SIGKILL every K seconds; the broker must re-send its jobs, so no
@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from server import RunningServer  # noqa: E402  (tests/server.py, the harness)
+from service.harness import RunningServer  # noqa: E402
 from service.client import BertClient  # noqa: E402
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 300)  # 300 > -max_batch_size 256: split over workers, reassembled

@@ -1,6 +1,6 @@
-"""Start and stop a real `app.py` on loopback for tests (and for benchmark.py).
+"""Start and stop a real `app.py` on loopback: used by the tests, benchmark.py and tools/soak.py.
 
-    with RunningServer(["-num_worker", "2"]) as server:
+    with RunningServer(["-num_worker", "2"]) as server:             # on the CPU unless device="auto"
         with BertClient(port=server.port, timeout=10) as bc:
             bc.encode(["hello"])
 
@@ -31,8 +31,12 @@ class RunningServer:
     """A real `python app.py` process listening on 127.0.0.1 at a free port."""
 
     def __init__(self, args: list[str] | None = None, port: int | None = None, ready_timeout: float = 120.0,
-                 wait_ready: bool = True) -> None:
-        self.args = list(args or [])
+                 wait_ready: bool = True, device: str = "cpu") -> None:
+        """`device`: "cpu" adds `-cpu`, so a test means the same on a machine with a GPU;
+        "auto" lets the server choose (a GPU where one is visible), as benchmarks want."""
+        if device not in ("cpu", "auto"):
+            raise ValueError(f"device must be 'cpu' or 'auto', got {device!r}")
+        self.args = (["-cpu"] if device == "cpu" else []) + list(args or [])
         self.port = port or free_port()
         self.ready_timeout = ready_timeout
         self.wait_ready = wait_ready
