@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)
         broker.shutdown()
         return 1
+    broker.serve_forever(on_ready=lambda: log_ready(broker, config))
+    return broker.exit_code
+
+
+def log_ready(broker, config: ServerConfig) -> None:
+    """The lines a user (and the test harness) waits for: what is served, and where."""
     info = broker.encoder_info
     log.info("serving %s vectors of dim %s (pooling %s of layer %s, max_seq_len %s) with %d worker%s on %s",
              info.get("dtype"), info.get("dim"), "+".join(info.get("pooling_modes", [])),
@@ -152,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
              "s" if config.num_worker > 1 else "",
              ", ".join(sorted({s.info.get("device", "?") for s in broker.slots})))
     log.info("ready on tcp://%s:%d: clients use %s", config.host, config.port, client_address(config))
-    broker.serve_forever()
-    return 0
 
 
 if __name__ == "__main__":

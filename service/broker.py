@@ -1,8 +1,14 @@
 """The broker: clients' requests in, mini-batches out to worker processes, replies back in order.
 
-One thread, one poll loop over two ROUTER sockets:
+One thread, one poll loop over three ROUTER sockets:
 
-    clients (DEALER) --> front end ROUTER --[split into jobs]--> back end ROUTER --> workers (DEALER)
+    clients (DEALER) --> front end ROUTER ----[split into jobs]--> back end ROUTER --> workers (DEALER)
+    doors (HTTP, ...) --> door ROUTER (ipc) --/
+
+- The loop serves from the start: the client port and the doors open before the workers have
+  loaded the model, requests wait in the queue meanwhile, and `server_status()` says how many
+  workers are ready. The "ready" callback runs once every worker has loaded the model; a worker
+  that cannot load it stops the server.
 
 - A request is validated (it came from the network), split into jobs of at most `max_batch_size`
   sentences, and queued; the queue is bounded (`max_queue` sentences) and a request that does not
@@ -20,6 +26,8 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,19 +39,20 @@ from . import protocol as P
 from .client import (ERR_BAD_REQUEST, ERR_BUSY, ERR_SERVER, ERR_TIMEOUT, ERR_UNAVAILABLE, BadRequestError,
                      pack_error, pack_result, pack_vectors, unpack_request)
 from .config import ServerConfig
+from .doors import Doors
+from .errors import StartupError
 from .worker import worker_main
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish on SIGINT/SIGTERM
 
-
-class StartupError(RuntimeError):
-    """The server could not start: the message says why (bad model, port in use, ...)."""
+__all__ = ["Broker", "StartupError"]
 
 
 @dataclass(eq=False)
 class Request:
+    socket: zmq.Socket           # where the request came from, and its reply goes: front end or door socket
     client: bytes
     request_id: int
     n_jobs: int
@@ -99,6 +108,11 @@ class Broker:
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend_address = self._bind_backend()
         self.frontend: zmq.Socket | None = None
+        # Sockets only this user can reach live in a folder of mode 0700 (mkdtemp's).
+        self.runtime_dir = tempfile.mkdtemp(prefix="bert-serving-")
+        self.door_address = f"ipc://{self.runtime_dir}/doors"
+        self.door_socket: zmq.Socket | None = None
+        self.doors = Doors(config, self.door_address)
         self.authenticator = None
         self.slots = [WorkerSlot(index=i) for i in range(config.num_worker)]
         self.by_identity: dict[bytes, WorkerSlot] = {}
@@ -110,6 +124,9 @@ class Broker:
                       "worker_restarts": 0, "timeouts_dropped": 0}
         self.started = time.time()
         self.stop_requested = False
+        self.starting = True          # until every worker has loaded the model once
+        self.startup_deadline = 0.0
+        self.exit_code = 0
         self._mp = multiprocessing.get_context("spawn")
 
     def _bind_backend(self) -> str:
@@ -119,11 +136,14 @@ class Broker:
     # ------------------------------------------------------------ start-up
 
     def start(self) -> None:
-        """Start the workers, wait until every one has loaded the model, then open the front end."""
+        """Open the client port and the door socket, start the doors, then the workers. Returns at
+        once: the workers load the model while `serve_forever` already answers clients."""
+        self.open_frontend()
+        self.open_door_socket()
+        self.doors.start()
         for slot in self.slots:
             self.spawn(slot)
-        self.wait_for_workers()
-        self.open_frontend()
+        self.startup_deadline = time.monotonic() + self.config.startup_timeout
 
     def spawn(self, slot: WorkerSlot) -> None:
         slot.generation += 1
@@ -137,28 +157,31 @@ class Broker:
         self.by_identity[slot.identity] = slot
         log.debug("started worker %d (pid %s)", slot.index, slot.process.pid)
 
-    def wait_for_workers(self) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout
-        while not all(slot.ready for slot in self.slots):
-            if self.stop_requested:
-                raise StartupError("interrupted while the workers were loading the model")
-            if time.monotonic() > deadline:
-                raise StartupError(f"workers did not load the model within {self.config.startup_timeout:.0f} s")
-            if self.backend.poll(200):
-                frames = self.backend.recv_multipart()
-                slot = self.by_identity.get(frames[0])
-                if slot is not None and frames[1] == P.FAILED:
-                    raise StartupError(P.loads(frames[2]).get("message", "worker failed to start"))
-                if slot is not None and frames[1] == P.READY:
-                    self.mark_ready(slot, P.loads(frames[2]))
-            for slot in self.slots:
-                if slot.process.exitcode is not None and not slot.ready:
-                    raise StartupError(f"worker {slot.index} exited with code {slot.process.exitcode} "
-                                       "while loading the model (run with -verbose for details)")
+    def check_startup(self, now: float) -> bool:
+        """While the workers load the model: True once every one is ready; a worker that failed or
+        exited, or the start-up timeout, stops the server with exit code 1."""
+        failed = [s for s in self.slots if s.process.exitcode is not None and not s.ready]
+        if failed:
+            reason = failed[0].info.get("failure") or \
+                f"worker {failed[0].index} exited with code {failed[0].process.exitcode} while loading the model " \
+                "(run with -verbose for details)"
+        elif now > self.startup_deadline:
+            reason = f"workers did not load the model within {self.config.startup_timeout:.0f} s"
+        else:
+            return all(slot.ready for slot in self.slots)
+        log.error("cannot start: %s", reason)
+        self.exit_code, self.stop_requested = 1, True
+        return False
 
     def mark_ready(self, slot: WorkerSlot, info: dict) -> None:
         slot.ready, slot.info, slot.last_seen = True, info, time.monotonic()
         self.encoder_info = self.encoder_info or info.get("encoder", {})
+
+    def open_door_socket(self) -> None:
+        self.door_socket = self.context.socket(zmq.ROUTER)
+        self.door_socket.setsockopt(zmq.LINGER, 0)
+        self.door_socket.setsockopt(zmq.MAXMSGSIZE, 4 * self.config.max_request_bytes)
+        self.door_socket.bind(self.door_address)
 
     def open_frontend(self) -> None:
         self.frontend = self.context.socket(zmq.ROUTER)
@@ -176,23 +199,32 @@ class Broker:
 
     # ------------------------------------------------------------ the loop
 
-    def serve_forever(self) -> None:
-        """Serve until `stop_requested` is set (by a signal handler), then shut down cleanly."""
+    def serve_forever(self, on_ready=None) -> None:
+        """Serve until `stop_requested` is set (by a signal handler, or a failed start), then shut
+        down cleanly. `on_ready()` is called once, when every worker has loaded the model."""
         poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
+        for socket in (self.backend, self.frontend, self.door_socket):
+            poller.register(socket, zmq.POLLIN)
         next_heartbeat = 0.0
         while not self.stop_requested:
             events = dict(poller.poll(250))
             if self.backend in events:
                 self.drain(self.backend, self.on_worker_message)
-            if self.frontend in events:
-                self.drain(self.frontend, self.on_client_message)
+            for socket in (self.frontend, self.door_socket):
+                if socket in events:
+                    self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
             now = time.monotonic()
             if now >= next_heartbeat:
                 self.send_heartbeats()
                 next_heartbeat = now + P.HEARTBEAT_INTERVAL
-            self.check_workers(now)
+            if self.starting:
+                if self.check_startup(now):
+                    self.starting = False
+                    if on_ready is not None:
+                        on_ready()
+            elif not self.stop_requested:  # a signal during the poll: workers may have had it too
+                self.check_workers(now)
+                self.doors.check(now)
             self.dispatch()
         self.shutdown()
 
@@ -208,45 +240,45 @@ class Broker:
 
     # ------------------------------------------------------------ clients
 
-    def on_client_message(self, frames: list) -> None:
+    def on_client_message(self, socket: zmq.Socket, frames: list) -> None:
         client, body = frames[0].bytes, [f.bytes for f in frames[1:]]
         request_id = _peek_id(body)
         try:
-            self.handle_request(client, request_id, body)
+            self.handle_request(socket, client, request_id, body)
         except Exception as e:  # a safety net: no message may take the broker down with it
             log.exception("unexpected error on a request from %s", client[:12].hex())
-            self.reply(client, pack_error(request_id, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"))
+            self.reply(socket, client, pack_error(request_id, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"))
 
-    def handle_request(self, client: bytes, request_id: Any, body: list[bytes]) -> None:
+    def handle_request(self, socket: zmq.Socket, client: bytes, request_id: Any, body: list[bytes]) -> None:
         try:
             header, texts = unpack_request(body, self.config.max_client_batch_size, self.config.max_request_bytes)
         except BadRequestError as e:
             self.stats["bad_requests"] += 1
             log.warning("bad request from %s: %s", client[:12].hex(), e)
-            self.reply(client, pack_error(request_id, ERR_BAD_REQUEST, str(e)))
+            self.reply(socket, client, pack_error(request_id, ERR_BAD_REQUEST, str(e)))
             return
         if self.stop_requested:
-            self.reply(client, pack_error(request_id, ERR_UNAVAILABLE, "the server is shutting down"))
+            self.reply(socket, client, pack_error(request_id, ERR_UNAVAILABLE, "the server is shutting down"))
         elif header["cmd"] == "config":
-            self.reply(client, pack_result(request_id, self.describe()))
+            self.reply(socket, client, pack_result(request_id, self.describe()))
         elif header["cmd"] == "status":
-            self.reply(client, pack_result(request_id, self.status()))
+            self.reply(socket, client, pack_result(request_id, self.status()))
         else:
-            self.accept(client, header, texts)
+            self.accept(socket, client, header, texts)
 
-    def accept(self, client: bytes, header: dict, texts: list) -> None:
+    def accept(self, socket: zmq.Socket, client: bytes, header: dict, texts: list) -> None:
         if self.pending_sentences + len(texts) > self.config.max_queue:
             self.stats["busy"] += 1
             log.warning("busy: refused %d sentences, %d already queued (-max_queue %d)",
                         len(texts), self.pending_sentences, self.config.max_queue)
-            self.reply(client, pack_error(header["id"], ERR_BUSY,
+            self.reply(socket, client, pack_error(header["id"], ERR_BUSY,
                                           f"server busy: {self.pending_sentences} sentences queued "
                                           f"(limit {self.config.max_queue}); retry later"))
             return
         size = self.config.max_batch_size
         chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
         timeout = header.get("timeout")
-        request = Request(client, header["id"], len(chunks), time.time() + timeout if timeout else None,
+        request = Request(socket, client, header["id"], len(chunks), time.time() + timeout if timeout else None,
                           bool(header.get("show_tokens")), len(texts), parts=[None] * len(chunks))
         for part, chunk in enumerate(chunks):
             payload = json.dumps(chunk, ensure_ascii=False).encode("utf-8")
@@ -256,9 +288,10 @@ class Broker:
         log.debug("request %d from %s: %d sentences in %d jobs", request.request_id, client[:12].hex(),
                   len(texts), len(chunks))
 
-    def reply(self, client: bytes, frames: list) -> None:
+    @staticmethod
+    def reply(socket: zmq.Socket, client: bytes, frames: list) -> None:
         try:
-            self.frontend.send_multipart([client, *frames], copy=False)
+            socket.send_multipart([client, *frames], copy=False)
         except zmq.ZMQError as e:  # the client went away; nothing else to do
             log.debug("reply to %s dropped: %s", client[:12].hex(), e)
 
@@ -267,7 +300,7 @@ class Broker:
             return
         request.finished = True
         self.stats["errors"] += 1
-        self.reply(request.client, pack_error(request.request_id, code, message))
+        self.reply(request.socket, request.client, pack_error(request.request_id, code, message))
 
     # ------------------------------------------------------------ workers
 
@@ -317,9 +350,12 @@ class Broker:
         elif command == P.READY:
             self.mark_ready(slot, P.loads(frames[2].bytes))
             slot.quick_deaths = 0
-            log.info("worker %d is back (pid %s)", slot.index, slot.info.get("pid"))
+            if slot.restarts:
+                log.info("worker %d is back (pid %s)", slot.index, slot.info.get("pid"))
         elif command == P.FAILED:
-            log.error("worker %d could not load the model: %s", slot.index, P.loads(frames[2].bytes).get("message"))
+            message = P.loads(frames[2].bytes).get("message", "worker failed to start")
+            slot.info["failure"] = message  # the reason start-up stops with, when it is the first load
+            log.error("worker %d could not load the model: %s", slot.index, message)
 
     def on_result(self, slot: WorkerSlot, header: dict, data: zmq.Frame | None) -> None:
         job = slot.in_flight.pop(header.get("job"), None)
@@ -343,7 +379,7 @@ class Broker:
         shapes = [part[0] for part in request.parts]
         buffers = [part[1] for part in request.parts]
         tokens = [t for part in request.parts for t in part[2]] if request.show_tokens else None
-        self.reply(request.client, pack_vectors(request.request_id, dtype, shapes, buffers, tokens))
+        self.reply(request.socket, request.client, pack_vectors(request.request_id, dtype, shapes, buffers, tokens))
         self.stats["requests"] += 1
         self.stats["sentences"] += request.sentences
         log.debug("request %d: %d sentences in %.1f ms", request.request_id, request.sentences,
@@ -408,9 +444,9 @@ class Broker:
                     "device": s.info.get("device"), "jobs_in_flight": len(s.in_flight), "restarts": s.restarts,
                     "jobs_done": s.jobs_done, "sentences_done": s.sentences_done}
                    for s in self.slots]
-        return {"uptime": time.time() - self.started, "workers": workers,
+        return {"uptime": time.time() - self.started, "workers": workers, "starting": self.starting,
                 "workers_ready": sum(s.ready for s in self.slots), "queued_sentences": self.pending_sentences,
-                "queued_jobs": len(self.pending), **self.stats}
+                "queued_jobs": len(self.pending), "doors": self.doors.status(), **self.stats}
 
     # ------------------------------------------------------------ shutdown
 
@@ -424,28 +460,32 @@ class Broker:
             self.pending.clear()
             self.pending_sentences = 0
             poller = zmq.Poller()
-            poller.register(self.frontend, zmq.POLLIN)
-            poller.register(self.backend, zmq.POLLIN)
+            for socket in (self.backend, self.frontend, self.door_socket):
+                if socket is not None:
+                    poller.register(socket, zmq.POLLIN)
             deadline = time.monotonic() + SHUTDOWN_GRACE
             while any(s.in_flight for s in self.slots) and time.monotonic() < deadline:
                 events = dict(poller.poll(100))
                 if self.backend in events:
                     self.drain(self.backend, self.on_worker_message)
-                if self.frontend in events:
-                    self.drain(self.frontend, self.on_client_message)
+                for socket in (self.frontend, self.door_socket):
+                    if socket in events:
+                        self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
                 for slot in self.slots:
                     if slot.in_flight and slot.process.exitcode is not None:  # died: no replacement now
                         self.fail_jobs(list(slot.in_flight.values()), "a worker died while the server shut down")
                         slot.in_flight = {}
             self.fail_jobs([j for s in self.slots for j in s.in_flight.values()],
                            f"the server shut down; encoding did not finish within {SHUTDOWN_GRACE:.0f} s")
+        self.doors.stop()
         self.stop_workers()
         if self.authenticator is not None:
             self.authenticator.stop()
-        for socket in (self.frontend, self.backend):
+        for socket in (self.frontend, self.door_socket, self.backend):
             if socket is not None:
                 socket.close(linger=0)
         self.context.term()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("stopped")
 
     def fail_jobs(self, jobs: list[Job], message: str) -> None:

@@ -432,6 +432,11 @@ class BertClient:
             raise BertClientError("the client is closed")
         request_id = next(self._ids)
         frames = pack_request(request_id, cmd, texts, self.timeout, is_tokenized, show_tokens)
+        # A DEALER with no connection to send on (a refused CurveZMQ handshake, say) blocks in send:
+        # wait for room only as long as the timeout allows.
+        if not self._socket.poll(None if self.timeout is None else int(self.timeout * 1000) + 1, zmq.POLLOUT):
+            raise BertTimeoutError(f"cannot send to {self.address} within {self.timeout} s: no connection "
+                                   "(the server is down or unreachable, or refused this client's keys)")
         try:
             self._socket.send_multipart(frames, copy=False)
         except zmq.ZMQError as e:
