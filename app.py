@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
@@ -18,6 +19,8 @@ from service.config import ServerConfig
 from service.logs import configure_logging
 
 log = logging.getLogger("app")
+
+API_KEY_ENV = "BERT_SERVING_API_KEY"  # -api_key from the environment, so the key stays out of `ps`
 
 
 def str_to_bool(text: str) -> bool:
@@ -78,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("-auth_dir", default=None, help="CurveZMQ: encrypt and admit only the client keys in AUTH_DIR/clients")
     net.add_argument("-keygen", metavar="DIR", default=None, help="create CurveZMQ keys in DIR (server pair once, plus one client pair) and exit")
     net.add_argument("-client_name", default="client", help="name of the client key pair -keygen creates")
+    http = p.add_argument_group("HTTP (OpenAI /v1/embeddings, TEI routes, /health, /metrics)")
+    http.add_argument("-http_port", type=int, default=None, help="serve HTTP on this port too (default: no HTTP)")
+    http.add_argument("-http_host", default=None, help="interface for HTTP (default: the same as -host)")
+    http.add_argument("-api_key", default=None,
+                      help=f"Bearer token the HTTP embedding routes require; /health and /metrics stay open "
+                           f"(default: ${API_KEY_ENV} when -http_port is set, else none; the variable keeps "
+                           "the key out of `ps`)")
     p.add_argument("-verbose", action="store_true", help="debug logging")
     return p
 
@@ -93,7 +103,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_size=args.max_batch_size, max_client_batch_size=args.max_client_batch_size,
         max_request_bytes=args.max_request_bytes, max_queue=args.max_queue, cpu=args.cpu,
         device_map=tuple(args.device_map), cpu_threads=args.cpu_threads, output_dtype=args.output_dtype,
-        auth_dir=args.auth_dir, verbose=args.verbose)
+        auth_dir=args.auth_dir, verbose=args.verbose, http_port=args.http_port, http_host=args.http_host,
+        api_key=api_key(args))
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """-api_key, else the environment's key when HTTP is on (a key set for another run stays unused)."""
+    if args.api_key is not None or args.http_port is None:
+        return args.api_key
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def keygen(folder: str, client_name: str) -> int:

@@ -70,9 +70,7 @@ class Encoder:
         self.device = torch.device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.max_batch_tokens = options.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(self.device.type, 1024)
-        do_lower_case = options.do_lower_case if options.do_lower_case is not None else folder.do_lower_case
-        self.tokenizer = BertTokenizer.from_dir(folder.weights_dir, self.max_seq_len, do_lower_case,
-                                                folder.lowercase_input)
+        self.tokenizer = BertTokenizer.for_model(folder, options)
         if self.tokenizer.vocab_size > config.vocab_size:
             raise CheckpointError(f"{folder.weights_dir}: the vocabulary has {self.tokenizer.vocab_size} "
                                   f"tokens but the model only {config.vocab_size} embeddings")

@@ -10,13 +10,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from tokenizers import Encoding
+
+    from .checkpoint import ModelFolder
+    from .config import EncoderOptions
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +112,29 @@ class BertTokenizer:
             tokenizer = wordpiece_tokenizer(folder / "vocab.txt", do_lower_case)
         return cls(tokenizer, max_seq_len, lowercase_input)
 
+    @classmethod
+    def for_model(cls, folder: "ModelFolder", options: "EncoderOptions") -> "BertTokenizer":
+        """The tokenizer of an `Encoder` built from `folder` and `options`: the server's workers use
+        it, and the HTTP door's /tokenize builds the same one (without torch)."""
+        do_lower_case = options.do_lower_case if options.do_lower_case is not None else folder.do_lower_case
+        return cls.from_dir(folder.weights_dir, options.max_seq_len or folder.max_seq_len, do_lower_case,
+                            folder.lowercase_input)
+
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, texts: Sequence[str]) -> TokenBatch:
-        if self.lowercase_input:
-            texts = [t.lower() for t in texts]
-        encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=True)
+        encodings = self._tokenizer.encode_batch_fast(self._model_input(texts), add_special_tokens=True)
         return _from_id_lists([e.ids for e in encodings])
+
+    def encodings(self, texts: Sequence[str], add_special_tokens: bool = True) -> list["Encoding"]:
+        """The `tokenizers` encodings of `texts` (ids, tokens, character offsets, `overflowing`
+        when truncated): with special tokens, the ids `encode` gives the model."""
+        return self._tokenizer.encode_batch(self._model_input(texts), add_special_tokens=add_special_tokens)
+
+    def _model_input(self, texts: Sequence[str]) -> list[str]:
+        return [t.lower() for t in texts] if self.lowercase_input else list(texts)
 
     def encode_pretokenized(self, token_lists: Sequence[Sequence[str]]) -> TokenBatch:
         """Tokens the caller already split into WordPieces: looked up as they are ([UNK] if unknown)."""

@@ -41,6 +41,7 @@ from .client import (ERR_BAD_REQUEST, ERR_BUSY, ERR_SERVER, ERR_TIMEOUT, ERR_UNA
 from .config import ServerConfig
 from .doors import Doors
 from .errors import StartupError
+from .metrics import RequestMetrics
 from .worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ class Request:
     done: int = 0
     finished: bool = False
     received: float = field(default_factory=time.monotonic)
+    # http (metrics): when its first job went to a worker, and what the workers reported
+    dispatched: float | None = None
+    n_tokens: int = 0
+    compute_ms: float = 0.0
 
 
 @dataclass(eq=False)
@@ -122,6 +127,7 @@ class Broker:
         self.encoder_info: dict = {}
         self.stats = {"requests": 0, "sentences": 0, "errors": 0, "busy": 0, "bad_requests": 0,
                       "worker_restarts": 0, "timeouts_dropped": 0}
+        self.metrics = RequestMetrics()  # latency histograms and tokens, observed in complete()
         self.started = time.time()
         self.stop_requested = False
         self.starting = True          # until every worker has loaded the model once
@@ -321,6 +327,7 @@ class Broker:
             self.pending.popleft()
             self.pending_sentences -= job.size
             slot.in_flight[job.job_id] = job
+            job.request.dispatched = job.request.dispatched or time.monotonic()
             header = {"job": job.job_id, "deadline": job.request.deadline, "is_tokenized": job.is_tokenized,
                       "show_tokens": job.request.show_tokens}
             self.backend.send_multipart([slot.identity, P.JOB, P.dumps(header), job.payload], copy=False)
@@ -370,6 +377,8 @@ class Broker:
             self.fail(request, header.get("error", ERR_SERVER), header.get("message", "encoding failed"))
             return
         request.parts[job.part] = (header["shape"], data, header.get("tokens"))
+        request.n_tokens += header.get("n_tokens", 0)
+        request.compute_ms += header.get("compute_ms", 0.0)
         request.done += 1
         if request.done == request.n_jobs:
             self.complete(request, header["dtype"])
@@ -379,9 +388,11 @@ class Broker:
         shapes = [part[0] for part in request.parts]
         buffers = [part[1] for part in request.parts]
         tokens = [t for part in request.parts for t in part[2]] if request.show_tokens else None
-        self.reply(request.socket, request.client, pack_vectors(request.request_id, dtype, shapes, buffers, tokens))
+        self.reply(request.socket, request.client,
+                   pack_vectors(request.request_id, dtype, shapes, buffers, tokens, request.n_tokens))
         self.stats["requests"] += 1
         self.stats["sentences"] += request.sentences
+        self.metrics.observe(request.received, request.dispatched, request.compute_ms, request.n_tokens)
         log.debug("request %d: %d sentences in %.1f ms", request.request_id, request.sentences,
                   (time.monotonic() - request.received) * 1000)
 
@@ -446,7 +457,8 @@ class Broker:
                    for s in self.slots]
         return {"uptime": time.time() - self.started, "workers": workers, "starting": self.starting,
                 "workers_ready": sum(s.ready for s in self.slots), "queued_sentences": self.pending_sentences,
-                "queued_jobs": len(self.pending), "doors": self.doors.status(), **self.stats}
+                "queued_jobs": len(self.pending), "doors": self.doors.status(), **self.stats,
+                "metrics": self.metrics.snapshot()}
 
     # ------------------------------------------------------------ shutdown
 

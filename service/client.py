@@ -9,11 +9,13 @@ copy it into any project. It is also the home of the wire protocol; the server i
 Wire protocol (version 1), over a ZeroMQ DEALER (client) to ROUTER (server) connection:
 
     request  frame 0  JSON header  {"v": 1, "id": int, "cmd": "encode" | "config" | "status",
-                                    "timeout": seconds | null, "is_tokenized": bool, "show_tokens": bool}
+                                    "timeout": seconds | null, "is_tokenized": bool, "show_tokens": bool,
+                                    "tenant": str?}   (tenant: a door's user, for fair sharing)
              frame 1  JSON array of strings (or of arrays of WordPiece strings when is_tokenized);
                       "encode" only
     reply    frame 0  JSON header  {"v": 1, "id": int, "ok": true, "dtype": "float32" | "float16",
-                                    "shapes": [[n1, dim], [n2, dim], ...], "tokens": [[...], ...]?}
+                                    "shapes": [[n1, dim], [n2, dim], ...], "tokens": [[...], ...]?,
+                                    "n_tokens": int?}   (n_tokens: tokens the model saw, in all)
                                    or {"v": 1, "id": int, "ok": true, "result": {...}}   (config, status)
                                    or {"v": 1, "id": int, "ok": false, "error": code, "message": str}
              frames 1..k  raw C-order array bytes, one frame per shape, concatenated in order by the
@@ -132,9 +134,11 @@ def _describe(value: Any) -> str:
 
 
 def pack_request(request_id: int, cmd: str, texts: Sequence | None = None, timeout: float | None = None,
-                 is_tokenized: bool = False, show_tokens: bool = False) -> list[bytes]:
-    header = {"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd, "timeout": timeout,
-              "is_tokenized": is_tokenized, "show_tokens": show_tokens}
+                 is_tokenized: bool = False, show_tokens: bool = False, tenant: str | None = None) -> list[bytes]:
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd, "timeout": timeout,
+                              "is_tokenized": is_tokenized, "show_tokens": show_tokens}
+    if tenant is not None:
+        header["tenant"] = tenant
     frames = [json.dumps(header).encode()]
     if cmd == "encode":
         frames.append(json.dumps(texts, ensure_ascii=False).encode("utf-8"))
@@ -212,10 +216,13 @@ def pack_result(request_id: int, result: dict) -> list[bytes]:
     return [json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}).encode()]
 
 
-def pack_vectors(request_id: int, dtype: str, shapes: list, buffers: list, tokens: list | None = None) -> list:
+def pack_vectors(request_id: int, dtype: str, shapes: list, buffers: list, tokens: list | None = None,
+                 n_tokens: int | None = None) -> list:
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "dtype": dtype, "shapes": shapes}
     if tokens is not None:
         header["tokens"] = tokens
+    if n_tokens is not None:
+        header["n_tokens"] = n_tokens
     return [json.dumps(header, ensure_ascii=False).encode("utf-8"), *buffers]
 
 

@@ -25,6 +25,10 @@ class ServerConfig:
     - `auth_dir`: CurveZMQ keys (server.key_secret and clients/*.key); None: no authentication.
     - `startup_timeout`: seconds a worker may take to load the model.
     - `verbose`: debug logging.
+    - `http_port`: the HTTP door's port (OpenAI /v1/embeddings, TEI routes, /health, /metrics);
+      None: no HTTP. `http_host`: its interface (None: the same as `host`).
+    - `api_key`: the Bearer token the HTTP embedding routes require (None: open). Kept out of
+      `repr()` and `public()`, so it never reaches a log line.
     """
 
     encoder: EncoderOptions = field(default_factory=EncoderOptions)
@@ -42,6 +46,9 @@ class ServerConfig:
     auth_dir: str | None = None
     startup_timeout: float = 600.0
     verbose: bool = False
+    http_port: int | None = None
+    http_host: str | None = None
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         checks = [
@@ -53,6 +60,12 @@ class ServerConfig:
             (self.max_queue >= 1, "max_queue must be at least 1"),
             (self.output_dtype in ("float32", "float16"), f"output_dtype must be float32 or float16, got {self.output_dtype!r}"),
             (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be at least 1"),
+            (self.http_port is None or 0 < self.http_port < 65536,
+             f"http_port must be between 1 and 65535, got {self.http_port}"),
+            (self.http_port != self.port, f"http_port and port must differ, both are {self.port}"),
+            (self.api_key is None or (self.api_key.strip() == self.api_key and self.api_key != ""),
+             "api_key must be a non-empty string without surrounding spaces"),
+            (self.api_key is None or self.http_port is not None, "api_key protects the HTTP door: it needs http_port"),
         ]
         for ok, message in checks:
             if not ok:
@@ -65,4 +78,5 @@ class ServerConfig:
             "max_client_batch_size": self.max_client_batch_size, "max_request_bytes": self.max_request_bytes,
             "max_queue": self.max_queue, "output_dtype": self.output_dtype,
             "authentication": self.auth_dir is not None,
+            "http_port": self.http_port, "http_api_key": self.api_key is not None,
         }

@@ -47,6 +47,8 @@ class DoorSpec:
 def door_specs(config: ServerConfig) -> list[DoorSpec]:
     """The doors the configuration turns on (none by default)."""
     specs: list[DoorSpec] = []
+    if config.http_port is not None:
+        specs.append(DoorSpec("http", "service.http:serve"))
     return specs
 
 

@@ -7,7 +7,7 @@ a command frame:
     worker -> broker   READY     json {pid, device, encoder: {...}}       model loaded, ready for jobs
                        FAILED    json {message}                           could not load the model; exiting
                        HB                                                  heartbeat
-                       RESULT    json {job, ok, dtype, shape, tokens?}  data
+                       RESULT    json {job, ok, dtype, shape, n_tokens, compute_ms, tokens?}  data
                                  json {job, ok: false, error, message}    a job failed
     broker -> worker   JOB       json {job, deadline, is_tokenized, show_tokens}  texts (JSON array)
                        HB                                                  heartbeat

@@ -267,6 +267,7 @@ class Worker:
             return
         from bert.tokenization import TokenBatch
 
+        started = time.perf_counter()
         try:
             vectors = self.encoder.encode_tokens(TokenBatch.concat([job.tokens for job in live]))
         except Exception as e:
@@ -279,19 +280,22 @@ class Worker:
                 job.error = f"encoding failed: {type(e).__name__}: {e}"
                 sender.send_multipart(self.error_frames(job))
             return
+        # Each job's share of the window's compute time, by its share of the tokens.
+        ms_per_token = (time.perf_counter() - started) * 1000 / max(1, sum(int(j.tokens.ids.size) for j in live))
         start = 0
         for job in live:
             n = len(job.tokens)
             part = vectors[start:start + n]
             start += n
-            sender.send_multipart(self.result_frames(job, part), copy=False)
+            sender.send_multipart(self.result_frames(job, part, ms_per_token * int(job.tokens.ids.size)), copy=False)
 
-    def result_frames(self, job: Job, vectors: np.ndarray) -> list:
+    def result_frames(self, job: Job, vectors: np.ndarray, compute_ms: float = 0.0) -> list:
         if vectors.ndim == 3:  # per-token vectors: trim the merged window's padding to this job's longest
             vectors = vectors[:, :int(job.tokens.lengths.max())]
         vectors = np.ascontiguousarray(vectors, dtype=self.config.output_dtype)
         header: dict[str, Any] = {"job": job.job_id, "ok": True, "dtype": self.config.output_dtype,
-                                  "shape": list(vectors.shape)}
+                                  "shape": list(vectors.shape), "n_tokens": int(job.tokens.ids.size),
+                                  "compute_ms": round(compute_ms, 3)}
         if job.show_tokens:
             header["tokens"] = self.encoder.tokenizer.tokens(job.tokens)
         return [P.dumps(header), vectors]

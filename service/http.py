@@ -1,0 +1,659 @@
+"""The HTTP door: OpenAI-compatible embeddings, TEI-style routes, health probe and Prometheus metrics.
+
+    python app.py -http_port 8080
+    curl localhost:8080/v1/embeddings -d '{"input": ["hello world"], "model": "any"}'
+
+A door (see `service/doors.py`): a process of its own that is one more client of the broker. It
+connects one `zmq.asyncio` DEALER to the broker's private door socket and speaks the wire protocol
+of `service/client.py`; replies are matched to the waiting HTTP requests by request id. So the
+broker's batching, limits, busy answer and worker failover apply to HTTP requests unchanged, and
+the broker never learns HTTP.
+
+    route                        auth   answer
+    POST /v1/embeddings          key    OpenAI's embeddings response (float or base64), also at /embeddings
+    GET  /v1/models              key    the served model, OpenAI's list shape
+    POST /embed                  key    TEI: {"inputs", "normalize"?, "truncate"?} -> [[float]]
+    POST /tokenize               key    TEI: the tokens the model sees, with ids and character offsets
+    GET  /info                   key    TEI-style description: model, dim, max_seq_len, pooling, limits
+    GET  /health                 open   200 while at least one worker is ready, else 503
+    GET  /metrics                open   Prometheus text, rendered from the broker's own status
+
+Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` on /v1/* and /embeddings and
+TEI's `{"error", "error_type"}` elsewhere; the statuses are in `HttpError`.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import itertools
+import logging
+import signal
+import socket
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import orjson
+import uvicorn
+import zmq
+import zmq.asyncio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .client import (ERR_BAD_REQUEST, ERR_BUSY, ERR_SERVER, ERR_TIMEOUT, ERR_UNAVAILABLE, ProtocolError,
+                     pack_request, unpack_reply_header, unpack_vectors)
+from .config import ServerConfig
+from .metrics import prometheus_text
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL = 1.0   # seconds between the door's looks at the broker's status (is a worker ready?)
+STATUS_TIMEOUT = 5.0    # a broker that does not answer `status` within this is reported unhealthy
+RETRY_AFTER = "1"       # seconds a refused client (429, 503) is asked to wait; OpenAI's SDKs obey it
+KEEP_ALIVE = 75         # seconds an idle connection stays open: longer than load balancers' (60 s)
+STOP_GRACE = 3          # seconds requests in flight get after SIGTERM (the door has 5 before SIGKILL)
+BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+OPENAI_ROUTES = ("/v1/", "/embeddings")
+
+JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+# ---------------------------------------------------------------- errors
+
+
+class HttpError(Exception):
+    """An error answer. `kind` is TEI's `error_type`; `code` and `param` fill OpenAI's fields.
+
+    400 the body is not an embeddings request (not JSON, wrong types, empty, token ids, dimensions
+        out of range); 401 missing or wrong API key; 404/405 no such route or method;
+    413 body over -max_request_bytes or more inputs than -max_client_batch_size;
+    422 understood but refused (unknown encoding_format, truncate=false on a too-long input,
+        text the broker refuses); 429 queue full (Retry-After); 503 no worker ready or shutting
+        down (Retry-After); 500 encoding failed; 501 per-token vectors (pooling NONE); 504 timeout.
+    """
+
+    def __init__(self, status: int, message: str, kind: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+    def response(self, openai_style: bool) -> Response:
+        if openai_style:
+            body: dict[str, Any] = {"error": {"message": self.message, "type": _openai_type(self.status),
+                                              "param": self.param, "code": self.code}}
+        else:
+            body = {"error": self.message, "error_type": self.kind}
+        headers = {}
+        if self.status in (429, 503):
+            headers["Retry-After"] = RETRY_AFTER
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if self.status == 501:
+            headers["x-should-retry"] = "false"  # OpenAI's SDKs retry 5xx unless told not to
+        return Response(orjson.dumps(body), self.status, headers, media_type=JSON)
+
+
+def _openai_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+# The broker's error codes as HTTP answers: (status, TEI error_type, OpenAI code).
+BROKER_ERRORS = {
+    ERR_BAD_REQUEST: (422, "validation", "invalid_input"),
+    ERR_BUSY: (429, "overloaded", "server_busy"),
+    ERR_UNAVAILABLE: (503, "unhealthy", "unavailable"),
+    ERR_TIMEOUT: (504, "backend", "timeout"),
+    ERR_SERVER: (500, "backend", "encoding_failed"),
+}
+
+
+def broker_error(header: dict) -> HttpError:
+    """The HTTP error for a broker's error reply (an unknown code is a 500)."""
+    status, kind, code = BROKER_ERRORS.get(header.get("error"), BROKER_ERRORS[ERR_SERVER])
+    return HttpError(status, str(header.get("message", "the server could not encode the request")), kind, code)
+
+
+def no_worker_ready(reason: str = "no worker is ready: the model is still loading or its workers "
+                                  "are restarting; retry shortly") -> HttpError:
+    return HttpError(503, reason, "unhealthy", "no_worker_ready")
+
+
+# ---------------------------------------------------------------- the request body
+
+
+def input_texts(value: Any, field: str) -> list[str]:
+    """`input` (OpenAI) or `inputs` (TEI) as a list of strings: a string, or an array of them."""
+    if isinstance(value, str):
+        return [value]
+    if value is None:
+        raise HttpError(400, f"'{field}' is required: a string or an array of strings", "validation",
+                        "missing_input", field)
+    if not isinstance(value, list):
+        raise HttpError(400, f"'{field}' must be a string or an array of strings, got {_json_type(value)}",
+                        "validation", "invalid_type", field)
+    if not value:
+        raise HttpError(400, f"'{field}' is an empty array: there is nothing to embed", "empty", "empty_input", field)
+    if all(isinstance(item, str) for item in value):
+        return value
+    if all(_is_int(item) or isinstance(item, list) and item and all(_is_int(t) for t in item) for item in value):
+        raise HttpError(400, f"'{field}' holds token ids, but this server takes text: send strings (its "
+                             "tokenizer is the model's own, not tiktoken). LangChain's OpenAIEmbeddings sends "
+                             "token ids unless created with check_embedding_ctx_length=False.",
+                        "validation", "token_ids_not_supported", field)
+    index = next(i for i, item in enumerate(value) if not isinstance(item, str))
+    raise HttpError(400, f"'{field}[{index}]' must be a string, got {_json_type(value[index])}", "validation",
+                    "invalid_type", field)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def optional_flag(body: dict, field: str, default: bool) -> bool:
+    value = body.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HttpError(400, f"'{field}' must be true or false, got {_json_type(value)}", "validation",
+                        "invalid_type", field)
+    return value
+
+
+def tenant_of(request: Request, user: Any) -> str:
+    """Who a request is, for the broker's fair sharing: OpenAI's `user` (the end user's id) when
+    given, else the client's address. A load balancer in front makes every client one address:
+    give `user` there."""
+    name = "http:" + (user if isinstance(user, str) and user else
+                      request.client.host if request.client else "unknown")
+    return name if len(name) <= 64 else "http:" + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------- vectors out
+
+
+def truncate_dimensions(vectors: np.ndarray, dimensions: int) -> np.ndarray:
+    """The first `dimensions` values of each vector, L2-normalised again (OpenAI's `dimensions`)."""
+    return l2_normalize(vectors[:, :dimensions])
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def openai_body(vectors: np.ndarray, encoding_format: str, model: str, n_tokens: int) -> bytes:
+    """OpenAI's embeddings response; base64 is each vector's little-endian float32 bytes."""
+    if encoding_format == "base64":
+        data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(row.tobytes()).decode("ascii")}
+                for i, row in enumerate(vectors)]
+    else:
+        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(vectors)]
+    return orjson.dumps({"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def token_list(text: str, encoding: Any) -> list[dict]:
+    """TEI's /tokenize entries for one text: id, text (the span of the input), special, start, stop
+    (character offsets; null for [CLS]/[SEP]), plus `token`, the WordPiece itself."""
+    entries = []
+    for token_id, token, special, (start, stop) in zip(encoding.ids, encoding.tokens,
+                                                       encoding.special_tokens_mask, encoding.offsets):
+        if special:
+            entries.append({"id": token_id, "text": token, "special": True, "start": None, "stop": None,
+                            "token": token})
+        else:
+            entries.append({"id": token_id, "text": text[start:stop], "special": False, "start": start,
+                            "stop": stop, "token": token})
+    return entries
+
+
+def model_id(config: ServerConfig) -> str:
+    """The served model's name, as /v1/models lists it: the folder's name (the bundled model's hub id)."""
+    if config.encoder.model_dir is None:
+        return BUNDLED_MODEL_ID
+    return Path(config.encoder.model_dir).expanduser().resolve().name
+
+
+def package_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("bert-as-service")
+    except PackageNotFoundError:  # run from a checkout
+        return None
+
+
+# ---------------------------------------------------------------- the broker connection
+
+
+class BrokerLink:
+    """One DEALER to the broker's door socket; each call waits for the reply carrying its id."""
+
+    def __init__(self, address: str) -> None:
+        self.context = zmq.asyncio.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+        self.ids = itertools.count(1)
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.reader: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.reader = asyncio.get_running_loop().create_task(self._read_replies())
+
+    async def call(self, cmd: str, texts: list | None = None, tenant: str | None = None,
+                   max_bytes: int | None = None, timeout: float | None = None) -> tuple[dict, list]:
+        """(reply header, data frames). Raises HttpError 413 when the message would be over `max_bytes`."""
+        request_id = next(self.ids)
+        frames = pack_request(request_id, cmd, texts, tenant=tenant)
+        if max_bytes is not None and sum(len(f) for f in frames) > max_bytes:
+            raise HttpError(413, f"the texts take more than the server's limit of {max_bytes} bytes "
+                                 "(-max_request_bytes); split the request", "validation", "request_too_large")
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[request_id] = future
+        try:
+            await self.socket.send_multipart(frames, copy=False)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self.waiting.pop(request_id, None)
+
+    async def _read_replies(self) -> None:
+        while True:
+            frames = await self.socket.recv_multipart(copy=False)
+            try:
+                header = unpack_reply_header(frames[0].bytes)
+            except ProtocolError as e:  # the broker is ours: a bug, not an attack; keep serving
+                log.error("unreadable reply from the broker: %s", e)
+                continue
+            future = self.waiting.get(header.get("id"))
+            if future is not None and not future.done():
+                future.set_result((header, frames[1:]))
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+# ---------------------------------------------------------------- the door
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class HttpDoor:
+    """The routes, the broker link and what the door knows of the server (workers ready, model)."""
+
+    def __init__(self, config: ServerConfig, broker_address: str) -> None:
+        self.config = config
+        self.broker_address = broker_address
+        self.link: BrokerLink | None = None
+        self.workers_ready = 0
+        self.described: dict | None = None    # the broker's `config` reply, once a worker is ready
+        self.responses: Counter[tuple[str, int]] = Counter()
+        self._tokenizer: Any = None
+        self._tokenizer_lock: asyncio.Lock | None = None
+        self._watcher: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ the app
+
+    def app(self) -> Starlette:
+        routes = [
+            self.route("/v1/embeddings", self.openai_embeddings, "POST"),
+            self.route("/embeddings", self.openai_embeddings, "POST"),
+            self.route("/v1/models", self.openai_models, "GET"),
+            self.route("/embed", self.tei_embed, "POST"),
+            self.route("/tokenize", self.tei_tokenize, "POST"),
+            self.route("/info", self.tei_info, "GET"),
+            self.route("/health", self.health, "GET", protected=False),
+            self.route("/metrics", self.metrics, "GET", protected=False),
+        ]
+        return Starlette(routes=routes, lifespan=self.lifespan,
+                         exception_handlers={HTTPException: self.unknown_route})
+
+    def route(self, path: str, handler: Handler, method: str, protected: bool = True) -> Route:
+        openai_style = path.startswith(OPENAI_ROUTES)
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                if protected:
+                    self.check_key(request)
+                response = await handler(request)
+            except HttpError as e:
+                await _drain(request, self.config.max_request_bytes)
+                response = e.response(openai_style)
+            except ClientDisconnect:
+                response = Response(status_code=400)  # nobody reads it; counted all the same
+            except Exception as e:  # a bug in the door: answer 500 and serve on
+                log.exception("%s %s failed", request.method, path)
+                response = HttpError(500, f"internal error in the HTTP door: {type(e).__name__}: {e}",
+                                     "backend", "internal_error").response(openai_style)
+            self.responses[path, response.status_code] += 1
+            return response
+
+        return Route(path, endpoint, methods=[method])
+
+    async def unknown_route(self, request: Request, exc: HTTPException) -> Response:
+        self.responses["unmatched", exc.status_code] += 1
+        code = "not_found" if exc.status_code == 404 else "method_not_allowed"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        error = HttpError(exc.status_code, message, "validation", code)
+        return error.response(request.url.path.startswith(OPENAI_ROUTES))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette):
+        self.link = BrokerLink(self.broker_address)
+        self.link.start()
+        self._tokenizer_lock = asyncio.Lock()
+        self._watcher = asyncio.get_running_loop().create_task(self.watch_status())
+        try:
+            yield
+        finally:
+            self._watcher.cancel()
+            self.link.close()
+
+    # ------------------------------------------------------------ the server's state
+
+    async def status(self) -> dict:
+        """The broker's status now; also updates what the door knows (workers ready, the model)."""
+        header, _ = await self.link.call("status", timeout=STATUS_TIMEOUT)
+        if not header.get("ok"):
+            self.workers_ready = 0
+            raise no_worker_ready(str(header.get("message", "the server is not serving")))
+        status = header["result"]
+        self.workers_ready = int(status.get("workers_ready", 0))
+        if self.workers_ready and self.described is None:
+            reply, _ = await self.link.call("config", timeout=STATUS_TIMEOUT)
+            if reply.get("ok") and reply["result"].get("dim"):
+                self.described = reply["result"]
+        return status
+
+    async def watch_status(self) -> None:
+        """Keep `workers_ready` at most STATUS_INTERVAL old, so requests get a 503 at once while no
+        worker can take them (at start-up, or while every worker is being replaced)."""
+        while True:
+            try:
+                await self.status()
+            except (HttpError, asyncio.TimeoutError):
+                self.workers_ready = 0
+            except Exception:
+                log.exception("asking the broker for its status failed")
+            await asyncio.sleep(STATUS_INTERVAL)
+
+    async def require_ready(self) -> dict:
+        """The served model's description, or a 503 while no worker is ready."""
+        if not self.workers_ready or self.described is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self.status()  # the last look may be up to a second old
+        if not self.workers_ready or self.described is None:
+            raise no_worker_ready()
+        return self.described
+
+    def check_key(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        given = request.headers.get("authorization")
+        if not given:
+            raise HttpError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                            "unauthorized", "missing_api_key")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.config.api_key.encode()):
+            raise HttpError(401, "invalid API key", "unauthorized", "invalid_api_key")
+
+    # ------------------------------------------------------------ encoding
+
+    async def read_json(self, request: Request) -> dict:
+        body = await _read_body(request, self.config.max_request_bytes)
+        if not body.strip():
+            raise HttpError(400, "the request has no body: send a JSON object", "validation", "invalid_json")
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise HttpError(400, f"the body is not valid JSON: {e}", "validation", "invalid_json") from None
+        if not isinstance(value, dict):
+            raise HttpError(400, f"the body must be a JSON object, got {_json_type(value)}", "validation",
+                            "invalid_json")
+        return value
+
+    async def encode(self, texts: list[str], tenant: str) -> tuple[np.ndarray, int]:
+        """(float32 vectors, tokens the model saw) from the broker, or the HttpError it answered."""
+        limit = self.config.max_client_batch_size
+        if len(texts) > limit:
+            raise HttpError(413, f"{len(texts)} inputs are more than the server's limit of {limit} "
+                                 "(-max_client_batch_size); split the request", "validation", "too_many_inputs")
+        header, frames = await self.link.call("encode", texts, tenant, self.config.max_request_bytes)
+        if not header.get("ok"):
+            raise broker_error(header)
+        vectors = unpack_vectors(header, [f.buffer for f in frames])
+        if vectors.ndim != 2:
+            raise HttpError(501, "this server returns per-token vectors (-pooling_strategy NONE); embeddings "
+                                 "routes need one vector per input: use BertClient", "backend", "per_token_vectors")
+        return vectors.astype("<f4", copy=False), int(header.get("n_tokens", 0))
+
+    async def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use (in a thread: it reads the model folder)."""
+        async with self._tokenizer_lock:
+            if self._tokenizer is None:
+                self._tokenizer = await asyncio.to_thread(load_tokenizer, self.config)
+        return self._tokenizer
+
+    # ------------------------------------------------------------ routes
+
+    async def openai_embeddings(self, request: Request) -> Response:
+        body = await self.read_json(request)
+        texts = input_texts(body.get("input"), "input")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise HttpError(400, f"'model' must be a string, got {_json_type(model)}", "validation", "invalid_type",
+                            "model")
+        encoding_format = body.get("encoding_format") or "float"
+        if encoding_format not in ("float", "base64"):
+            raise HttpError(422, f"'encoding_format' must be 'float' or 'base64', got {encoding_format!r}",
+                            "validation", "invalid_encoding_format", "encoding_format")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and not _is_int(dimensions):
+            raise HttpError(400, f"'dimensions' must be an integer, got {_json_type(dimensions)}", "validation",
+                            "invalid_type", "dimensions")
+        dim = (await self.require_ready())["dim"]
+        if dimensions is not None and not 1 <= dimensions <= dim:
+            raise HttpError(400, f"'dimensions' must be between 1 and the model's {dim}, got {dimensions}",
+                            "validation", "invalid_dimensions", "dimensions")
+        vectors, n_tokens = await self.encode(texts, tenant_of(request, body.get("user")))
+        if dimensions is not None and dimensions < dim:
+            vectors = truncate_dimensions(vectors, dimensions)
+        return Response(openai_body(vectors, encoding_format, model or model_id(self.config), n_tokens),
+                        media_type=JSON)
+
+    async def openai_models(self, request: Request) -> Response:
+        started = int(self.described.get("started", 0)) if self.described else 0
+        model = {"id": model_id(self.config), "object": "model", "created": started, "owned_by": "bert-as-service"}
+        return Response(orjson.dumps({"object": "list", "data": [model]}), media_type=JSON)
+
+    async def tei_embed(self, request: Request) -> Response:
+        body = await self.read_json(request)
+        texts = input_texts(body.get("inputs"), "inputs")
+        normalize = optional_flag(body, "normalize", True)
+        truncate = optional_flag(body, "truncate", True)  # TEI started with --auto-truncate: the server's way
+        described = await self.require_ready()
+        if not truncate:
+            await self.check_lengths(texts, described["max_seq_len"])
+        vectors, _ = await self.encode(texts, tenant_of(request, None))
+        if normalize and not described.get("normalize"):
+            vectors = l2_normalize(vectors)
+        return Response(orjson.dumps(vectors, option=orjson.OPT_SERIALIZE_NUMPY), media_type=JSON)
+
+    async def check_lengths(self, texts: list[str], max_seq_len: int) -> None:
+        tokenizer = await self.tokenizer()
+        encodings = await asyncio.to_thread(tokenizer.encodings, texts)
+        too_long = [i for i, encoding in enumerate(encodings) if encoding.overflowing]
+        if too_long:
+            raise HttpError(422, f"with truncate=false every input must fit in {max_seq_len} tokens; input "
+                                 f"{too_long[0]} does not ({len(too_long)} in all)", "validation", "input_too_long")
+
+    async def tei_tokenize(self, request: Request) -> Response:
+        body = await self.read_json(request)
+        texts = input_texts(body.get("inputs"), "inputs")
+        add_special_tokens = optional_flag(body, "add_special_tokens", True)
+        if len(texts) > self.config.max_client_batch_size:
+            raise HttpError(413, f"{len(texts)} inputs are more than the server's limit of "
+                                 f"{self.config.max_client_batch_size} (-max_client_batch_size)", "validation",
+                            "too_many_inputs")
+        tokenizer = await self.tokenizer()
+        encodings = await asyncio.to_thread(tokenizer.encodings, texts, add_special_tokens)
+        return Response(orjson.dumps([token_list(t, e) for t, e in zip(texts, encodings)]), media_type=JSON)
+
+    async def tei_info(self, request: Request) -> Response:
+        reply, _ = await self.link.call("config", timeout=STATUS_TIMEOUT)
+        if not reply.get("ok"):
+            raise broker_error(reply)
+        d = reply["result"]  # the encoder's fields appear once a worker has loaded the model
+        pooling = "+".join(d["pooling_modes"]) if d.get("pooling_modes") else None
+        info = {
+            "model_id": model_id(self.config), "model_dir": d.get("model_dir"), "model_dtype": d.get("dtype"),
+            "model_type": {"embedding": {"pooling": pooling}}, "dim": d.get("dim"),
+            "normalize": d.get("normalize"), "max_input_length": d.get("max_seq_len"), "auto_truncate": True,
+            "max_batch_tokens": d.get("max_batch_tokens"), "max_batch_size": self.config.max_batch_size,
+            "max_client_batch_size": self.config.max_client_batch_size,
+            "max_request_bytes": self.config.max_request_bytes, "max_queue": self.config.max_queue,
+            "num_worker": self.config.num_worker, "workers_ready": self.workers_ready,
+            "version": package_version(), "protocol_version": d.get("protocol_version"),
+        }
+        return Response(orjson.dumps(info), media_type=JSON)
+
+    async def health(self, request: Request) -> Response:
+        try:
+            status = await self.status()
+        except asyncio.TimeoutError:
+            raise no_worker_ready(f"the broker did not answer within {STATUS_TIMEOUT:.0f} s") from None
+        ready, workers = status.get("workers_ready", 0), len(status.get("workers", []))
+        if not ready:
+            return Response(orjson.dumps({"error": "no worker is ready: the model is still loading or its "
+                                                  "workers are restarting", "error_type": "unhealthy",
+                                         "workers_ready": 0, "workers": workers,
+                                         "starting": status.get("starting")}),
+                            503, {"Retry-After": RETRY_AFTER}, media_type=JSON)
+        return Response(orjson.dumps({"status": "ok", "workers_ready": ready, "workers": workers}), media_type=JSON)
+
+    async def metrics(self, request: Request) -> Response:
+        try:
+            status = await self.status()
+        except asyncio.TimeoutError:
+            raise no_worker_ready(f"the broker did not answer within {STATUS_TIMEOUT:.0f} s") from None
+        d = self.described or {}
+        info = {"model": model_id(self.config), "dim": d.get("dim"), "max_seq_len": d.get("max_seq_len"),
+                "pooling": "+".join(d.get("pooling_modes", [])), "dtype": d.get("dtype"), "device": d.get("device")}
+        text = prometheus_text(status, dict(self.responses), {k: v for k, v in info.items() if v})
+        return Response(text, media_type=PROMETHEUS)
+
+
+def load_tokenizer(config: ServerConfig) -> Any:
+    """The same tokenizer the workers build (bert.tokenization; never torch)."""
+    from bert.checkpoint import inspect_folder
+    from bert.tokenization import BertTokenizer
+
+    return BertTokenizer.for_model(inspect_folder(config.encoder.model_dir), config.encoder)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes (declared or received)."""
+    declared = request.headers.get("content-length", "")
+    too_large = HttpError(413, f"the request body is larger than the server's limit of {limit} bytes "
+                               "(-max_request_bytes); split the request", "validation", "request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drain(request: Request, limit: int) -> None:
+    """Read what is left of a refused request's body (up to a bound) before answering: a server that
+    closes a connection with unread data resets it, and the client may never see the error."""
+    if request.method != "POST":
+        return
+    seen = 0
+    with contextlib.suppress(Exception):  # a stream already read, or a client gone: nothing to drain
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > 4 * limit:
+                return
+
+
+# ---------------------------------------------------------------- the process
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """SIGTERM (from the broker) stops the door gracefully. SIGINT stays ignored: Ctrl-C reaches
+        the whole process group, and the broker decides when its doors stop."""
+        previous = signal.signal(signal.SIGTERM, self.handle_exit)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def http_host(config: ServerConfig) -> str:
+    host = config.http_host or config.host
+    return "0.0.0.0" if host == "*" else host
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Made with proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such
+    sockets, and without it every response waits ~40 ms for the client's delayed ACK (Nagle)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         proto=socket.IPPROTO_TCP)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def serve(config: ServerConfig, broker_address: str, ready: Any) -> None:
+    """The door's entry point (see `service/doors.py`): bind, say ready, serve until SIGTERM."""
+    host, port = http_host(config), config.http_port
+    try:
+        listener = listen(host, port)
+    except OSError as e:
+        log.error("cannot listen for HTTP on %s:%s: %s", host, port, e)
+        sys.exit(1)
+    if not config.verbose:  # uvicorn's start/stop lines repeat ours
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    door = HttpDoor(config, broker_address)
+    server = _Server(uvicorn.Config(door.app(), log_config=None, access_log=config.verbose,
+                                    timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=STOP_GRACE,
+                                    server_header=False))
+    ready.set()
+    shown = f"[{host}]" if ":" in host else host
+    log.info("HTTP on http://%s:%d: OpenAI base_url http://%s:%d/v1, TEI /embed, /health, /metrics%s",
+             shown, port, shown, port, " (API key required)" if config.api_key else "")
+    server.run(sockets=[listener])

@@ -1,0 +1,540 @@
+"""The HTTP door (`-http_port`): a real `python app.py`, the official `openai` client and plain HTTP
+(the standard library's http.client) on 127.0.0.1, compared with `BertClient` on the same server.
+
+Servers:
+- `server`: the bundled all-MiniLM-L6-v2, 1 worker, limits small enough to reach (-max_queue 3000,
+  -max_client_batch_size 4000, -max_request_bytes 1 MB); shared by most tests (module scope);
+- `TestStartUpAndKey`: a tiny model whose sentence-transformers pooling config is a named pipe, so
+  its worker cannot load the model until the test writes it: "before any worker is ready" is a
+  state the test holds, not a race it hopes to win. It runs with an API key from the environment,
+  and ends with SIGTERM;
+- `TestPerTokenAndKill`: a tiny model with pooling NONE (501 on the embedding routes); its door is
+  killed (and comes back), then the main process is SIGKILLed (and the door dies with it).
+Processes are found through `server_status()["doors"]` and `/proc`, never by name.
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import HARD_TEXTS, HF_TINY, real_sentences
+from service.client import BertClient
+from service.harness import RunningServer, free_port, group_pids
+
+ATOL = 1e-6
+DIM = 384
+MAX_QUEUE, MAX_INPUTS, MAX_BYTES = 3000, 4000, 1_000_000
+API_KEY = "test-key-7f3a9c"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(port: int, method: str, path: str, body: Any = None, raw: bytes | None = None,
+         headers: dict[str, str] | None = None) -> Reply:
+    """One plain HTTP request (a new connection each time) and its whole answer."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        connection.close()
+
+
+def openai_client(port: int, **kwargs) -> openai.OpenAI:
+    kwargs.setdefault("api_key", "unused")
+    kwargs.setdefault("max_retries", 0)  # a refusal must show, not be retried away
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", timeout=120, **kwargs)
+
+
+def vectors_of(response) -> np.ndarray:
+    return np.array([item.embedding for item in sorted(response.data, key=lambda d: d.index)], dtype=np.float64)
+
+
+def assert_openai_error(reply: Reply, status: int, code: str, says: str) -> None:
+    assert reply.status == status, (reply.status, reply.body)
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+    assert says in error["message"], error
+
+
+def assert_tei_error(reply: Reply, status: int, error_type: str, says: str) -> None:
+    assert reply.status == status, (reply.status, reply.body)
+    body = reply.json()
+    assert body["error_type"] == error_type and says in body["error"], body
+
+
+def scrape(port: int) -> dict[str, float]:
+    """/metrics as {'name{label=value,...}': value}, names as exposed. Prometheus' own Python parser
+    must read it (it would raise on a malformed line), and every family has its HELP and TYPE."""
+    reply = call(port, "GET", "/metrics")
+    assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = reply.body.decode()
+    families = list(text_string_to_metric_families(text))
+    assert families and all(f.documentation and f.type in ("counter", "gauge", "histogram") for f in families)
+    samples = {}
+    for family in families:  # the parser reports counters as name_total; the text keeps TEI's names
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            name = sample.name if sample.name in text else sample.name.removesuffix("_total")
+            samples[f"{name}{{{labels}}}" if labels else name] = sample.value
+    return samples
+
+
+def door_pid(port: int) -> int:
+    with BertClient(port=port, timeout=30) as bc:
+        (door,) = [d for d in bc.server_status()["doors"] if d["name"] == "http"]
+    assert door["alive"]
+    return door["pid"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.05)
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
+# ---------------------------------------------------------------- the shared server
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    with RunningServer(["-num_worker", "1", "-http_port", str(port), "-max_queue", str(MAX_QUEUE),
+                        "-max_client_batch_size", str(MAX_INPUTS), "-max_request_bytes", str(MAX_BYTES)]) as s:
+        s.http_port = port
+        yield s
+
+
+@pytest.fixture(scope="module")
+def bc(server):
+    with BertClient(port=server.port, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return real_sentences(20, seed=3)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai_client(server.http_port) as c:
+        yield c
+
+
+# ---------------------------------------------------------------- the openai client
+
+
+def test_openai_default_call_is_base64_on_the_wire_and_equals_bertclient(client, bc, texts):
+    raw = client.embeddings.with_raw_response.create(model="my-model", input=texts)
+    wire = json.loads(raw.http_response.content)
+    assert all(isinstance(item["embedding"], str) for item in wire["data"])  # the SDK asked for base64
+    first = np.frombuffer(base64.b64decode(wire["data"][0]["embedding"]), dtype="<f4")
+    response = raw.parse()
+    expected = bc.encode(texts)
+    np.testing.assert_array_equal(first, expected[0])
+    np.testing.assert_allclose(vectors_of(response), expected, rtol=0, atol=ATOL)
+    assert response.model == "my-model" and response.object == "list"
+    assert [d.index for d in response.data] == list(range(len(texts)))
+    _, tokens = bc.encode(texts, show_tokens=True)
+    assert response.usage.prompt_tokens == response.usage.total_tokens == sum(map(len, tokens))
+
+
+def test_openai_float_format_and_a_single_string(client, bc, texts):
+    response = client.embeddings.create(model="m", input=texts, encoding_format="float")
+    np.testing.assert_allclose(vectors_of(response), bc.encode(texts), rtol=0, atol=ATOL)
+    single = client.embeddings.create(model="m", input=texts[0])
+    assert len(single.data) == 1
+    np.testing.assert_allclose(vectors_of(single)[0], bc.encode(texts[:1])[0], rtol=0, atol=ATOL)
+
+
+def test_2500_inputs_in_one_request(client, bc):
+    many = [f"sentence number {i}: {w}" for i, w in enumerate(["alpha", "beta", "gamma", "delta", "epsilon"] * 500)]
+    response = client.embeddings.create(model="m", input=many)
+    assert len(response.data) == 2500
+    np.testing.assert_allclose(vectors_of(response), bc.encode(many), rtol=0, atol=ATOL)
+
+
+def test_dimensions_keep_the_first_values_normalised_again(client, bc, texts):
+    response = client.embeddings.create(model="m", input=texts[:4], dimensions=64)
+    expected = bc.encode(texts[:4])[:, :64]
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    vectors = vectors_of(response)
+    assert vectors.shape == (4, 64)
+    np.testing.assert_allclose(vectors, expected, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="m", input=texts[:1], dimensions=DIM + 1)
+    assert refused.value.status_code == 400 and "between 1 and the model's 384" in str(refused.value)
+
+
+def test_token_ids_get_a_400_that_says_to_send_text(client):
+    for tokens in ([[101, 7592, 102]], [101, 7592, 102]):  # what LangChain sends by default, and one list
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.embeddings.create(model="m", input=tokens)
+        body = refused.value.body
+        assert body["code"] == "token_ids_not_supported" and "check_embedding_ctx_length=False" in body["message"]
+
+
+def test_models_lists_the_served_model(client):
+    (model,) = client.models.list().data
+    assert model.id == "sentence-transformers/all-MiniLM-L6-v2" and model.object == "model"
+
+
+# ---------------------------------------------------------------- TEI routes
+
+
+def test_tei_embed(server, bc, texts):
+    reply = call(server.http_port, "POST", "/embed", {"inputs": texts, "normalize": True, "truncate": True})
+    assert reply.status == 200
+    np.testing.assert_allclose(np.array(reply.json()), bc.encode(texts), rtol=0, atol=ATOL)
+    single = call(server.http_port, "POST", "/embed", {"inputs": texts[0]})
+    np.testing.assert_allclose(np.array(single.json()), bc.encode(texts[:1]), rtol=0, atol=ATOL)
+
+
+def test_tei_embed_truncate_false_refuses_what_the_model_would_cut(server):
+    long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 60)
+    assert call(server.http_port, "POST", "/embed", {"inputs": ["short", long_text], "truncate": True}).status == 200
+    assert call(server.http_port, "POST", "/embed", {"inputs": ["short"], "truncate": False}).status == 200
+    assert_tei_error(call(server.http_port, "POST", "/embed", {"inputs": ["short", long_text], "truncate": False}),
+                     422, "validation", "input 1 does not")
+
+
+def test_tokenize_gives_exactly_the_tokens_the_model_sees(server, bc):
+    texts = HARD_TEXTS + ["Hello World!"]
+    reply = call(server.http_port, "POST", "/tokenize", {"inputs": texts})
+    assert reply.status == 200
+    _, seen = bc.encode(texts, show_tokens=True)  # the worker's own tokens
+    tokenized = reply.json()
+    assert [[t["token"] for t in tokens] for tokens in tokenized] == seen
+    last = tokenized[-1]
+    assert [(t["text"], t["special"], t["start"], t["stop"]) for t in last] == [
+        ("[CLS]", True, None, None), ("Hello", False, 0, 5), ("World", False, 6, 11), ("!", False, 11, 12),
+        ("[SEP]", True, None, None)]
+    assert all(isinstance(t["id"], int) for tokens in tokenized for t in tokens)
+    bare = call(server.http_port, "POST", "/tokenize", {"inputs": "Hello World!", "add_special_tokens": False})
+    assert [t["token"] for t in bare.json()[0]] == ["hello", "world", "!"]
+
+
+def test_info(server, bc):
+    info = call(server.http_port, "GET", "/info").json()
+    config = bc.server_config()
+    assert info["model_id"] == "sentence-transformers/all-MiniLM-L6-v2" and info["dim"] == DIM
+    assert info["max_input_length"] == config["max_seq_len"] and info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_client_batch_size"] == MAX_INPUTS and info["workers_ready"] == 1
+
+
+def test_health_is_200_with_a_ready_worker(server):
+    reply = call(server.http_port, "GET", "/health")
+    assert reply.status == 200 and reply.json() == {"status": "ok", "workers_ready": 1, "workers": 1}
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_move_with_requests_and_match_server_status(server, bc, client, texts):
+    before = scrape(server.http_port)
+    tokens = sum(client.embeddings.create(model="m", input=batch).usage.total_tokens for batch in (texts[:3], texts[3:5]))
+    after = scrape(server.http_port)
+    moved = {name: after[name] - before.get(name, 0) for name in after}
+    assert moved["te_request_success"] == 2 and moved["te_request_count"] == 2
+    assert moved["bert_serving_sentences_total"] == 5
+    assert moved["te_request_duration_count"] == moved["te_request_queue_duration_count"] == 2
+    assert moved["te_request_inference_duration_count"] == 2 and moved["te_request_inference_duration_sum"] > 0
+    assert moved["bert_serving_tokens_total"] == tokens
+    assert moved["bert_serving_http_responses_total{code=200,route=/v1/embeddings}"] == 2
+    status = bc.server_status()  # the same numbers: one source of truth
+    assert after["te_request_success"] == status["requests"] and after["bert_serving_workers_ready"] == 1
+    assert after["bert_serving_sentences_total"] == status["sentences"]
+    assert after["bert_serving_tokens_total"] == status["metrics"]["tokens"]
+    assert after["te_request_duration_bucket{le=+Inf}"] == status["metrics"]["total_seconds"]["counts"][-1]
+    assert after["bert_serving_model_info{device=cpu,dim=384,dtype=float32,max_seq_len=256,model=" 
+                 "sentence-transformers/all-MiniLM-L6-v2,pooling=mean}"] == 1
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_every_error_has_its_status_and_shape_and_the_server_serves_on(server, client, texts):
+    port = server.http_port
+    before = scrape(port)
+    v1 = lambda body=None, raw=None: call(port, "POST", "/v1/embeddings", body, raw)  # noqa: E731
+    assert_openai_error(v1(raw=b'{"input": ["a"'), 400, "invalid_json", "not valid JSON")
+    assert_openai_error(v1(raw=b""), 400, "invalid_json", "no body")
+    assert_openai_error(v1(["a"]), 400, "invalid_json", "must be a JSON object")
+    assert_openai_error(v1({"model": "m"}), 400, "missing_input", "'input' is required")
+    assert_openai_error(v1({"input": []}), 400, "empty_input", "nothing to embed")
+    assert_openai_error(v1({"input": ["a", 3]}), 400, "invalid_type", "'input[1]' must be a string")
+    assert_openai_error(v1({"input": {"a": 1}}), 400, "invalid_type", "a string or an array of strings")
+    assert_openai_error(v1({"input": "a", "dimensions": "8"}), 400, "invalid_type", "'dimensions' must be an integer")
+    assert_openai_error(v1({"input": "a", "dimensions": 0}), 400, "invalid_dimensions", "between 1")
+    assert_openai_error(v1({"input": "a", "encoding_format": "hex"}), 422, "invalid_encoding_format", "'float' or 'base64'")
+    assert_openai_error(v1(raw=b'{"input": "\\ud800"}'), 400, "invalid_json", "surrogate")
+    big = json.dumps({"input": ["x" * 1000] * 1100}).encode()  # 1.1 MB
+    assert_openai_error(v1(raw=big), 413, "request_too_large", "-max_request_bytes")
+    assert_openai_error(v1({"input": ["a"] * (MAX_INPUTS + 1)}), 413, "too_many_inputs", "-max_client_batch_size")
+    busy = v1({"input": ["a"] * (MAX_QUEUE + 1)})  # more than the queue holds: refused at once
+    assert_openai_error(busy, 429, "server_busy", "server busy")
+    assert busy.headers["retry-after"] == "1"
+    assert_openai_error(call(port, "GET", "/v1/embeddings"), 405, "method_not_allowed", "Method Not Allowed")
+    assert_openai_error(call(port, "GET", "/v1/nothing"), 404, "not_found", "Not Found")
+    # TEI's shape on TEI routes
+    assert_tei_error(call(port, "POST", "/embed", raw=b"{"), 400, "validation", "not valid JSON")
+    assert_tei_error(call(port, "POST", "/embed", {"inputs": []}), 400, "empty", "nothing to embed")
+    assert_tei_error(call(port, "POST", "/embed", {"inputs": "a", "normalize": "yes"}), 400, "validation",
+                     "'normalize' must be true or false")
+    assert_tei_error(call(port, "POST", "/embed", raw=big), 413, "validation", "-max_request_bytes")
+    assert_tei_error(call(port, "POST", "/embed", {"inputs": ["a"] * (MAX_QUEUE + 1)}), 429, "overloaded", "busy")
+    assert_tei_error(call(port, "POST", "/tokenize", {"inputs": 5}), 400, "validation", "'inputs' must be")
+    assert_tei_error(call(port, "GET", "/nothing"), 404, "validation", "Not Found")
+    # and after all of them, on the same server
+    assert vectors_of(client.embeddings.create(model="m", input=texts[:2])).shape == (2, DIM)
+    after = scrape(port)
+    assert after["te_request_failure{err=overloaded}"] - before["te_request_failure{err=overloaded}"] == 2
+    assert after["bert_serving_http_responses_total{code=413,route=/v1/embeddings}"] == 2
+
+
+def test_broker_errors_map_to_http_statuses():
+    from service.client import ERR_BAD_REQUEST, ERR_BUSY, ERR_SERVER, ERR_TIMEOUT, ERR_UNAVAILABLE
+    from service.http import broker_error
+
+    expected = {ERR_BAD_REQUEST: 422, ERR_BUSY: 429, ERR_UNAVAILABLE: 503, ERR_TIMEOUT: 504, ERR_SERVER: 500,
+                "some future code": 500}
+    for code, status in expected.items():
+        error = broker_error({"ok": False, "error": code, "message": "why"})
+        assert (error.status, error.message) == (status, "why")
+        body = json.loads(error.response(openai_style=True).body)["error"]
+        assert body["type"] == ("server_error" if status >= 500 else "rate_limit_error" if status == 429
+                                else "invalid_request_error")
+
+
+# ---------------------------------------------------------------- start-up, key, SIGTERM
+
+
+class LoadGate:
+    """A sentence-transformers folder around the tiny test model whose `1_Pooling/config.json` is a
+    named pipe: whoever reads it (app.py's check, then the worker's load) waits until `feed()`.
+    `open_for_good()` feeds the worker and puts a plain file in the pipe's place for later readers."""
+
+    POOLING = json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}).encode()
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json"):
+            (folder / name).symlink_to(HF_TINY / name)
+        (folder / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        (folder / "1_Pooling").mkdir()
+        self.pipe = folder / "1_Pooling" / "config.json"
+        os.mkfifo(self.pipe)
+        self.folder = folder
+        self.opened = False
+
+    def feed(self, timeout: float = 120) -> None:
+        """Wait (bounded) for a reader of the pipe, then give it the pooling config."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(self.pipe, os.O_WRONLY | os.O_NONBLOCK)  # fails with ENXIO while nobody reads
+                break
+            except OSError as e:
+                assert e.errno == errno.ENXIO and time.monotonic() < deadline, f"nobody read {self.pipe}: {e}"
+                time.sleep(0.05)
+        try:
+            os.write(fd, self.POOLING)
+        finally:
+            os.close(fd)
+
+    def open_for_good(self) -> None:
+        if not self.opened:
+            self.feed()
+            plain = self.pipe.with_suffix(".tmp")
+            plain.write_bytes(self.POOLING)
+            os.replace(plain, self.pipe)
+            self.opened = True
+
+
+class TestStartUpAndKey:
+    @pytest.fixture(scope="class")
+    def gated(self, tmp_path_factory):
+        gate = LoadGate(tmp_path_factory.mktemp("gated") / "model")
+        http_port = free_port()
+        server = RunningServer(["-model_dir", str(gate.folder), "-http_port", str(http_port)], wait_ready=False)
+        with mock.patch.dict(os.environ, {"BERT_SERVING_API_KEY": API_KEY}):  # the key never is an argument
+            server.start()
+        try:
+            gate.feed(timeout=60)  # app.py's own look at the folder, before it starts anything
+            server.http_port, server.gate = http_port, gate
+            yield server
+        finally:
+            server.stop()
+
+    @staticmethod
+    def ready(server) -> None:
+        server.gate.open_for_good()
+        server.wait_until_ready()
+
+    def test_health_is_503_before_any_worker_is_ready_then_200(self, gated):
+        port = gated.http_port
+        wait_until(lambda: not refuses_connections(port), 60, "the HTTP door listens")
+        if not gated.gate.opened:  # the worker waits on the pipe: nothing can be ready yet
+            health = call(port, "GET", "/health")
+            assert health.status == 503 and health.headers["retry-after"] == "1"
+            assert health.json()["error_type"] == "unhealthy" and health.json()["workers_ready"] == 0
+            key = {"Authorization": f"Bearer {API_KEY}"}
+            refused = call(port, "POST", "/v1/embeddings", {"input": ["a"]}, headers=key)
+            assert_openai_error(refused, 503, "no_worker_ready", "no worker is ready")
+            assert refused.headers["retry-after"] == "1"
+            assert scrape(port)["bert_serving_workers_ready"] == 0
+        self.ready(gated)
+        health = call(port, "GET", "/health")
+        assert health.status == 200 and health.json()["workers_ready"] == 1
+        assert scrape(port)["bert_serving_workers_ready"] == 1
+
+    def test_api_key_is_required_on_every_route_but_health_and_metrics(self, gated):
+        self.ready(gated)
+        port = gated.http_port
+        for method, path, body in [("POST", "/v1/embeddings", {"input": "a"}), ("POST", "/embeddings", {"input": "a"}),
+                                   ("GET", "/v1/models", None), ("POST", "/embed", {"inputs": "a"}),
+                                   ("POST", "/tokenize", {"inputs": "a"}), ("GET", "/info", None)]:
+            missing = call(port, method, path, body)
+            wrong = call(port, method, path, body, headers={"Authorization": "Bearer not-the-key"})
+            right = call(port, method, path, body, headers={"Authorization": f"Bearer {API_KEY}"})
+            assert (missing.status, wrong.status, right.status) == (401, 401, 200), (path, missing.body, wrong.body)
+            assert missing.headers["www-authenticate"] == "Bearer"
+            check = assert_openai_error if path.startswith(("/v1", "/embeddings")) else assert_tei_error
+            if check is assert_openai_error:
+                check(missing, 401, "missing_api_key", "Authorization: Bearer")
+                check(wrong, 401, "invalid_api_key", "invalid API key")
+            else:
+                check(missing, 401, "unauthorized", "Authorization: Bearer")
+        assert call(port, "GET", "/health").status == 200 and call(port, "GET", "/metrics").status == 200
+        with openai_client(port, api_key=API_KEY) as good, openai_client(port, api_key="wrong") as bad:
+            assert len(good.embeddings.create(model="m", input=["a", "b"]).data) == 2
+            with pytest.raises(openai.AuthenticationError):
+                bad.embeddings.create(model="m", input=["a"])
+
+    def test_the_key_is_in_no_command_line_and_no_log(self, gated):
+        self.ready(gated)
+        for pid in group_pids(gated.process.pid):
+            assert API_KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert API_KEY not in gated.log()
+
+    def test_sigterm_stops_the_door_with_the_server(self, gated):
+        self.ready(gated)
+        door = door_pid(gated.port)
+        gated.process.send_signal(signal.SIGTERM)
+        assert gated.process.wait(timeout=30) == 0, gated.log()
+        wait_until(lambda: not alive(door), 10, f"the door (pid {door}) exits after SIGTERM to the server")
+        assert refuses_connections(gated.http_port)
+
+
+# ---------------------------------------------------------------- pooling NONE, door and server killed
+
+
+class TestPerTokenAndKill:
+    @pytest.fixture(scope="class")
+    def none_server(self):
+        port = free_port()
+        with RunningServer(["-model_dir", str(HF_TINY), "-pooling_strategy", "NONE", "-http_port", str(port)]) as s:
+            s.http_port = port
+            yield s
+
+    def test_per_token_vectors_get_a_501_that_says_why(self, none_server):
+        reply = call(none_server.http_port, "POST", "/v1/embeddings", {"input": ["a b c"]})
+        assert_openai_error(reply, 501, "per_token_vectors", "-pooling_strategy NONE")
+        assert reply.headers["x-should-retry"] == "false"
+        assert_tei_error(call(none_server.http_port, "POST", "/embed", {"inputs": "a"}), 501, "backend", "NONE")
+
+    def test_a_killed_door_is_restarted(self, none_server):
+        first = door_pid(none_server.port)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: not alive(first), 10, "the killed door is gone")
+
+        def serving_again() -> bool:
+            try:
+                return call(none_server.http_port, "GET", "/health").status == 200
+            except OSError:
+                return False
+
+        wait_until(serving_again, 60, "a new door serves HTTP")
+        assert door_pid(none_server.port) != first
+
+    def test_sigkill_of_the_main_process_takes_the_door_with_it(self, none_server):
+        door = door_pid(none_server.port)
+        os.kill(none_server.process.pid, signal.SIGKILL)
+        none_server.process.wait(timeout=10)
+        wait_until(lambda: not alive(door), 10, f"the door (pid {door}) dies with the main process")
+        assert refuses_connections(none_server.http_port)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("args, says", [
+    (["-http_port", "{port}"], "http_port and port must differ"),
+    (["-api_key", "k"], "it needs http_port"),
+    (["-http_port", "70000"], "http_port must be between 1 and 65535"),
+])
+def test_bad_http_flags_exit_1_with_the_reason(args, says):
+    port = free_port()
+    server = RunningServer([a.replace("{port}", str(port)) for a in args], port=port, wait_ready=False).start()
+    try:
+        assert server.process.wait(timeout=60) == 1
+        assert says in server.log()
+    finally:
+        server.stop()
+
+
+def test_http_port_in_use_stops_the_start_with_exit_1():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        server = RunningServer(["-http_port", str(port)], wait_ready=False).start()
+        try:
+            assert server.process.wait(timeout=90) == 1
+            log = server.log()
+        finally:
+            server.stop()
+    assert "cannot listen for HTTP on 127.0.0.1" in log and "the http door exited" in log, log
