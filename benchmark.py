@@ -7,6 +7,8 @@
     python benchmark.py -random_bert_base bench_out/bert_base -compare    # random BERT-base, no download
     python benchmark.py -preset cpu_bar                  # the issue's CPU bar, PASS/FAIL
     python benchmark.py -preset gpu_bar                  # the issue's GPU bar (H100, fp16)
+    python benchmark.py -preset http_bar                 # HTTP door vs BertClient, 2-core CPU
+    python benchmark.py -protocol zmq http               # both front doors, side by side
 
 What one point is: the server runs with one (max_seq_len, num_worker, dtype); `num_client` threads,
 each with its own `BertClient`, start together at a barrier and send their share of the
@@ -24,11 +26,17 @@ per max_seq_len (against the fastest of the -st_batch_size values tried).
 Everything goes to -out (default bench_out/, git-ignored): results.csv, and one chart per swept
 parameter (speed_vs_max_seq_len.png, ..._client_batch_size, ..._num_client, ..._num_worker), as
 in the 2018 README. Exit status: 0, or 1 when a preset's bar fails.
+
+With -protocol zmq http, every point is also measured through the server's HTTP door with the
+official `openai` client (its default: base64 on the wire), one `OpenAI` client per client thread;
+rows of kind "service/http" and "latency/http" sit beside BertClient's, and "http / zmq" lines
+compare each pair.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -46,7 +54,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # `service` imports from anywhere this file is run
 
 from service.client import BertClient  # noqa: E402
-from service.harness import RunningServer, group_pids  # noqa: E402
+from service.harness import RunningServer, free_port, group_pids  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "sentences.txt"
 DEFAULT_OUT = ROOT / "bench_out"
@@ -67,6 +75,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                     dtype=["auto"], repeat=3, compare=True, st_batch_size=[32, 128], latency_requests=100,
                     wait_quiet=20, retry_noisy=2),
     # H100, random BERT-base in fp16, 20,000 sentences, max_seq_len 25 and 128.
+    # The HTTP door against BertClient on the 2-core CPU: 256-sentence requests, one client, the
+    # bundled MiniLM; throughput and single-sentence latency through each door, interleaved.
+    "http_bar": dict(device="cpu", model_dir=None, random_bert_base=None, num_sentences=2048,
+                     max_seq_len=[128], client_batch_size=[256], num_client=[1], num_worker=[1],
+                     dtype=["auto"], repeat=3, compare=False, latency_requests=300, protocol=["zmq", "http"],
+                     wait_quiet=20, retry_noisy=2),
     "gpu_bar": dict(device="cuda", model_dir=None, random_bert_base=str(DEFAULT_OUT / "random_bert_base"),
                     num_sentences=20000, max_seq_len=[25, 128], client_batch_size=[1024, 4096],
                     num_client=[1, 4], num_worker=[1], dtype=["fp16"], repeat=3, compare=True,
@@ -275,7 +289,7 @@ def build_random_bert(folder: str | Path, vocab_file: str | Path | None = None, 
 class Row:
     """One measured point: a throughput (sentences/s per repeat) or a latency (ms per request)."""
 
-    kind: str                      # 'service', 'sentence-transformers' or 'latency'
+    kind: str                      # 'service', 'sentence-transformers', 'latency' ('.../http' through HTTP)
     max_seq_len: int
     dtype: str
     num_worker: int | None = None
@@ -305,7 +319,52 @@ def split_evenly(items: Sequence[str], parts: int) -> list[list[str]]:
     return shares
 
 
-def client_throughput(port: int, sentences: Sequence[str], batch_size: int, num_client: int,
+# Row kinds of each front door: (throughput, latency).
+PROTOCOL_KINDS = {"zmq": ("service", "latency"), "http": ("service/http", "latency/http")}
+
+
+@dataclass(frozen=True)
+class Door:
+    """Where a benchmark client connects: BertClient's port (zmq), or the HTTP door's (http)."""
+
+    protocol: str
+    port: int
+
+    def client(self) -> Any:
+        if self.protocol == "http":
+            return OpenAIClient(self.port)
+        return BertClient(port=self.port, timeout=CLIENT_TIMEOUT)
+
+
+class OpenAIClient:
+    """The official `openai` client against the HTTP door, shaped like BertClient for the benchmark:
+    base64 on the wire (the SDK's default since 1.62), a float32 array back."""
+
+    def __init__(self, port: int) -> None:
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="benchmark", timeout=CLIENT_TIMEOUT,
+                             max_retries=0)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        data = self.client.embeddings.create(model="benchmark", input=list(texts)).data
+        return np.array([item.embedding for item in data], dtype=np.float32)
+
+    def encode_async(self, batches: Sequence[Sequence[str]], max_in_flight: int = 4):
+        """Up to `max_in_flight` requests out at once (threads sharing the client), results in order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_in_flight) as pool:
+            yield from pool.map(self.encode, batches)
+
+    def __enter__(self) -> "OpenAIClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.client.close()
+
+
+def client_throughput(door: Door, sentences: Sequence[str], batch_size: int, num_client: int,
                       max_in_flight: int = 1) -> float:
     """Sentences per second of `num_client` concurrent clients, each sending its share of
     `sentences` in requests of `batch_size`; timed from a common start to the last reply."""
@@ -315,7 +374,7 @@ def client_throughput(port: int, sentences: Sequence[str], batch_size: int, num_
 
     def run(share: list[str]) -> None:
         try:
-            with BertClient(port=port, timeout=CLIENT_TIMEOUT) as bc:
+            with door.client() as bc:
                 bc.encode(share[:1])  # connection set up before the clock starts
                 barrier.wait()
                 batches = [share[i:i + batch_size] for i in range(0, len(share), batch_size)]
@@ -345,10 +404,10 @@ def client_throughput(port: int, sentences: Sequence[str], batch_size: int, num_
     return len(sentences) / elapsed
 
 
-def single_sentence_latencies(port: int, sentences: Sequence[str], n: int, warmup: int = 10) -> list[float]:
+def single_sentence_latencies(door: Door, sentences: Sequence[str], n: int, warmup: int = 10) -> list[float]:
     """Milliseconds for each of `n` one-sentence requests sent one after another."""
     times = []
-    with BertClient(port=port, timeout=CLIENT_TIMEOUT) as bc:
+    with door.client() as bc:
         for i in range(warmup + n):
             text = [sentences[i % len(sentences)]]
             start = time.perf_counter()
@@ -424,7 +483,7 @@ def table_line(row: Row) -> str:
     def cell(value: Any) -> str:
         return "-" if value is None else str(value)
 
-    if row.kind == "latency":
+    if row.kind.startswith("latency"):
         value, spread = f"{row.median:,.2f} ms", f"p99 {row.p99:,.2f} ms"
     else:
         value, spread = f"{row.median:,.0f} sent/s", f"{min(row.runs):,.0f}..{max(row.runs):,.0f}"
@@ -446,15 +505,15 @@ def write_csv(path: Path, rows: Sequence[Row], context: dict[str, Any]) -> None:
             record = {**context, "kind": row.kind, "dtype": row.dtype, "max_seq_len": row.max_seq_len,
                       "num_worker": row.num_worker, "client_batch_size": row.client_batch_size,
                       "num_client": row.num_client, "sentences": row.sentences,
-                      "repeat": None if row.kind == "latency" else len(row.runs),
+                      "repeat": None if row.kind.startswith("latency") else len(row.runs),
                       "runs": " ".join(f"{r:.4g}" for r in row.runs),
                       "other_cpu_max": f"{max(row.other_cpu):.3f}" if row.other_cpu else None}
-            if row.kind == "latency":
+            if row.kind.startswith("latency"):
                 record.update(latency_median_ms=f"{row.median:.3f}", latency_p99_ms=f"{row.p99:.3f}")
             else:
                 record.update(sent_per_s=f"{row.median:.1f}", sent_per_s_min=f"{min(row.runs):.1f}",
                               sent_per_s_max=f"{max(row.runs):.1f}")
-            if row.kind != "service":
+            if not row.kind.startswith("service"):
                 record["max_in_flight"] = None
             writer.writerow(record)
 
@@ -583,8 +642,36 @@ def latency_checks(rows: Sequence[Row], max_ms: float) -> list[BarCheck]:
             for r in rows if r.kind == "latency"]
 
 
+def http_pairs(rows: Sequence[Row], kinds: tuple[str, str]) -> list[tuple[Row, Row]]:
+    """(BertClient row, HTTP row) for every point measured through both doors."""
+    def key(r: Row) -> tuple:
+        return r.max_seq_len, r.dtype, r.num_worker, r.client_batch_size, r.num_client
+
+    zmq = {key(r): r for r in rows if r.kind == kinds[0]}
+    return [(zmq[key(r)], r) for r in rows if r.kind == kinds[1] and key(r) in zmq]
+
+
+def http_checks(rows: Sequence[Row], min_ratio: float, max_extra_ms: float) -> list[BarCheck]:
+    """HTTP throughput against BertClient's (medians), and single-sentence median latency above it."""
+    checks = [BarCheck(f"max_seq_len {h.max_seq_len}, {describe_point(h)}: HTTP throughput >= {min_ratio:g}x "
+                       "BertClient's", h.median / z.median >= min_ratio,
+                       f"{h.median:,.0f} vs {z.median:,.0f} sent/s = {h.median / z.median:.2f}x")
+              for z, h in http_pairs(rows, ("service", "service/http"))]
+    checks += [BarCheck(f"max_seq_len {h.max_seq_len}, single sentence: HTTP median latency <= BertClient's "
+                        f"+ {max_extra_ms:g} ms", h.median - z.median <= max_extra_ms,
+                        f"{h.median:.2f} vs {z.median:.2f} ms = {h.median - z.median:+.2f} ms "
+                        f"(p99 {h.p99:.2f} vs {z.p99:.2f} ms)")
+               for z, h in http_pairs(rows, ("latency", "latency/http"))]
+    return checks or [BarCheck("HTTP measured beside BertClient", False, "no point was measured through both")]
+
+
+def http_lines(rows: Sequence[Row]) -> list[str]:
+    return [f"{c.name.split(': HTTP')[0]}: {c.detail}" for c in http_checks(rows, 0.0, float("inf"))]
+
+
 BARS: dict[str, Callable[[Sequence[Row]], list[BarCheck]]] = {
     "cpu_bar": lambda rows: ratio_checks(rows, at_least=1.0, never_below=0.9),
+    "http_bar": lambda rows: http_checks(rows, min_ratio=0.9, max_extra_ms=2.0),
     "gpu_bar": lambda rows: (throughput_checks(rows, {128: 50_000, 25: 60_000})
                              + ratio_checks(rows, at_least=7.0, never_below=None)
                              + latency_checks(rows, max_ms=3.0)),
@@ -596,7 +683,7 @@ BARS: dict[str, Callable[[Sequence[Row]], list[BarCheck]]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="benchmark.py", description="Sentences per second of bert-as-service, end to end through BertClient.",
+        prog="benchmark.py", description="Sentences per second of bert-as-service, end to end through BertClient (and its HTTP door).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-preset", choices=sorted(PRESETS), default=None,
                    help="run exactly the issue's acceptance setting and print PASS/FAIL for its bars")
@@ -618,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-num_sentences", type=int, default=512, help="sentences per measurement (all clients together)")
     run.add_argument("-repeat", type=int, default=3, help="timed repeats per point; the median is reported")
     run.add_argument("-warmup", type=int, default=512, help="sentences encoded before timing (per server, and for sentence-transformers)")
+    run.add_argument("-protocol", nargs="+", choices=tuple(PROTOCOL_KINDS), default=["zmq"],
+                     help="front doors to measure: zmq (BertClient) and/or http (the official openai client "
+                          "against -http_port, base64)")
     run.add_argument("-max_in_flight", type=int, default=1,
                      help="requests each client keeps outstanding (1: wait for each reply, as in 2018)")
     run.add_argument("-latency_requests", type=int, default=100, help="single-sentence requests for the latency figure (0: skip)")
@@ -708,36 +798,54 @@ class Benchmark:
     def run_server(self, length: int, dtype: str, workers: int, compare: bool) -> None:
         a = self.args
         cli = server_args(a, self.model_dir, length, workers, dtype)
+        http_port = free_port() if "http" in a.protocol else None
+        if http_port:
+            cli += ["-http_port", str(http_port)]
         progress(f"starting server: {' '.join(cli)}")
         with RunningServer(cli, ready_timeout=SERVER_READY_TIMEOUT, device="auto") as server:  # cli names it
+            doors = [Door(p, http_port if p == "http" else server.port) for p in a.protocol]
             label = f"max_seq_len={length} dtype={dtype} num_worker={workers}"
             progress(f"{label}: warm-up ({len(self.warmup_sentences)} sentences)")
             service_warm = service_vectors(server.port, self.warmup_sentences)
             shown_dtype = resolve_dtype(dtype, a.device)
-            points = [Row("service", length, shown_dtype, workers, batch, clients, len(self.sentences))
-                      for batch in a.client_batch_size for clients in a.num_client]
+            points = [(door, Row(PROTOCOL_KINDS[door.protocol][0], length, shown_dtype, workers, batch, clients,
+                                 len(self.sentences)))
+                      for batch in a.client_batch_size for clients in a.num_client for door in doors]
             st_rows = self.start_comparison(length, dtype, service_warm) if compare else []
             meter = CpuMeter(lambda: [os.getpid(), *group_pids(server.process.pid)])
             # Repeats outermost: every point and sentence-transformers take turns, so a burst of load
             # from elsewhere on the machine lands on all of them rather than on one.
             for rep in range(a.repeat):
-                for row in points:
+                for door, row in points:
                     self.measure(row, meter, lambda: client_throughput(
-                        server.port, self.sentences, row.client_batch_size, row.num_client, a.max_in_flight))
-                    progress(f"repeat {rep + 1}/{a.repeat} {label} client_batch_size={row.client_batch_size} "
-                             f"num_client={row.num_client}: {row.runs[-1]:,.0f} sent/s{others_note(row)}")
+                        door, self.sentences, row.client_batch_size, row.num_client, a.max_in_flight))
+                    progress(f"repeat {rep + 1}/{a.repeat} {label} {door.protocol} client_batch_size="
+                             f"{row.client_batch_size} num_client={row.num_client}: {row.runs[-1]:,.0f} sent/s"
+                             f"{others_note(row)}")
                 for row in st_rows:
                     self.measure(row, meter, lambda: self.st.throughput(self.sentences, length, row.client_batch_size))
                     progress(f"repeat {rep + 1}/{a.repeat} sentence-transformers max_seq_len={length} "
                              f"batch_size={row.client_batch_size}: {row.runs[-1]:,.0f} sent/s{others_note(row)}")
-            for row in points + st_rows:
+            for row in [row for _, row in points] + st_rows:
                 self.add(row)
             if a.latency_requests > 0:
-                progress(f"{label}: latency of {a.latency_requests} single-sentence requests")
-                latency = Row("latency", length, shown_dtype, workers, 1, 1, a.latency_requests)
-                self.measure(latency, meter, lambda: single_sentence_latencies(
-                    server.port, self.sentences, a.latency_requests))
-                self.add(latency)
+                self.measure_latency(doors, label, Row("", length, shown_dtype, workers, 1, 1, a.latency_requests),
+                                     meter)
+
+    def measure_latency(self, doors: list[Door], label: str, template: Row, meter: CpuMeter) -> None:
+        """Single-sentence latency through each door; with several doors, in -repeat rounds that take
+        turns, so load from elsewhere on the machine falls on all of them alike."""
+        a = self.args
+        rounds = a.repeat if len(doors) > 1 else 1
+        per_round = max(1, a.latency_requests // rounds)
+        progress(f"{label}: latency of {per_round * rounds} single-sentence requests per door")
+        rows = [dataclasses.replace(template, kind=PROTOCOL_KINDS[door.protocol][1], sentences=per_round * rounds,
+                                    runs=[], other_cpu=[]) for door in doors]
+        for _ in range(rounds):
+            for door, row in zip(doors, rows):
+                self.measure(row, meter, lambda: single_sentence_latencies(door, self.sentences, per_round))
+        for row in rows:
+            self.add(row)
 
     def measure(self, row: Row, meter: CpuMeter, run: Callable[[], float | list[float]]) -> None:
         """One timed measurement into `row`, with the CPU share other processes took meanwhile.
@@ -839,6 +947,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare:
         print("\nservice / sentence-transformers (fastest setting of each):")
         for line in ratio_lines(rows):
+            print("  " + line)
+    if "http" in args.protocol and "zmq" in args.protocol:
+        print("\nhttp (openai client) / zmq (BertClient):")
+        for line in http_lines(rows):
             print("  " + line)
     if args.preset:
         checks = BARS[args.preset](rows)

@@ -33,7 +33,7 @@ def test_tiny_sweep_writes_csv_and_charts(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, str(ROOT / "benchmark.py"), "-cpu", "-max_seq_len", "32", "-client_batch_size", "8", "64",
            "-num_client", "1", "2", "-num_sentences", "200", "-repeat", "1", "-warmup", "32",
-           "-latency_requests", "10", "-compare", "-out", str(out)]
+           "-latency_requests", "10", "-compare", "-protocol", "zmq", "http", "-out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -50,6 +50,15 @@ def test_tiny_sweep_writes_csv_and_charts(tmp_path):
     assert float(st["sent_per_s"]) > 0
     (latency,) = [r for r in rows if r["kind"] == "latency"]
     assert 0 < float(latency["latency_median_ms"]) <= float(latency["latency_p99_ms"])
+    # the same points through the HTTP door, with the official openai client
+    http = [r for r in rows if r["kind"] == "service/http"]
+    assert sorted((int(r["client_batch_size"]), int(r["num_client"])) for r in http) == [(8, 1), (8, 2), (64, 1), (64, 2)]
+    assert all(float(r["sent_per_s"]) > 0 for r in http)
+    (http_latency,) = [r for r in rows if r["kind"] == "latency/http"]
+    assert 0 < float(http_latency["latency_median_ms"]) <= float(http_latency["latency_p99_ms"])
+    assert re.search(r"max_seq_len 32, num_worker=1, client_batch_size=64, num_client=2: [\d,]+ vs [\d,]+ sent/s "
+                     r"= \d+\.\d\dx", done.stdout), done.stdout
+    assert re.search(r"max_seq_len 32, single sentence: [\d.]+ vs [\d.]+ ms = [+-][\d.]+ ms", done.stdout)
 
     for name in ("max_seq_len", "client_batch_size", "num_client", "num_worker"):
         width, height = read_png_size(out / f"speed_vs_{name}.png")
@@ -130,6 +139,16 @@ def test_gpu_bar_checks_throughput_ratio_and_latency():
     assert checks["max_seq_len 128: service >= 7x sentence-transformers"]
     assert not checks["max_seq_len 25: service >= 7x sentence-transformers"]  # 6.6x
     assert all(passed for name, passed in checks.items() if "latency" in name)
+
+
+def test_http_bar_checks_throughput_ratio_and_latency_difference():
+    point = dict(max_seq_len=128, dtype="fp32", num_worker=1, client_batch_size=256, num_client=1, sentences=2048)
+    rows = [benchmark.Row("service", runs=[300, 310, 305], **point),
+            benchmark.Row("service/http", runs=[280, 276, 290], **point),   # 0.92x
+            benchmark.Row("latency", 128, "fp32", 1, 1, 1, 300, [10.0] * 300),
+            benchmark.Row("latency/http", 128, "fp32", 1, 1, 1, 300, [12.5] * 300)]  # +2.5 ms
+    assert [c.passed for c in benchmark.BARS["http_bar"](rows)] == [True, False]
+    assert not benchmark.BARS["http_bar"](rows[2:3])[0].passed  # nothing measured both ways fails
 
 
 def test_split_evenly_keeps_every_sentence_in_order():
