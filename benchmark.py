@@ -30,7 +30,8 @@ in the 2018 README. Exit status: 0, or 1 when a preset's bar fails.
 With -protocol zmq http, every point is also measured through the server's HTTP door with the
 official `openai` client (its default: base64 on the wire), one `OpenAI` client per client thread;
 rows of kind "service/http" and "latency/http" sit beside BertClient's, and "http / zmq" lines
-compare each pair.
+compare each pair. -protocol http_plain sends the same requests through the standard library's
+http.client instead: the door's own cost, without the openai client's.
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # bundled MiniLM; throughput and single-sentence latency through each door, interleaved.
     "http_bar": dict(device="cpu", model_dir=None, random_bert_base=None, num_sentences=2048,
                      max_seq_len=[128], client_batch_size=[256], num_client=[1], num_worker=[1],
-                     dtype=["auto"], repeat=3, compare=False, latency_requests=300, protocol=["zmq", "http"],
+                     dtype=["auto"], repeat=3, compare=False, latency_requests=300,
+                     protocol=["zmq", "http", "http_plain"],
                      wait_quiet=20, retry_noisy=2),
     "gpu_bar": dict(device="cuda", model_dir=None, random_bert_base=str(DEFAULT_OUT / "random_bert_base"),
                     num_sentences=20000, max_seq_len=[25, 128], client_batch_size=[1024, 4096],
@@ -319,8 +321,10 @@ def split_evenly(items: Sequence[str], parts: int) -> list[list[str]]:
     return shares
 
 
-# Row kinds of each front door: (throughput, latency).
-PROTOCOL_KINDS = {"zmq": ("service", "latency"), "http": ("service/http", "latency/http")}
+# Row kinds of each front door: (throughput, latency). http_plain is the HTTP door through the
+# standard library's http.client: the door's own cost, without the openai client's.
+PROTOCOL_KINDS = {"zmq": ("service", "latency"), "http": ("service/http", "latency/http"),
+                  "http_plain": ("service/http_plain", "latency/http_plain")}
 
 
 @dataclass(frozen=True)
@@ -333,12 +337,14 @@ class Door:
     def client(self) -> Any:
         if self.protocol == "http":
             return OpenAIClient(self.port)
+        if self.protocol == "http_plain":
+            return PlainHttpClient(self.port)
         return BertClient(port=self.port, timeout=CLIENT_TIMEOUT)
 
 
 class OpenAIClient:
     """The official `openai` client against the HTTP door, shaped like BertClient for the benchmark:
-    base64 on the wire (the SDK's default since 1.62), a float32 array back."""
+    base64 on the wire (the SDK's default since 1.62); the vectors as the SDK gives them (lists)."""
 
     def __init__(self, port: int) -> None:
         from openai import OpenAI
@@ -346,9 +352,8 @@ class OpenAIClient:
         self.client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="benchmark", timeout=CLIENT_TIMEOUT,
                              max_retries=0)
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        data = self.client.embeddings.create(model="benchmark", input=list(texts)).data
-        return np.array([item.embedding for item in data], dtype=np.float32)
+    def encode(self, texts: Sequence[str]) -> list[list[float]]:
+        return [item.embedding for item in self.client.embeddings.create(model="benchmark", input=list(texts)).data]
 
     def encode_async(self, batches: Sequence[Sequence[str]], max_in_flight: int = 4):
         """Up to `max_in_flight` requests out at once (threads sharing the client), results in order."""
@@ -362,6 +367,34 @@ class OpenAIClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.client.close()
+
+
+class PlainHttpClient(OpenAIClient):
+    """The same requests and base64 answers through the standard library's http.client (one
+    keep-alive connection): what the HTTP door costs, without the openai client's own work."""
+
+    def __init__(self, port: int) -> None:
+        import http.client
+
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        import base64
+
+        body = json.dumps({"input": list(texts), "model": "benchmark", "encoding_format": "base64"})
+        self.connection.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        reply = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {reply}")
+        return np.stack([np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in reply["data"]])
+
+    def encode_async(self, batches: Sequence[Sequence[str]], max_in_flight: int = 4):
+        for batch in batches:  # one connection: one request at a time
+            yield self.encode(batch)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.connection.close()
 
 
 def client_throughput(door: Door, sentences: Sequence[str], batch_size: int, num_client: int,
@@ -666,7 +699,10 @@ def http_checks(rows: Sequence[Row], min_ratio: float, max_extra_ms: float) -> l
 
 
 def http_lines(rows: Sequence[Row]) -> list[str]:
-    return [f"{c.name.split(': HTTP')[0]}: {c.detail}" for c in http_checks(rows, 0.0, float("inf"))]
+    lines = [f"{c.name.split(': HTTP')[0]}: {c.detail}" for c in http_checks(rows, 0.0, float("inf"))]
+    lines += [f"max_seq_len {h.max_seq_len}, single sentence, plain http.client: {h.median:.2f} vs {z.median:.2f} ms "
+              f"= {h.median - z.median:+.2f} ms" for z, h in http_pairs(rows, ("latency", "latency/http_plain"))]
+    return lines
 
 
 BARS: dict[str, Callable[[Sequence[Row]], list[BarCheck]]] = {
@@ -706,8 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-repeat", type=int, default=3, help="timed repeats per point; the median is reported")
     run.add_argument("-warmup", type=int, default=512, help="sentences encoded before timing (per server, and for sentence-transformers)")
     run.add_argument("-protocol", nargs="+", choices=tuple(PROTOCOL_KINDS), default=["zmq"],
-                     help="front doors to measure: zmq (BertClient) and/or http (the official openai client "
-                          "against -http_port, base64)")
+                     help="front doors to measure: zmq (BertClient), http (the official openai client against "
+                          "-http_port, base64), http_plain (the same through the standard library's http.client)")
     run.add_argument("-max_in_flight", type=int, default=1,
                      help="requests each client keeps outstanding (1: wait for each reply, as in 2018)")
     run.add_argument("-latency_requests", type=int, default=100, help="single-sentence requests for the latency figure (0: skip)")
@@ -798,12 +834,12 @@ class Benchmark:
     def run_server(self, length: int, dtype: str, workers: int, compare: bool) -> None:
         a = self.args
         cli = server_args(a, self.model_dir, length, workers, dtype)
-        http_port = free_port() if "http" in a.protocol else None
+        http_port = free_port() if set(a.protocol) - {"zmq"} else None
         if http_port:
             cli += ["-http_port", str(http_port)]
         progress(f"starting server: {' '.join(cli)}")
         with RunningServer(cli, ready_timeout=SERVER_READY_TIMEOUT, device="auto") as server:  # cli names it
-            doors = [Door(p, http_port if p == "http" else server.port) for p in a.protocol]
+            doors = [Door(p, server.port if p == "zmq" else http_port) for p in a.protocol]
             label = f"max_seq_len={length} dtype={dtype} num_worker={workers}"
             progress(f"{label}: warm-up ({len(self.warmup_sentences)} sentences)")
             service_warm = service_vectors(server.port, self.warmup_sentences)
@@ -948,7 +984,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nservice / sentence-transformers (fastest setting of each):")
         for line in ratio_lines(rows):
             print("  " + line)
-    if "http" in args.protocol and "zmq" in args.protocol:
+    if "zmq" in args.protocol and len(args.protocol) > 1:
         print("\nhttp (openai client) / zmq (BertClient):")
         for line in http_lines(rows):
             print("  " + line)
