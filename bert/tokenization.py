@@ -110,6 +110,19 @@ class BertTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def lowercases(self) -> bool:
+        """Whether input is lower-cased before WordPiece (by the normalizer, or sentence-transformers' own)."""
+        normalizer = self._tokenizer.normalizer
+        return self.lowercase_input or (normalizer is not None and normalizer.normalize_str("ABC") == "abc")
+
+    @property
+    def vocab_is_uncased(self) -> bool:
+        """No entry of the vocabulary has an upper-case letter: the model was trained on lower-cased
+        text, and without lower-casing every word with a capital becomes [UNK] or a worse split."""
+        return not any(token != token.lower() for token in self._tokenizer.get_vocab()
+                       if not (token.startswith("[") and token.endswith("]")))  # [CLS], [unused0]...
+
     def encode(self, texts: Sequence[str]) -> TokenBatch:
         if self.lowercase_input:
             texts = [t.lower() for t in texts]

@@ -1,7 +1,7 @@
 """Hardening: a real `python app.py` on 127.0.0.1 against hostile bytes, bad calls, dying and hanging
 workers, overload, restarts, unauthenticated clients and signals.
 
-Servers (each started through `tests/server.py`: own process group, stopped by pid):
+Servers (each started through `service/harness.py`: own process group, stopped by pid):
 - `tiny_server`: a tiny random BERT, -max_client_batch_size 100, -max_request_bytes 2 MB; the target of
   the hostile bytes and bad calls (the model does not matter there, start-up time does);
 - `pool_server`: the bundled model, 2 workers, for workers that die or hang mid-request;
