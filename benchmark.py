@@ -42,6 +42,7 @@ import numpy as np
 
 from bert.config import effective_dtype
 from bert.random_model import build_random_bert
+from service.checks import cpuinfo
 from service.client import BertClient
 from service.corpus import DEFAULT_CORPUS, corpus_sentences
 from service.harness import ROOT, RunningServer, group_pids, proc_stat
@@ -76,15 +77,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def describe_hardware(device: str) -> str:
     """'Intel Xeon ... (2 cores)', plus the GPU's name when the run uses one."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        import platform
-        cpu = platform.processor() or cpu
+    import platform
+
+    cpu = cpuinfo("model name") or platform.processor() or "unknown CPU"
     text = f"{cpu} ({os.cpu_count()} cores)"
     if device.startswith("cuda"):
         import torch

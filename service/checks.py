@@ -17,8 +17,9 @@ from .config import ServerConfig
 
 # CPU instructions that run each half-precision type natively (/proc/cpuinfo flags, x86).
 HALF_PRECISION_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
-# Measured with the bundled model, 512 sentences, max_seq_len 128, on 2 cores of an AMD EPYC
-# without those instructions (/tmp/nc_dtype_bench.py in the issue-9 notes): time relative to fp32.
+# Time relative to fp32 on a CPU without those instructions: the bundled model in process, 512 sentences
+# of the shared data set, max_seq_len 128, 2 cores of an AMD EPYC (AVX2): fp32 175 sentences/s,
+# bf16 6.2x and fp16 5.8x the time (README, "Checked at start-up").
 HALF_PRECISION_CPU_SLOWDOWN = {"bf16": 6, "fp16": 6}
 
 
@@ -67,11 +68,17 @@ def half_precision_on_cpu(dtype: str) -> str:
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (an empty set where there is none to read)."""
+    """The CPU's feature flags (an empty set where /proc/cpuinfo does not say)."""
+    return set((cpuinfo("flags") or "").split())
+
+
+def cpuinfo(field: str) -> str | None:
+    """A field of the first CPU in /proc/cpuinfo ('model name', 'flags'...); None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            name, _, value = line.partition(":")
+            if name.strip() == field:
+                return value.strip()
     except OSError:
         pass
-    return set()
+    return None
