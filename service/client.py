@@ -116,24 +116,18 @@ def check_texts(texts: Any, is_tokenized: bool = False) -> list:
     return list(texts)
 
 
-def from_numpy(texts: Any, is_tokenized: bool = False) -> Any:
-    """A numpy array of strings as the lists `check_texts` takes; anything else unchanged.
-
-    1-D: one sentence per item (str arrays, or object arrays of str). 2-D: rows of tokens, only
-    with is_tokenized (a row per sentence, all as long as the longest). Bytes arrays are refused:
-    the text's encoding is the caller's to know.
-    """
+def from_numpy(texts: Any) -> Any:
+    """A numpy array of strings as the list `check_texts` takes (a 2-D one as a list of rows, each
+    then checked as a list would be); anything else unchanged. Arrays of bytes are refused: the
+    text's encoding is the caller's to know."""
     if not isinstance(texts, np.ndarray):
         return texts
     if texts.dtype.kind == "S":
         raise BadRequestError("encode() got a numpy array of bytes; decode it to str first "
                               "(e.g. np.char.decode(array, 'utf-8'))")
-    if texts.ndim == 2 and not is_tokenized:
-        raise BadRequestError(f"encode() got a 2-D numpy array {texts.shape}: pass a 1-D array of sentences, "
-                              "or is_tokenized=True if each row holds one sentence's tokens")
     if texts.ndim not in (1, 2):
         raise BadRequestError(f"encode() takes a 1-D numpy array of strings, got {texts.ndim} dimensions")
-    return texts.tolist()  # numpy str_ items become str; the checks below then see plain lists
+    return texts.tolist()  # numpy str_ items become str
 
 
 def _is_utf8_encodable(text: str) -> bool:
@@ -368,13 +362,13 @@ class BertClient:
                show_progress: bool = False, batch_size: int = 1024) -> Any:
         """Vectors for `texts`: a float32 ndarray (n, dim), or List[List[float]] with output_fmt='list'.
 
-        texts: a list (or tuple, or 1-D numpy array) of strings.
+        texts: a list, tuple or numpy array of strings.
         is_tokenized: `texts` are lists of WordPiece tokens (the server adds [CLS]/[SEP]).
         show_tokens: return `(vectors, tokens)`, the tokens being what the model saw after truncation.
         show_progress: send in requests of `batch_size` sentences, pipelined, and show progress after
             each (tqdm when installed, else a line on stderr), however few the sentences.
         """
-        texts = check_texts(from_numpy(texts, is_tokenized), is_tokenized)
+        texts = check_texts(from_numpy(texts), is_tokenized)
         if show_progress:
             if batch_size < 1:
                 raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -404,7 +398,7 @@ class BertClient:
                     batch = next(batches, None)
                     if batch is None:
                         break
-                    batch = check_texts(from_numpy(batch, is_tokenized), is_tokenized)
+                    batch = check_texts(from_numpy(batch), is_tokenized)
                     pending.append(self._send("encode", batch, is_tokenized, show_tokens))
                 if not pending:
                     return
