@@ -33,7 +33,7 @@ def read_png_size(path: Path) -> tuple[int, int]:
 def test_tiny_sweep_writes_csv_and_charts(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, str(ROOT / "benchmark.py"), "-cpu", "-max_seq_len", "32", "-client_batch_size", "8", "64",
-           "-num_client", "1", "2", "-num_sentences", "200", "-repeat", "1", "-warmup", "32",
+           "-num_client", "1", "2", "-num_sentences", "96", "-repeat", "1", "-warmup", "16",
            "-latency_requests", "10", "-compare", "-out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -44,7 +44,7 @@ def test_tiny_sweep_writes_csv_and_charts(tmp_path):
     assert sorted((int(r["client_batch_size"]), int(r["num_client"])) for r in service) == \
         [(8, 1), (8, 2), (64, 1), (64, 2)]
     for r in service:
-        assert r["max_seq_len"] == "32" and r["num_worker"] == "1" and r["sentences"] == "200"
+        assert r["max_seq_len"] == "32" and r["num_worker"] == "1" and r["sentences"] == "96"
         assert float(r["sent_per_s"]) > 0
         assert "cores" in r["hardware"]
     (st,) = [r for r in rows if r["kind"] == "sentence-transformers"]
