@@ -105,21 +105,28 @@ def write_bert_folder(folder: str | Path, config: dict[str, Any], weights: dict[
 
 
 def vocab_size_of(vocab_file: str | Path) -> int:
-    return sum(1 for line in Path(vocab_file).read_text(encoding="utf-8").splitlines() if line)
+    return len(vocab_tokens(vocab_file))
+
+
+def vocab_tokens(vocab_file: str | Path) -> list[str]:
+    return [line for line in Path(vocab_file).read_text(encoding="utf-8").splitlines() if line]
 
 
 def build_random_bert(folder: str | Path, vocab_file: str | Path | None = None, seed: int = 0,
                       **sizes: Any) -> Path:
     """A randomly initialised BERT (BERT-base unless `sizes` say otherwise) on the bundled model's
-    uncased vocabulary unless `vocab_file` is given. A folder already holding the same config is
-    reused as it is, so repeated benchmark runs do not rewrite 440 MB."""
+    uncased vocabulary unless `vocab_file` is given; lower-casing follows the vocabulary. A folder
+    already holding the same config is reused as it is, so repeated benchmark runs do not rewrite 440 MB."""
     from .checkpoint import bundled_model_dir
+    from .tokenization import is_uncased_vocabulary
 
     folder = Path(folder)
     vocab_file = Path(vocab_file) if vocab_file else bundled_model_dir() / "vocab.txt"
-    config = random_bert_config(vocab_size_of(vocab_file), seed=seed, **sizes)
+    tokens = vocab_tokens(vocab_file)
+    config = random_bert_config(len(tokens), seed=seed, **sizes)
     config_path = folder / "config.json"
     if config_path.is_file() and (folder / "model.safetensors").is_file() \
             and json.loads(config_path.read_text()) == config:
         return folder
-    return write_bert_folder(folder, config, random_bert_weights(config, seed), vocab_file, do_lower_case=True)
+    return write_bert_folder(folder, config, random_bert_weights(config, seed), vocab_file,
+                             do_lower_case=is_uncased_vocabulary(tokens))

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
@@ -118,10 +118,7 @@ class BertTokenizer:
 
     @property
     def vocab_is_uncased(self) -> bool:
-        """No entry of the vocabulary has an upper-case letter: the model was trained on lower-cased
-        text, and without lower-casing every word with a capital becomes [UNK] or a worse split."""
-        return not any(token != token.lower() for token in self._tokenizer.get_vocab()
-                       if not (token.startswith("[") and token.endswith("]")))  # [CLS], [unused0]...
+        return is_uncased_vocabulary(self._tokenizer.get_vocab())
 
     def encode(self, texts: Sequence[str]) -> TokenBatch:
         if self.lowercase_input:
@@ -145,6 +142,13 @@ class BertTokenizer:
         id_to_token = self._tokenizer.id_to_token
         offsets = batch.offsets
         return [[id_to_token(int(i)) for i in batch.ids[offsets[k]:offsets[k + 1]]] for k in range(len(batch))]
+
+
+def is_uncased_vocabulary(tokens: Iterable[str]) -> bool:
+    """No token has an upper-case letter: the model was trained on lower-cased text, and without
+    lower-casing every word with a capital becomes [UNK] or a worse split."""
+    return not any(token != token.lower() for token in tokens
+                   if not (token.startswith("[") and token.endswith("]")))  # [CLS], [unused0]...
 
 
 def bert_normalizer(do_lower_case: bool) -> normalizers.Normalizer:
