@@ -3,6 +3,8 @@
     python app.py                                  # the bundled all-MiniLM-L6-v2, one worker, port 5555
     python app.py -num_worker=4 -model_dir /tmp/uncased_L-12_H-768_A-12/
     python app.py -keygen keys/                    # CurveZMQ key pairs for -auth_dir
+
+Installed (`pip install .`), the same command line is `bert-serving-start` (or `python -m service`).
 """
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from bert.config import DTYPES, STRATEGIES, EncoderOptions
 from bert.errors import CheckpointError
+from bert.resolve import resolve_encoder
+from service.checks import device_warnings, settings_warnings
 from service.config import ServerConfig
 from service.logs import configure_logging
 
@@ -31,6 +36,21 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], refused with the bounds otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {f'between {low} and {high}' if high else f'at least {low}'}, "
+                                             f"got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in some messages
+    return parse
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows a flag's default unless its help already explains it or there is nothing to show."""
 
@@ -41,9 +61,9 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="app.py", description="Serve sentence vectors from a BERT-family model over ZeroMQ.",
+        prog=prog, description="Serve sentence vectors from a BERT-family model over ZeroMQ.",
         formatter_class=HelpFormatter,
         epilog="Clients: from service.client import BertClient; BertClient(ip=..., port=...).encode([...])")
     model = p.add_argument_group("model")
@@ -56,33 +76,36 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-mask_cls_sep", action="store_true", help="leave [CLS] and [SEP] out of mean and max pooling")
     model.add_argument("-normalize", type=str_to_bool, nargs="?", const=True, default=None,
                        help="L2-normalise vectors (default: the folder's own)")
-    model.add_argument("-max_seq_len", type=int, default=None,
+    model.add_argument("-max_seq_len", type=int_at_least(2), default=None,
                        help="tokens per sentence incl. [CLS]/[SEP]; longer is truncated (default: the model's own, at most 512)")
     model.add_argument("-do_lower_case", type=str_to_bool, nargs="?", const=True, default=None,
                        help="lower-case input (default: follows the folder, e.g. uncased_* vs cased_*)")
     compute = p.add_argument_group("compute")
-    compute.add_argument("-num_worker", type=int, default=1, help="worker processes (each owns a GPU or a share of the CPU cores)")
+    compute.add_argument("-num_worker", type=int_at_least(1), default=1, help="worker processes (each owns a GPU or a share of the CPU cores)")
     compute.add_argument("-cpu", action="store_true", help="run on CPU even if a GPU is visible")
-    compute.add_argument("-device_map", type=int, nargs="+", default=[], help="GPU ids to spread workers over, round-robin (default: all visible)")
-    compute.add_argument("-dtype", choices=DTYPES, default="auto", help="precision: auto is fp16 on GPU, fp32 on CPU")
+    compute.add_argument("-device_map", type=int_at_least(0), nargs="+", default=[], help="GPU ids to spread workers over, round-robin (default: all visible)")
+    compute.add_argument("-dtype", choices=DTYPES, default="auto",
+                         help="precision of the encoder: auto is fp16 on GPU, fp32 on CPU (fp16/bf16 on a CPU are "
+                              "allowed but warned about: much slower there unless it has AMX or AVX-512 for them)")
     compute.add_argument("-fp16", dest="dtype", action="store_const", const="fp16", help="same as -dtype fp16")
     compute.add_argument("-bf16", dest="dtype", action="store_const", const="bf16", help="same as -dtype bf16")
-    compute.add_argument("-cpu_threads", type=int, default=None, help="torch threads per CPU worker (default: cores / num_worker)")
-    compute.add_argument("-max_batch_size", type=int, default=256, help="a request is split into mini-batches of this many sentences, spread over workers")
-    compute.add_argument("-max_batch_tokens", type=int, default=None,
+    compute.add_argument("-cpu_threads", type=int_at_least(1), default=None, help="torch threads per CPU worker (default: cores / num_worker)")
+    compute.add_argument("-max_batch_size", type=int_at_least(1), default=256, help="a request is split into mini-batches of this many sentences, spread over workers")
+    compute.add_argument("-max_batch_tokens", type=int_at_least(1), default=None,
                          help="padded tokens per forward pass (default: 1024 on CPU, 65536 on GPU)")
     net = p.add_argument_group("network and limits")
-    net.add_argument("-port", type=int, default=5555, help="port clients connect to")
+    net.add_argument("-port", type=int_at_least(1, 65535), default=5555, help="port clients connect to")
     net.add_argument("-host", default="*", help="interface to listen on ('*' = all, '127.0.0.1' = this machine only)")
     net.add_argument("-output_dtype", choices=("float32", "float16"), default="float32", help="vector type on the wire")
-    net.add_argument("-max_client_batch_size", type=int, default=32768, help="largest request, in sentences")
-    net.add_argument("-max_request_bytes", type=int, default=64 * 1024 * 1024, help="largest request, in bytes")
-    net.add_argument("-max_queue", type=int, default=200_000, help="sentences waiting for a worker before new requests get a 'busy' error")
+    net.add_argument("-max_client_batch_size", type=int_at_least(1), default=32768, help="largest request, in sentences")
+    net.add_argument("-max_request_bytes", type=int_at_least(1024), default=64 * 1024 * 1024, help="largest request, in bytes")
+    net.add_argument("-max_queue", type=int_at_least(1), default=200_000, help="sentences waiting for a worker before new requests get a 'busy' error")
     net.add_argument("-auth_dir", default=None, help="CurveZMQ: encrypt and admit only the client keys in AUTH_DIR/clients")
     net.add_argument("-keygen", metavar="DIR", default=None, help="create CurveZMQ keys in DIR (server pair once, plus one client pair) and exit")
     net.add_argument("-client_name", default="client", help="name of the client key pair -keygen creates")
     http = p.add_argument_group("HTTP (OpenAI /v1/embeddings, TEI routes, /health, /metrics)")
-    http.add_argument("-http_port", type=int, default=None, help="serve HTTP on this port too (default: no HTTP)")
+    http.add_argument("-http_port", type=int_at_least(1, 65535), default=None,
+                      help="serve HTTP on this port too (default: no HTTP)")
     http.add_argument("-http_host", default=None, help="interface for HTTP (default: the same as -host)")
     http.add_argument("-api_key", default=None,
                       help=f"Bearer token the HTTP embedding routes require; /health and /metrics stay open "
@@ -122,31 +145,53 @@ def keygen(folder: str, client_name: str) -> int:
     print(f"server secret key:  {paths['server_secret']}   (keep on the server)")
     print(f"client key pair:    {paths['client_secret']}   (give this to the client '{client_name}')")
     print(f"client allowed via: {paths['client_public']}")
-    print(f"start the server with: python app.py -auth_dir {folder}")
+    print(f"start the server with: {program_name()} -auth_dir {folder}")
     return 0
 
 
-def client_address(config: ServerConfig) -> str:
+def client_call(config: ServerConfig) -> str:
+    """The line a client runs to reach this server, with the key arguments when keys are required."""
     host = config.host if config.host not in ("*", "0.0.0.0") else socket.gethostname()
-    return f"BertClient(ip='{host}', port={config.port})" + \
-        (" or BertClient() on this machine" if config.host in ("*", "0.0.0.0", "127.0.0.1", "localhost") else "")
+    keys = ""
+    if config.auth_dir:
+        from service.auth import server_key_paths
+        secrets = sorted(p.name for p in Path(config.auth_dir).glob("*.key_secret") if p.name != "server.key_secret")
+        client_key = Path(config.auth_dir) / (secrets[0] if len(secrets) == 1 else "NAME.key_secret")
+        keys = f", server_public_key='{server_key_paths(config.auth_dir)[0]}', client_key='{client_key}'"
+    local = config.host in ("*", "0.0.0.0", "127.0.0.1", "localhost")
+    return f"BertClient(ip='{host}', port={config.port}{keys})" + \
+        (f" or BertClient({keys.lstrip(', ')}) on this machine" if local and config.port == 5555 else "")
+
+
+def program_name() -> str:
+    """How the user started the server, for -h and error messages: app.py, bert-serving-start..."""
+    name = Path(sys.argv[0]).name
+    return "python -m service" if name == "__main__.py" else name or "app.py"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(program_name()).parse_args(argv)
     configure_logging(args.verbose)
     if args.keygen:
         return keygen(args.keygen, args.client_name)
+    if args.client_name != "client":
+        log.warning("-client_name only names the key pair -keygen creates; without -keygen it is ignored")
     try:
         config = config_from_args(args)
-        from bert.checkpoint import inspect_folder
-        folder = inspect_folder(config.encoder.model_dir)  # fail on a bad folder before anything starts
+        # The model's files (not its weights) decide the settings left open: refuse a bad folder or an
+        # impossible -max_seq_len/-pooling_layer now, before the port opens or a worker starts.
+        resolved = resolve_encoder(config.encoder)
     except (CheckpointError, ValueError) as e:
-        log.error("%s", e)
+        log.error("cannot start: %s", e)
         return 1
+    folder = resolved.folder
     log.info("model: %s (%s, %d layers, hidden %d)", folder.path, folder.kind,
              folder.config.num_hidden_layers, folder.config.hidden_size)
+    log.info("lower-casing %s (%s)", "on" if resolved.tokenizer.lowercases else "off",
+             "-do_lower_case" if config.encoder.do_lower_case is not None else "the folder's own")
     log.info("config: %s", ", ".join(f"{k}={v}" for k, v in config.public().items()))
+    for warning in settings_warnings(config, resolved):
+        log.warning("%s", warning)
 
     from service.broker import Broker, StartupError
     broker = Broker(config)
@@ -170,12 +215,16 @@ def main(argv: list[str] | None = None) -> int:
 def log_ready(broker, config: ServerConfig) -> None:
     """The lines a user (and the test harness) waits for: what is served, and where."""
     info = broker.encoder_info
-    log.info("serving %s vectors of dim %s (pooling %s of layer %s, max_seq_len %s) with %d worker%s on %s",
-             info.get("dtype"), info.get("dim"), "+".join(info.get("pooling_modes", [])),
-             info.get("pooling_layer"), info.get("max_seq_len"), config.num_worker,
-             "s" if config.num_worker > 1 else "",
-             ", ".join(sorted({s.info.get("device", "?") for s in broker.slots})))
-    log.info("ready on tcp://%s:%d: clients use %s", config.host, config.port, client_address(config))
+    devices = {s.info.get("device", "?") for s in broker.slots}
+    for warning in device_warnings(config, devices, info.get("dtype", "")):
+        log.warning("%s", warning)
+    pooling = info.get("pooling_strategy") or "+".join(info.get("pooling_modes", []))
+    log.info("serving %s vectors of dim %s (%s of layer %s, max_seq_len %s, lower-casing %s), computed in %s "
+             "by %d worker%s on %s", config.output_dtype, info.get("dim"), pooling,
+             " ".join(map(str, info.get("pooling_layer", []))), info.get("max_seq_len"),
+             "on" if info.get("do_lower_case") else "off", info.get("dtype"), config.num_worker,
+             "s" if config.num_worker > 1 else "", ", ".join(sorted(devices)))
+    log.info("ready on tcp://%s:%d: clients use %s", config.host, config.port, client_call(config))
 
 
 if __name__ == "__main__":

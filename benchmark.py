@@ -40,7 +40,6 @@ import csv
 import dataclasses
 import json
 import os
-import random
 import statistics
 import sys
 import threading
@@ -51,13 +50,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))  # `service` imports from anywhere this file is run
+from bert.config import effective_dtype
+from bert.random_model import build_random_bert
+from service.checks import cpuinfo
+from service.client import BertClient
+from service.corpus import DEFAULT_CORPUS, corpus_sentences
+from service.harness import ROOT, RunningServer, free_port, group_pids, proc_stat
 
-from service.client import BertClient  # noqa: E402
-from service.harness import RunningServer, free_port, group_pids  # noqa: E402
-
-DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "sentences.txt"
 DEFAULT_OUT = ROOT / "bench_out"
 CLIENT_TIMEOUT = 900.0  # seconds; one large request to a slow CPU server can take minutes
 SERVER_READY_TIMEOUT = 600.0
@@ -95,15 +94,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def describe_hardware(device: str) -> str:
     """'Intel Xeon ... (2 cores)', plus the GPU's name when the run uses one."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        import platform
-        cpu = platform.processor() or cpu
+    import platform
+
+    cpu = cpuinfo("model name") or platform.processor() or "unknown CPU"
     text = f"{cpu} ({os.cpu_count()} cores)"
     if device.startswith("cuda"):
         import torch
@@ -123,21 +116,6 @@ def cpu_load_warning() -> str | None:
     return None
 
 
-def load_sentences(path: Path, n: int, seed: int = 0) -> tuple[list[str], str]:
-    """The first `n` non-empty lines of the corpus (repeated if it is shorter), or generated text."""
-    if path.is_file():
-        lines = [s for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
-        if lines:
-            return [lines[i % len(lines)] for i in range(n)], str(path)
-    rng = random.Random(seed)
-    words = ("the a model vector returns array of an index graph file string number value sorted "
-             "sentence function module data type error if not None list this that").split()
-    # Lengths like the shared corpus's: median about 12 words, a long tail.
-    texts = [" ".join(rng.choice(words) for _ in range(min(60, max(1, int(rng.lognormvariate(2.4, 0.5))))))
-             .capitalize() + "." for _ in range(n)]
-    return texts, "generated text (corpus not found)"
-
-
 # ---------------------------------------------------------------- other processes on the machine
 
 
@@ -151,14 +129,8 @@ def _machine_jiffies() -> tuple[int, int]:
 
 
 def _process_jiffies(pids: Sequence[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        total += int(fields[11]) + int(fields[12])  # utime + stime, every thread of the process
-    return total
+    """utime + stime of every thread of these processes (those that exited meanwhile count 0)."""
+    return sum(int(fields[11]) + int(fields[12]) for fields in map(proc_stat, pids) if fields)
 
 
 class CpuMeter:
@@ -198,90 +170,6 @@ class CpuMeter:
             share = self.stop()
             if share is None or share < threshold or time.monotonic() >= deadline:
                 return share
-
-
-# ---------------------------------------------------------------- random BERT-base
-
-
-def random_bert_config(vocab_size: int, hidden_size: int = 768, num_hidden_layers: int = 12,
-                       num_attention_heads: int = 12, intermediate_size: int = 3072,
-                       max_position_embeddings: int = 512, seed: int = 0) -> dict[str, Any]:
-    """A Hugging Face `config.json` for BERT (defaults: BERT-base) that both our loader and
-    `transformers` read."""
-    return {
-        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": vocab_size,
-        "hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads, "intermediate_size": intermediate_size,
-        "hidden_act": "gelu", "max_position_embeddings": max_position_embeddings, "type_vocab_size": 2,
-        "layer_norm_eps": 1e-12, "pad_token_id": 0, "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02,
-        "position_embedding_type": "absolute", "random_init_seed": seed,
-    }
-
-
-def random_bert_weights(config: dict[str, Any], seed: int = 0) -> dict[str, "Any"]:
-    """Hugging Face BERT weights (the names `bert/checkpoint.py` reads): matrices and embeddings
-    drawn from N(0, 0.02) as BERT's own initialiser does, biases 0, LayerNorm weight 1 and bias 0."""
-    import torch
-
-    H, I, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    gen = torch.Generator().manual_seed(seed)
-
-    def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * config["initializer_range"]
-
-    def norm(prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.LayerNorm.weight": torch.ones(H), f"{prefix}.LayerNorm.bias": torch.zeros(H)}
-
-    def dense(name: str, out_dim: int, in_dim: int) -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": normal(out_dim, in_dim), f"{name}.bias": torch.zeros(out_dim)}
-
-    weights = {
-        "embeddings.word_embeddings.weight": normal(config["vocab_size"], H),
-        "embeddings.position_embeddings.weight": normal(config["max_position_embeddings"], H),
-        "embeddings.token_type_embeddings.weight": normal(config["type_vocab_size"], H),
-        **norm("embeddings"),
-    }
-    for i in range(L):
-        layer = f"encoder.layer.{i}"
-        for part in ("query", "key", "value"):
-            weights.update(dense(f"{layer}.attention.self.{part}", H, H))
-        weights.update(dense(f"{layer}.attention.output.dense", H, H))
-        weights.update(norm(f"{layer}.attention.output"))
-        weights.update(dense(f"{layer}.intermediate.dense", I, H))
-        weights.update(dense(f"{layer}.output.dense", H, I))
-        weights.update(norm(f"{layer}.output"))
-    # Serving ignores the pooler; transformers (hence sentence-transformers) expects one in a BertModel.
-    weights.update(dense("pooler.dense", H, H))
-    return weights
-
-
-def build_random_bert(folder: str | Path, vocab_file: str | Path | None = None, seed: int = 0,
-                      **sizes: int) -> Path:
-    """Write a randomly initialised BERT (BERT-base unless `sizes` say otherwise) as a Hugging Face
-    folder: config.json, model.safetensors, vocab.txt. A folder already holding the same config is
-    reused as it is, so repeated runs do not rewrite 440 MB."""
-    from safetensors.torch import save_file
-
-    from bert.checkpoint import bundled_model_dir
-
-    folder = Path(folder)
-    vocab_file = Path(vocab_file) if vocab_file else bundled_model_dir() / "vocab.txt"
-    vocab = vocab_file.read_text(encoding="utf-8")
-    vocab_size = sum(1 for line in vocab.splitlines() if line)
-    config = random_bert_config(vocab_size, seed=seed, **sizes)
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    if config_path.is_file() and weights_path.is_file() and json.loads(config_path.read_text()) == config:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(random_bert_weights(config, seed), str(weights_path), metadata={"format": "pt"})
-    (folder / "vocab.txt").write_text(vocab, encoding="utf-8")
-    # The bundled vocabulary is uncased; transformers' AutoTokenizer reads this, our loader reads vocab.txt.
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
-         "model_max_length": config["max_position_embeddings"]}, indent=2))
-    config_path.write_text(json.dumps(config, indent=2))  # last: its presence marks a complete folder
-    return folder
 
 
 # ---------------------------------------------------------------- measurements
@@ -467,10 +355,10 @@ class SentenceTransformersRunner:
 
         transformers.utils.logging.disable_progress_bar()  # its per-weight bar would break up the table
         self.model = SentenceTransformer(model_dir, device=device)
-        torch_dtype = resolve_dtype(dtype, device)
-        if torch_dtype == "fp16":
+        precision = effective_dtype(dtype, device)
+        if precision == "fp16":
             self.model.half()
-        elif torch_dtype == "bf16":
+        elif precision == "bf16":
             self.model.to(torch.bfloat16)
         self.device = device
 
@@ -483,13 +371,6 @@ class SentenceTransformersRunner:
         start = time.perf_counter()
         self.encode(sentences, max_seq_len, batch_size)  # returns numpy: the GPU work is finished
         return len(sentences) / (time.perf_counter() - start)
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """The server's rule: 'auto' is fp16 on a GPU and fp32 on the CPU."""
-    if dtype == "auto":
-        return "fp16" if device.startswith("cuda") else "fp32"
-    return dtype
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -843,7 +724,7 @@ class Benchmark:
             label = f"max_seq_len={length} dtype={dtype} num_worker={workers}"
             progress(f"{label}: warm-up ({len(self.warmup_sentences)} sentences)")
             service_warm = service_vectors(server.port, self.warmup_sentences)
-            shown_dtype = resolve_dtype(dtype, a.device)
+            shown_dtype = effective_dtype(dtype, a.device)
             points = [(door, Row(PROTOCOL_KINDS[door.protocol][0], length, shown_dtype, workers, batch, clients,
                                  len(self.sentences)))
                       for batch in a.client_batch_size for clients in a.num_client for door in doors]
@@ -921,7 +802,7 @@ class Benchmark:
         # Same model, same sentences: anything but ~1.0 means the two are not doing the same work.
         print(f"# max_seq_len {length}: service and sentence-transformers vectors agree to mean cosine {cosine:.5f}",
               flush=True)
-        return [Row("sentence-transformers", length, resolve_dtype(dtype, a.device), None, bs, None,
+        return [Row("sentence-transformers", length, effective_dtype(dtype, a.device), None, bs, None,
                     len(self.sentences)) for bs in a.st_batch_size]
 
     def add(self, row: Row) -> None:
@@ -956,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [w for w in [cpu_load_warning()] if w]
     model_dir, model_name = resolve_model(args)
     hardware = describe_hardware(args.device)
-    sentences, corpus = load_sentences(args.corpus, args.num_sentences)
+    sentences, corpus = corpus_sentences(args.num_sentences, path=args.corpus)
     notes.append(f"device {args.device}; {args.num_sentences} sentences per point, median of {args.repeat}, "
                  f"pooling layer {args.pooling_layer}, max_in_flight {args.max_in_flight}"
                  + (f"; preset {args.preset}" if args.preset else ""))

@@ -6,12 +6,11 @@
     python client_example.py -num_sentences 2000 -batch_size 256 -num_repeat 3   # sentences per second
 
 It needs only the one-file client (`service/client.py`, or a copy of it named `client.py` next to
-this script), pyzmq and numpy.
+this script), pyzmq and numpy; the speed test also takes its sentences from `service/corpus.py`.
 """
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -20,32 +19,38 @@ import numpy as np
 
 try:
     from service.client import BertClient, BertClientError, BertTimeoutError
-except ImportError:  # client.py copied next to this script
-    from client import BertClient, BertClientError, BertTimeoutError
+except ModuleNotFoundError as e:
+    if e.name != "service":  # pyzmq or numpy missing: say that, not "no module named client"
+        raise
+    from client import BertClient, BertClientError, BertTimeoutError  # client.py copied next to this script
+try:  # the speed test's sentences; absent where this script was copied without the repository
+    from service.corpus import corpus_sentences
+except ModuleNotFoundError:
+    corpus_sentences = None
 
 EXAMPLE_SENTENCES = [
     "The cat sits on the mat.",
     "A kitten is resting on a rug.",
     "Stock markets fell sharply on Monday.",
 ]
-CORPUS = Path(__file__).resolve().parent.parent / "shared" / "data" / "sentences.txt"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="client_example.py",
-                                description="Encode sentences with a running bert-as-service server.")
+                                description="Encode sentences with a running bert-as-service server.",
+                                epilog="Start a server first: python app.py (or bert-serving-start once installed).")
     p.add_argument("sentences", nargs="*", help="sentences to compare (default: three examples)")
-    p.add_argument("-ip", default="localhost", help="server address (default: %(default)s)")
-    p.add_argument("-port", type=int, default=5555, help="server port (default: %(default)s)")
+    p.add_argument("-ip", default="localhost", help="server address (default: %(default)s, this machine)")
+    p.add_argument("-port", type=int, default=5555, help="server port (default: %(default)s, the server's default)")
     p.add_argument("-timeout", type=float, default=60.0, help="seconds to wait for each reply (default: %(default)s)")
     p.add_argument("-num_sentences", type=int, default=0,
                    help="speed test: encode this many sentences (default: 0, no speed test)")
     p.add_argument("-batch_size", type=int, default=256,
                    help="speed test: sentences per request (default: %(default)s)")
     p.add_argument("-num_repeat", type=int, default=3, help="speed test: timed rounds (default: %(default)s)")
-    p.add_argument("-corpus", default=str(CORPUS),
-                   help="speed test: a text file, one sentence a line; generated text where it is absent "
-                        "(default: %(default)s)")
+    p.add_argument("-corpus", type=Path, default=None,
+                   help="speed test: a text file, one sentence a line (default: the project's data set at "
+                        "../shared/data/sentences.txt beside the repository where there is one, else generated text)")
     return p
 
 
@@ -63,18 +68,14 @@ def print_similarity(sentences: list[str], vectors: np.ndarray) -> None:
         print(f"{f'[{i + 1}]':<6}{row}   {sentence}")
 
 
-def load_sentences(path: str, n: int, seed: int = 0) -> list[str]:
-    """`n` sentences from `path` (repeated if it has fewer), or generated ones where it is absent."""
-    rng = random.Random(seed)
-    file = Path(path)
-    lines = [s for s in file.read_text(encoding="utf-8").splitlines() if s.strip()] if file.is_file() else []
-    if lines:
-        rng.shuffle(lines)
-        return [lines[i % len(lines)] for i in range(n)]
-    words = ("the a model vector returns array of an index graph file string number value sorted "
-             "sentence function module data type error if not list this that").split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))).capitalize() + "."
-            for _ in range(n)]
+def speed_test_sentences(path: Path | None, n: int) -> list[str]:
+    """`n` sentences in a fixed order, from `path` or the project's corpus (see service/corpus.py)."""
+    if corpus_sentences is None:
+        raise SystemExit("the speed test needs service/corpus.py: run client_example.py from the repository")
+    options = {} if path is None else {"path": path}
+    sentences, source = corpus_sentences(n, seed=0, **options)
+    print(f"speed test sentences: {source}")
+    return sentences
 
 
 def speed_test(bc: BertClient, sentences: list[str], batch_size: int, num_repeat: int) -> float:
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print("-num_sentences must be >= 0, -batch_size and -num_repeat >= 1", file=sys.stderr)
         return 2
     sentences = args.sentences or EXAMPLE_SENTENCES
+    speed_sentences = speed_test_sentences(args.corpus, args.num_sentences) if args.num_sentences else []
     try:
         with BertClient(ip=args.ip, port=args.port, timeout=args.timeout) as bc:
             config = bc.server_config()
@@ -110,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"the server returns per-token vectors {vectors.shape}; no sentence similarity to show")
             else:
                 print_similarity(sentences, vectors)
-            if args.num_sentences:
-                speed_test(bc, load_sentences(args.corpus, args.num_sentences), args.batch_size, args.num_repeat)
+            if speed_sentences:
+                speed_test(bc, speed_sentences, args.batch_size, args.num_repeat)
     except BertTimeoutError as e:
         print(f"error: {e}\nstart a server with: python app.py -port {args.port}", file=sys.stderr)
         return 1

@@ -7,7 +7,9 @@
 - `modeling.py`: the compact BERT encoder
 - `pooling.py`: hidden states to sentence vectors
 - `batching.py`: length-sorted, token-budgeted batch planning
+- `resolve.py`: the options a folder and the user's flags come to, without weights or torch
 - `encoder.py`: `Encoder`, all of the above behind `from_dir()` and `encode()`
+- `random_model.py`: randomly initialised BERT folders of any size, for benchmarks and tests
 """
 from .config import BertConfig, EncoderOptions, PoolingConfig, STRATEGIES
 from .errors import CheckpointError

@@ -167,6 +167,16 @@ class PoolingConfig:
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
+def effective_dtype(dtype: str, device: str) -> str:
+    """The precision a model runs in on `device` ('cpu', 'cuda', 'cuda:1'): 'auto' is fp16 on a GPU
+    (its tensor cores) and fp32 on a CPU (where half precision is usually slower, not faster)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if dtype == "auto":
+        return "fp16" if str(device).startswith("cuda") else "fp32"
+    return dtype
+
+
 @dataclass(frozen=True)
 class EncoderOptions:
     """How to build an `Encoder` from a folder; `None` means "the folder's own default".

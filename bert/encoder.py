@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any, Sequence
@@ -17,11 +16,12 @@ import torch
 
 from .batching import plan_batches
 from .checkpoint import ModelFolder, inspect_folder, load_weights, weights_source
-from .config import EncoderOptions, PoolingConfig
+from .config import EncoderOptions, effective_dtype
 from .errors import CheckpointError
 from .modeling import BertModel
 from .pooling import pool
-from .tokenization import BertTokenizer, TokenBatch
+from .resolve import resolve_encoder
+from .tokenization import TokenBatch
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +31,8 @@ _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 65536}
 
 
-def resolve_pooling(folder: ModelFolder, options: EncoderOptions) -> PoolingConfig:
-    """The folder's default pooling, overridden by whatever the user set."""
-    pooling = folder.pooling
-    if options.pooling_strategy is not None:
-        pooling = PoolingConfig.from_strategy(options.pooling_strategy, layers=pooling.layers,
-                                              normalize=pooling.normalize)
-    changes: dict[str, Any] = {"mask_cls_sep": options.mask_cls_sep}
-    if options.pooling_layer is not None:
-        changes["layers"] = tuple(options.pooling_layer)
-    if options.normalize is not None:
-        changes["normalize"] = options.normalize
-    return dataclasses.replace(pooling, **changes)
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        return _TORCH_DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_TORCH_DTYPES)}; got {dtype!r}") from None
+    return _TORCH_DTYPES[effective_dtype(dtype, device.type)]
 
 
 class Encoder:
@@ -60,20 +41,13 @@ class Encoder:
     def __init__(self, folder: ModelFolder, options: EncoderOptions) -> None:
         self.folder = folder
         self.options = options
-        config = folder.config
-        self.pooling = resolve_pooling(folder, options)
-        self.layers = self.pooling.resolve_layers(config.num_hidden_layers)
-        self.max_seq_len = options.max_seq_len or folder.max_seq_len
-        if not 2 <= self.max_seq_len <= config.max_position_embeddings:
-            raise ValueError(f"max_seq_len must be between 2 and the model's max_position_embeddings "
-                             f"({config.max_position_embeddings}), got {self.max_seq_len}")
+        resolved = resolve_encoder(options, folder)
+        self.pooling, self.layers = resolved.pooling, resolved.layers
+        self.max_seq_len, self.tokenizer = resolved.max_seq_len, resolved.tokenizer
+        self.pooling_strategy = resolved.pooling_strategy
         self.device = torch.device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.max_batch_tokens = options.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(self.device.type, 1024)
-        self.tokenizer = BertTokenizer.for_model(folder, options)
-        if self.tokenizer.vocab_size > config.vocab_size:
-            raise CheckpointError(f"{folder.weights_dir}: the vocabulary has {self.tokenizer.vocab_size} "
-                                  f"tokens but the model only {config.vocab_size} embeddings")
         self.model = self._build_model(max(self.layers))
 
     def _build_model(self, num_layers: int) -> BertModel:
@@ -109,7 +83,8 @@ class Encoder:
             "model_dir": str(self.folder.path), "model_kind": self.folder.kind,
             "num_layers_run": self.model.num_layers, "num_hidden_layers": self.folder.config.num_hidden_layers,
             "hidden_size": self.folder.config.hidden_size, "dim": self.dim,
-            "pooling_modes": list(self.pooling.modes), "pooling_layer": list(self.pooling.layers),
+            "pooling_strategy": self.pooling_strategy, "pooling_modes": list(self.pooling.modes),
+            "pooling_layer": list(self.pooling.layers), "do_lower_case": self.tokenizer.lowercases,
             "mask_cls_sep": self.pooling.mask_cls_sep, "normalize": self.pooling.normalize,
             "max_seq_len": self.max_seq_len, "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."), "max_batch_tokens": self.max_batch_tokens,

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
@@ -20,9 +20,6 @@ from .errors import CheckpointError
 
 if TYPE_CHECKING:
     from tokenizers import Encoding
-
-    from .checkpoint import ModelFolder
-    from .config import EncoderOptions
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +109,19 @@ class BertTokenizer:
             tokenizer = wordpiece_tokenizer(folder / "vocab.txt", do_lower_case)
         return cls(tokenizer, max_seq_len, lowercase_input)
 
-    @classmethod
-    def for_model(cls, folder: "ModelFolder", options: "EncoderOptions") -> "BertTokenizer":
-        """The tokenizer of an `Encoder` built from `folder` and `options`: the server's workers use
-        it, and the HTTP door's /tokenize builds the same one (without torch)."""
-        do_lower_case = options.do_lower_case if options.do_lower_case is not None else folder.do_lower_case
-        return cls.from_dir(folder.weights_dir, options.max_seq_len or folder.max_seq_len, do_lower_case,
-                            folder.lowercase_input)
-
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def lowercases(self) -> bool:
+        """Whether input is lower-cased before WordPiece (by the normalizer, or sentence-transformers' own)."""
+        normalizer = self._tokenizer.normalizer
+        return self.lowercase_input or (normalizer is not None and normalizer.normalize_str("ABC") == "abc")
+
+    @property
+    def vocab_is_uncased(self) -> bool:
+        return is_uncased_vocabulary(self._tokenizer.get_vocab())
 
     def encode(self, texts: Sequence[str]) -> TokenBatch:
         encodings = self._tokenizer.encode_batch_fast(self._model_input(texts), add_special_tokens=True)
@@ -152,6 +151,13 @@ class BertTokenizer:
         id_to_token = self._tokenizer.id_to_token
         offsets = batch.offsets
         return [[id_to_token(int(i)) for i in batch.ids[offsets[k]:offsets[k + 1]]] for k in range(len(batch))]
+
+
+def is_uncased_vocabulary(tokens: Iterable[str]) -> bool:
+    """No token has an upper-case letter: the model was trained on lower-cased text, and without
+    lower-casing every word with a capital becomes [UNK] or a worse split."""
+    return not any(token != token.lower() for token in tokens
+                   if not (token.startswith("[") and token.endswith("]")))  # [CLS], [unused0]...
 
 
 def bert_normalizer(do_lower_case: bool) -> normalizers.Normalizer:

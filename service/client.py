@@ -118,6 +118,20 @@ def check_texts(texts: Any, is_tokenized: bool = False) -> list:
     return list(texts)
 
 
+def from_numpy(texts: Any) -> Any:
+    """A numpy array of strings as the list `check_texts` takes (a 2-D one as a list of rows, each
+    then checked as a list would be); anything else unchanged. Arrays of bytes are refused: the
+    text's encoding is the caller's to know."""
+    if not isinstance(texts, np.ndarray):
+        return texts
+    if texts.dtype.kind == "S":
+        raise BadRequestError("encode() got a numpy array of bytes; decode it to str first "
+                              "(e.g. np.char.decode(array, 'utf-8'))")
+    if texts.ndim not in (1, 2):
+        raise BadRequestError(f"encode() takes a 1-D numpy array of strings, got {texts.ndim} dimensions")
+    return texts.tolist()  # numpy str_ items become str
+
+
 def _is_utf8_encodable(text: str) -> bool:
     # A str can hold lone surrogates (Python's own, or JSON's "\ud800" escape) that no UTF-8 encoder
     # takes: the request could be neither sent nor passed on to a worker.
@@ -355,12 +369,16 @@ class BertClient:
                show_progress: bool = False, batch_size: int = 1024) -> Any:
         """Vectors for `texts`: a float32 ndarray (n, dim), or List[List[float]] with output_fmt='list'.
 
+        texts: a list, tuple or numpy array of strings.
         is_tokenized: `texts` are lists of WordPiece tokens (the server adds [CLS]/[SEP]).
         show_tokens: return `(vectors, tokens)`, the tokens being what the model saw after truncation.
-        show_progress: send in chunks of `batch_size` and show progress (tqdm when installed).
+        show_progress: send in requests of `batch_size` sentences, pipelined, and show progress after
+            each (tqdm when installed, else a line on stderr), however few the sentences.
         """
-        texts = check_texts(texts, is_tokenized)
-        if show_progress and len(texts) > batch_size:
+        texts = check_texts(from_numpy(texts), is_tokenized)
+        if show_progress:
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be at least 1, got {batch_size}")
             chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
             bar = _progress(len(texts), True)
             results = []
@@ -387,7 +405,8 @@ class BertClient:
                     batch = next(batches, None)
                     if batch is None:
                         break
-                    pending.append(self._send("encode", check_texts(batch, is_tokenized), is_tokenized, show_tokens))
+                    batch = check_texts(from_numpy(batch), is_tokenized)
+                    pending.append(self._send("encode", batch, is_tokenized, show_tokens))
                 if not pending:
                     return
                 yield self._format(*self._receive(pending.popleft()), show_tokens)

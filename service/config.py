@@ -1,6 +1,7 @@
 """The server's one configuration object, built once by `app.py` and passed to broker and workers."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from bert.config import EncoderOptions
@@ -62,21 +63,37 @@ class ServerConfig:
             (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be at least 1"),
             (self.http_port is None or 0 < self.http_port < 65536,
              f"http_port must be between 1 and 65535, got {self.http_port}"),
-            (self.http_port != self.port, f"http_port and port must differ, both are {self.port}"),
+            (self.http_port != self.port, f"-http_port and -port must differ, both are {self.port}"),
             (self.api_key is None or (self.api_key.strip() == self.api_key and self.api_key != ""),
              "api_key must be a non-empty string without surrounding spaces"),
-            (self.api_key is None or self.http_port is not None, "api_key protects the HTTP door: it needs http_port"),
+            (self.api_key is None or self.http_port is not None, "-api_key protects the HTTP door: it needs -http_port"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
+    @property
+    def threads_per_worker(self) -> int:
+        """torch threads of a CPU worker: -cpu_threads, else the cores divided between the workers
+        (each using every core would oversubscribe them)."""
+        return self.cpu_threads or max(1, (os.cpu_count() or 1) // self.num_worker)
+
     def public(self) -> dict:
-        """The configuration as plain JSON values, for logs and the client's `server_config()`."""
+        """Every setting under its flag's name, as plain JSON values, for logs and the client's
+        `server_config()`. Model settings left to the folder are None here: the server adds the values
+        the model came to (pooling_strategy, max_seq_len, do_lower_case...) when a worker has loaded it.
+        Only whether keys are required is told, not where the server keeps them."""
+        e = self.encoder
         return {
-            "num_worker": self.num_worker, "port": self.port, "max_batch_size": self.max_batch_size,
-            "max_client_batch_size": self.max_client_batch_size, "max_request_bytes": self.max_request_bytes,
-            "max_queue": self.max_queue, "output_dtype": self.output_dtype,
-            "authentication": self.auth_dir is not None,
-            "http_port": self.http_port, "http_api_key": self.api_key is not None,
+            "model_dir": e.model_dir, "pooling_strategy": e.pooling_strategy,
+            "pooling_layer": list(e.pooling_layer) if e.pooling_layer is not None else None,
+            "mask_cls_sep": e.mask_cls_sep, "normalize": e.normalize, "max_seq_len": e.max_seq_len,
+            "do_lower_case": e.do_lower_case, "dtype": e.dtype, "max_batch_tokens": e.max_batch_tokens,
+            "num_worker": self.num_worker, "host": self.host, "port": self.port, "cpu": self.cpu,
+            "device_map": list(self.device_map), "cpu_threads": self.threads_per_worker,
+            "max_batch_size": self.max_batch_size, "max_client_batch_size": self.max_client_batch_size,
+            "max_request_bytes": self.max_request_bytes, "max_queue": self.max_queue,
+            "output_dtype": self.output_dtype, "authentication": self.auth_dir is not None,
+            "verbose": self.verbose, "http_port": self.http_port, "http_host": self.http_host,
+            "http_api_key": self.api_key is not None,
         }

@@ -10,6 +10,7 @@ to the group), never by name, and its log is kept for the assertion messages.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,15 +32,17 @@ class RunningServer:
     """A real `python app.py` process listening on 127.0.0.1 at a free port."""
 
     def __init__(self, args: list[str] | None = None, port: int | None = None, ready_timeout: float = 120.0,
-                 wait_ready: bool = True, device: str = "cpu") -> None:
+                 wait_ready: bool = True, device: str = "cpu", env: dict[str, str] | None = None) -> None:
         """`device`: "cpu" adds `-cpu`, so a test means the same on a machine with a GPU;
-        "auto" lets the server choose (a GPU where one is visible), as benchmarks want."""
+        "auto" lets the server choose (a GPU where one is visible), as benchmarks want.
+        `env`: variables to set in the server's environment, on top of this process's."""
         if device not in ("cpu", "auto"):
             raise ValueError(f"device must be 'cpu' or 'auto', got {device!r}")
         self.args = (["-cpu"] if device == "cpu" else []) + list(args or [])
         self.port = port or free_port()
         self.ready_timeout = ready_timeout
         self.wait_ready = wait_ready
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.process: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="app-", suffix=".log", delete=False)
 
@@ -48,9 +51,8 @@ class RunningServer:
         return [sys.executable, str(ROOT / "app.py"), "-host", "127.0.0.1", "-port", str(self.port), *self.args]
 
     def start(self) -> "RunningServer":
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
         if self.wait_ready:
             self.wait_until_ready()
         return self
@@ -99,10 +101,26 @@ def group_pids(pgid: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
+            fields = proc_stat(int(entry.name))
+            if fields and int(fields[2]) == pgid and fields[0] != "Z":
                 pids.append(int(entry.name))
     return pids
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ... utime at index 11,
+    stime at 12); None when the process is gone."""
+    try:
+        # The command name is in parentheses and may hold spaces and ')': split after the last one.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def rss_kb(pid: int) -> int | None:
+    """Resident memory of a process in kB (VmRSS); None when the process is gone."""
+    try:
+        found = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    except OSError:
+        return None
+    return int(found[1]) if found else None

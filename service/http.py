@@ -566,11 +566,11 @@ class HttpDoor:
 
 
 def load_tokenizer(config: ServerConfig) -> Any:
-    """The same tokenizer the workers build (bert.tokenization; never torch)."""
-    from bert.checkpoint import inspect_folder
-    from bert.tokenization import BertTokenizer
+    """The tokenizer the workers build, from the same resolution of folder and flags (bert.resolve;
+    never torch)."""
+    from bert.resolve import resolve_encoder
 
-    return BertTokenizer.for_model(inspect_folder(config.encoder.model_dir), config.encoder)
+    return resolve_encoder(config.encoder).tokenizer
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -73,7 +73,7 @@ def pick_device(config: ServerConfig, index: int) -> str:
 
 def cpu_threads(config: ServerConfig) -> int:
     """Divide the cores between workers rather than let each use all of them (oversubscription)."""
-    return config.cpu_threads or max(1, (os.cpu_count() or 1) // config.num_worker)
+    return config.threads_per_worker
 
 
 def worker_main(config: ServerConfig, index: int, identity: bytes, backend: str, parent_pid: int) -> None:

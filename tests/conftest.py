@@ -15,10 +15,11 @@ def bundled_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_encoder():
-    """`Encoder.from_dir()`: the bundled all-MiniLM-L6-v2 with its own defaults."""
+    """`Encoder.from_dir()`: the bundled all-MiniLM-L6-v2 with its own defaults, on the CPU as the
+    test servers are."""
     from bert import Encoder
 
-    return Encoder.from_dir()
+    return Encoder.from_dir(device="cpu")
 
 
 @pytest.fixture(scope="session")

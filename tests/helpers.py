@@ -3,7 +3,6 @@ computed from Hugging Face `transformers` (never from our own code)."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -11,10 +10,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bert.random_model import random_bert_config, random_bert_weights, vocab_size_of, write_bert_folder
+from service.corpus import distinct_sentences
+
 FIXTURES = Path(__file__).parent / "fixtures"
 HF_TINY = FIXTURES / "hf_tiny"
 GOOGLE_TINY = FIXTURES / "google_tiny_uncased"
-SENTENCES_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sentences.txt"
 
 # Text that tokenizers get wrong: accents, CJK, emoji, control and zero-width characters, tabs and
 # newlines, combining marks, literal special tokens, mixed case, and an empty string.
@@ -38,15 +39,9 @@ HARD_TEXTS = [
 
 
 def real_sentences(n: int, seed: int = 0) -> list[str]:
-    """`n` real English sentences from the shared data set, or generated ones where it is absent."""
-    if SENTENCES_FILE.is_file():
-        lines = [s for s in SENTENCES_FILE.read_text(encoding="utf-8").splitlines() if s.strip()]
-        return random.Random(seed).sample(lines, n)
-    rng = random.Random(seed)
-    words = ("the a model vector returns array of an index graph file string number value sorted "
-             "sentence function module data type error if not None list this that").split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))).capitalize() + "."
-            for _ in range(n)]
+    """`n` different sentences: the shared data set's where a checkout has it beside it, else generated
+    ones of the same kind (`service.corpus`), so a test means the same either way."""
+    return distinct_sentences(n, seed=seed)
 
 
 def mixed_batch(n_real: int = 12) -> list[str]:
@@ -73,28 +68,30 @@ def hf_token_ids(vocab: Path, texts: Sequence[str], do_lower_case: bool, max_len
 def save_random_bert(folder: Path, vocab: Path, *, masked_lm: bool = False, as_bin: bool = False,
                      seed: int = 0, **config) -> torch.nn.Module:
     """Save a randomly initialised BERT as a Hugging Face folder (config.json, weights, vocab.txt)
-    and return the `transformers.BertModel` holding the same weights, for reference outputs.
+    and return the `transformers.BertModel` that loads the same weights, for reference outputs.
 
-    Every parameter is drawn at random, LayerNorm and biases included (Hugging Face's own init
-    leaves those at 1 and 0, which would hide a swapped or dropped bias).
+    Every parameter is drawn at random, LayerNorm and biases included (BERT's own init leaves those
+    at 1 and 0, which would hide a swapped or dropped bias). `masked_lm`: saved as BertForMaskedLM
+    saves it (names prefixed 'bert.', and a 'cls.' head serving ignores); `as_bin`: pytorch_model.bin.
     """
-    from transformers import BertConfig, BertForMaskedLM, BertModel
+    from transformers import BertModel
 
-    vocab_size = sum(1 for _ in vocab.open(encoding="utf-8"))
-    cfg = BertConfig(vocab_size=vocab_size, attn_implementation="eager", **config)
-    torch.manual_seed(seed)
-    model = (BertForMaskedLM if masked_lm else BertModel)(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.15 + (1.0 if "LayerNorm.weight" in name else 0.0))
-    folder.mkdir(parents=True)
-    if as_bin:
-        cfg.save_pretrained(folder)
-        torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    else:
-        model.save_pretrained(folder)
-    shutil.copy(vocab, folder / "vocab.txt")
-    return model.bert if masked_lm else model
+    settings = random_bert_config(vocab_size_of(vocab), seed=seed, **config)
+    weights = random_bert_weights(settings, seed=seed, std=0.15, all_random=True)
+    if masked_lm:
+        hidden = settings["hidden_size"]
+        weights = {f"bert.{name}": value for name, value in weights.items()}
+        gen = torch.Generator().manual_seed(seed + 1)
+        weights.update({"cls.predictions.bias": torch.zeros(settings["vocab_size"]),
+                        "cls.predictions.transform.dense.weight": torch.randn(hidden, hidden, generator=gen),
+                        "cls.predictions.transform.dense.bias": torch.zeros(hidden),
+                        "cls.predictions.transform.LayerNorm.weight": torch.ones(hidden),
+                        "cls.predictions.transform.LayerNorm.bias": torch.zeros(hidden)})
+        settings["architectures"] = ["BertForMaskedLM"]
+    write_bert_folder(folder, settings, weights, vocab, as_bin=as_bin)
+    model, loading = BertModel.from_pretrained(str(folder), attn_implementation="eager", output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["mismatched_keys"], loading  # else it made some up
+    return model.eval()
 
 
 # ---------------------------------------------------------------- reference vectors

@@ -1,5 +1,5 @@
-"""benchmark.py: a tiny sweep end to end (real server, CSV, charts), the random BERT-base builder,
-and the acceptance-bar arithmetic."""
+"""benchmark.py: a tiny sweep end to end (real server, CSV, charts), the random BERT builder it uses
+(`bert/random_model.py`), and the acceptance-bar arithmetic."""
 from __future__ import annotations
 
 import csv
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import benchmark
+from bert.random_model import build_random_bert, random_bert_config
 from service.harness import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -32,7 +33,7 @@ def read_png_size(path: Path) -> tuple[int, int]:
 def test_tiny_sweep_writes_csv_and_charts(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, str(ROOT / "benchmark.py"), "-cpu", "-max_seq_len", "32", "-client_batch_size", "8", "64",
-           "-num_client", "1", "2", "-num_sentences", "200", "-repeat", "1", "-warmup", "32",
+           "-num_client", "1", "2", "-num_sentences", "96", "-repeat", "1", "-warmup", "16",
            "-latency_requests", "10", "-compare", "-protocol", "zmq", "http", "-out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -43,7 +44,7 @@ def test_tiny_sweep_writes_csv_and_charts(tmp_path):
     assert sorted((int(r["client_batch_size"]), int(r["num_client"])) for r in service) == \
         [(8, 1), (8, 2), (64, 1), (64, 2)]
     for r in service:
-        assert r["max_seq_len"] == "32" and r["num_worker"] == "1" and r["sentences"] == "200"
+        assert r["max_seq_len"] == "32" and r["num_worker"] == "1" and r["sentences"] == "96"
         assert float(r["sent_per_s"]) > 0
         assert "cores" in r["hardware"]
     (st,) = [r for r in rows if r["kind"] == "sentence-transformers"]
@@ -71,18 +72,19 @@ def test_tiny_sweep_writes_csv_and_charts(tmp_path):
 
 
 def test_random_bert_base_config_has_bert_base_sizes(bundled_dir):
-    config = benchmark.random_bert_config(vocab_size=30522)
+    config = random_bert_config(vocab_size=30522)
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"],
             config["intermediate_size"], config["num_attention_heads"]) == ("bert", 12, 768, 3072, 12)
     vocab_lines = (bundled_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
     assert len([v for v in vocab_lines if v]) == 30522
 
 
+@pytest.mark.slow
 def test_random_bert_base_builds_and_loads(tmp_path):
-    """The real size: 110M parameters, about 440 MB, a few seconds; loaded by our own Encoder."""
+    """The real size: 110M parameters, 440 MB written (slow: the tiny model below covers the code)."""
     from bert import Encoder
 
-    folder = benchmark.build_random_bert(tmp_path / "base")
+    folder = build_random_bert(tmp_path / "base")
     config = json.loads((folder / "config.json").read_text())
     assert (config["vocab_size"], config["num_hidden_layers"], config["hidden_size"]) == (30522, 12, 768)
     encoder = Encoder.from_dir(str(folder), pooling_layer=(-1,), max_seq_len=32)
@@ -91,17 +93,13 @@ def test_random_bert_base_builds_and_loads(tmp_path):
     vectors = encoder.encode(["hello world", "a second sentence"])
     assert vectors.shape == (2, 768) and np.isfinite(vectors).all()
 
-    mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    benchmark.build_random_bert(folder)  # same config: reused, not rewritten
-    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
-
 
 def test_tiny_random_bert_is_the_same_model_to_us_and_to_sentence_transformers(tmp_path):
     from safetensors.numpy import load_file
 
     from bert import Encoder
 
-    folder = benchmark.build_random_bert(tmp_path / "tiny", seed=3, **TINY_SIZES)
+    folder = build_random_bert(tmp_path / "tiny", seed=3, **TINY_SIZES)
     weights = load_file(str(folder / "model.safetensors"))
     assert np.all(weights["encoder.layer.1.output.LayerNorm.weight"] == 1)
     assert np.all(weights["encoder.layer.0.attention.self.query.bias"] == 0)
@@ -112,8 +110,11 @@ def test_tiny_random_bert_is_the_same_model_to_us_and_to_sentence_transformers(t
     theirs = benchmark.SentenceTransformersRunner(str(folder), "cpu", "auto").encode(texts, 64, 32)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
-    again = benchmark.build_random_bert(tmp_path / "again", seed=3, **TINY_SIZES)
+    again = build_random_bert(tmp_path / "again", seed=3, **TINY_SIZES)
     assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    build_random_bert(folder, seed=3, **TINY_SIZES)  # the same config: reused, not rewritten
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def rows_for(service_runs: list[float], st_runs: list[float], length: int = 128) -> list[benchmark.Row]:

@@ -95,7 +95,7 @@ except TimeoutError as e:
 """, timeout=60)
     assert run.returncode == 0, run.stderr
     name, is_bert_timeout, seconds = run.stdout.split()
-    assert name == "BertTimeoutError" and is_bert_timeout == "True" and float(seconds) < 3
+    assert name == "BertTimeoutError" and is_bert_timeout == "True" and float(seconds) < 20  # 1 s, not 60
 
 
 def test_standalone_venv_has_neither_torch_nor_the_project(standalone):

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import HARD_TEXTS, HF_TINY, real_sentences
 from service.client import BertClient
-from service.harness import RunningServer, free_port, group_pids
+from service.harness import RunningServer, free_port, group_pids, proc_stat
 
 ATOL = 1e-6
 DIM = 384
@@ -113,10 +113,8 @@ def door_pid(port: int) -> int:
 
 
 def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -459,11 +457,15 @@ class TestStartUpAndKey:
             with pytest.raises(openai.AuthenticationError):
                 bad.embeddings.create(model="m", input=["a"])
 
-    def test_the_key_is_in_no_command_line_and_no_log(self, gated):
+    def test_the_key_is_in_no_command_line_no_log_and_no_server_config(self, gated):
         self.ready(gated)
         for pid in group_pids(gated.process.pid):
             assert API_KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
         assert API_KEY not in gated.log()
+        with BertClient(port=gated.port, timeout=30) as bc:
+            config = bc.server_config()
+        assert config["http_api_key"] is True and config["http_port"] == gated.http_port
+        assert API_KEY not in json.dumps(config)
 
     def test_sigterm_stops_the_door_with_the_server(self, gated):
         self.ready(gated)
@@ -510,16 +512,16 @@ class TestPerTokenAndKill:
 # ---------------------------------------------------------------- the command line
 
 
-@pytest.mark.parametrize("args, says", [
-    (["-http_port", "{port}"], "http_port and port must differ"),
-    (["-api_key", "k"], "it needs http_port"),
-    (["-http_port", "70000"], "http_port must be between 1 and 65535"),
+@pytest.mark.parametrize("args, code, says", [
+    (["-http_port", "{port}"], 1, "-http_port and -port must differ"),
+    (["-api_key", "k"], 1, "it needs -http_port"),
+    (["-http_port", "70000"], 2, "argument -http_port: must be between 1 and 65535"),
 ])
-def test_bad_http_flags_exit_1_with_the_reason(args, says):
+def test_bad_http_flags_stop_the_start_with_the_reason(args, code, says):
     port = free_port()
     server = RunningServer([a.replace("{port}", str(port)) for a in args], port=port, wait_ready=False).start()
     try:
-        assert server.process.wait(timeout=60) == 1
+        assert server.process.wait(timeout=60) == code
         assert says in server.log()
     finally:
         server.stop()

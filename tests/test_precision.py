@@ -1,6 +1,7 @@
 """Reduced precision: fp16/bf16 vectors stay close to fp32, and a sentence's vector does not depend
-on its batch neighbours. The GPU cases run where CUDA is available (skipped on CI's CPU machine);
-bf16 also runs on the CPU, so the reduced-precision code path is exercised everywhere."""
+on its batch neighbours. The GPU cases run where CUDA is available (skipped on CI's CPU machine),
+and compare with tolerances for half precision, not the CPU tests' 1e-5; bf16 also runs on the
+CPU, so the reduced-precision code path is exercised everywhere."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from bert import Encoder
+from service.client import BertClient
+from service.harness import RunningServer
 
 SENTENCES = [
     "The cat sits on the mat.",
@@ -52,3 +55,14 @@ def test_gpu_fp16_vector_does_not_depend_on_batch_neighbours():
     together = encoder.encode(SENTENCES)
     alone = np.concatenate([encoder.encode([s]) for s in SENTENCES])
     assert cosine_rows(together, alone).min() >= 0.9999
+
+
+@cuda
+def test_a_server_left_to_choose_serves_from_the_gpu_in_fp16_close_to_fp32(fp32_vectors):
+    with RunningServer(device="auto") as server:  # no -cpu: the GPU, in its default precision
+        with BertClient(port=server.port, timeout=60) as client:
+            vectors, config = client.encode(SENTENCES), client.server_config()
+        log = server.log()
+    assert config["device"].startswith("cuda") and config["dtype"] == "float16", config
+    assert "computed in float16 by 1 worker on cuda" in log, log
+    assert vectors.dtype == np.float32 and cosine_rows(vectors, fp32_vectors).min() >= 0.999

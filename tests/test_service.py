@@ -5,13 +5,16 @@ Servers (few, because each costs a model load):
 - `server`: 2 workers, -max_batch_size 256, shared by most tests (module scope);
 - one per special option, each alive only for its class: pooling NONE with tiny jobs, CLS_TOKEN with
   -max_seq_len 8, -output_dtype float16;
-- short-lived ones: a server started on a port a client already timed out on, servers sent SIGTERM
-  under load, and one started on a port in use.
-Every server is started and stopped through `tests/server.py` (own process group, stopped by pid);
-processes are checked through `group_pids`, never looked up by name.
+- short-lived ones: a server started on a port a client already timed out on, a tiny random BERT
+  whose worker is paused, servers sent SIGTERM under load, and one started on a port in use.
+Every server is started and stopped through `service/harness.py` (on the CPU, own process group,
+stopped by pid); processes are checked through `group_pids`, never looked up by name. Where a test
+needs work to be unfinished at some moment, it pauses the worker (SIGSTOP) rather than count on
+the machine being slow.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,34 +31,13 @@ import pytest
 
 from service.client import (BadRequestError, BertClient, BertClientError, BertTimeoutError,
                             ServerError)
+from service.corpus import distinct_sentences
 from service.harness import ROOT, RunningServer, free_port, group_pids
 
 ATOL = 1e-5          # server vs in-process encoder, float32
-TIMEOUT = 60.0       # client timeout for requests that must succeed
+TIMEOUT = 240.0      # client timeout for requests that must succeed: a bound against hanging, not a speed
 DIM = 384
-SENTENCES_FILE = ROOT.parent / "shared" / "data" / "sentences.txt"
-
-
-def real_lines() -> list[str]:
-    """The shared data set's distinct sentences, in file order; [] where it is absent."""
-    if not SENTENCES_FILE.is_file():
-        return []
-    return list(dict.fromkeys(s.strip() for s in SENTENCES_FILE.read_text(encoding="utf-8").splitlines()
-                              if s.strip()))
-
-
-def generated_lines(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    words = ("the a model vector returns array of an index graph file string number value sorted "
-             "sentence function module data type error if not None list this that").split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))).capitalize() + f" {i}."
-            for i in range(n)]
-
-
-def load_corpus(n: int, seed: int = 0) -> list[str]:
-    """`n` distinct real sentences from the shared data set, or generated ones where it is absent."""
-    lines = real_lines()
-    return random.Random(seed).sample(lines, n) if len(lines) >= n else generated_lines(n, seed)
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 
 def client_for(server: RunningServer, **kwargs) -> BertClient:
@@ -73,11 +56,41 @@ def leftover_pids(pgid: int) -> list[int]:
     """Processes of group `pgid` still alive once its leader has exited. Checked before the harness's
     SIGKILL to the group could hide anything. multiprocessing's resource tracker (a child of the
     broker) exits on EOF once the broker has exited, so it may outlive it by a few milliseconds on a
-    busy machine: hence a short, bounded wait."""
-    deadline = time.monotonic() + 2
+    busy machine: hence a bounded wait."""
+    deadline = time.monotonic() + 10
     while (left := group_pids(pgid)) and time.monotonic() < deadline:
         time.sleep(0.02)
     return left
+
+
+@contextmanager
+def stopped(pid: int):
+    """The process is paused (SIGSTOP) inside the block, so what it holds stays unfinished however
+    fast the machine is; resumed (SIGCONT) at the end if it still exists."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_jobs_in_flight(server: RunningServer, jobs: int, thread: threading.Thread) -> None:
+    """Until the workers hold `jobs` jobs between them (the request has reached them)."""
+    with client_for(server, timeout=10) as watcher:
+        deadline = time.monotonic() + 60
+        while sum(w["jobs_in_flight"] for w in watcher.server_status()["workers"]) < jobs:
+            assert time.monotonic() < deadline and thread.is_alive(), "the request was never seen in flight"
+            time.sleep(0.02)
+
+
+def wait_for_log(server: RunningServer, text: str) -> None:
+    deadline = time.monotonic() + 30
+    while text not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.02)
 
 
 def process_name(pid: int) -> str:
@@ -92,18 +105,16 @@ def process_name(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def corpus() -> list[str]:
-    """1,000 distinct real sentences; the first `N_REF` have in-process reference vectors."""
-    return load_corpus(1000)
+    """1,000 distinct sentences (the shared data set's, or generated); the first `N_REF` have
+    in-process reference vectors."""
+    return distinct_sentences(1000)
 
 
 @pytest.fixture(scope="module")
 def short_corpus() -> list[str]:
-    """5,000 distinct real sentences among the shortest of the data set (about half the tokens of a
-    random sample), shuffled: enough for ~20 jobs while keeping the test fast on 2 CPU cores."""
-    lines = real_lines()
-    if len(lines) < 5000:
-        lines = generated_lines(5000, seed=1)
-    by_text = {" ".join(line.lower().split()): line for line in lines}  # the model is uncased
+    """5,000 distinct sentences, the shorter half of 10,000 (about half the tokens of a random sample),
+    shuffled: enough for ~20 jobs while keeping the test fast on 2 CPU cores."""
+    by_text = {" ".join(line.lower().split()): line for line in distinct_sentences(10_000, seed=1)}  # uncased model
     lines = sorted(by_text.values(), key=len)[:5000]
     random.Random(2).shuffle(lines)
     return lines
@@ -182,37 +193,11 @@ def test_concurrent_clients_each_get_their_own_vectors(server, corpus, reference
     assert checked == [rounds] * n_threads
 
 
-def test_large_request_is_split_over_both_workers_and_reassembled_in_order(server, bc, short_corpus,
-                                                                          bundled_encoder):
+def test_large_request_is_split_over_both_workers_and_reassembled_in_order(bc, short_corpus, bundled_encoder):
     texts = short_corpus
     assert len(texts) == len(set(texts)) == 5000
     before = bc.server_status()
-    seen = {"max_in_flight": [0, 0], "max_outstanding": 0}
-    stop = threading.Event()
-    poll_errors: list[str] = []
-
-    def poll_status() -> None:  # a second client watches the server while the request is served
-        try:
-            with client_for(server, timeout=10) as watcher:
-                while not stop.is_set():
-                    status = watcher.server_status()
-                    for w in status["workers"]:
-                        seen["max_in_flight"][w["index"]] = max(seen["max_in_flight"][w["index"]],
-                                                                w["jobs_in_flight"])
-                    outstanding = status["queued_jobs"] + sum(w["jobs_in_flight"] for w in status["workers"])
-                    seen["max_outstanding"] = max(seen["max_outstanding"], outstanding)
-                    stop.wait(0.05)
-        except Exception as e:
-            poll_errors.append(f"{type(e).__name__}: {e}")
-
-    watcher = threading.Thread(target=poll_status, daemon=True)
-    watcher.start()
-    try:
-        vectors = bc.encode(texts)  # 5,000 sentences: 20 jobs of <= 256
-    finally:
-        stop.set()
-        watcher.join(timeout=15)
-    assert not poll_errors, poll_errors
+    vectors = bc.encode(texts)  # 5,000 sentences: 20 jobs of <= 256
     assert vectors.shape == (5000, DIM) and vectors.dtype == np.float32
     # The model normalises: every row is a real vector, none missing (a missing part would be zeros).
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
@@ -226,10 +211,10 @@ def test_large_request_is_split_over_both_workers_and_reassembled_in_order(serve
     assert after["requests"] - before["requests"] == 1
     assert after["sentences"] - before["sentences"] == 5000
     assert all(w["restarts"] == 0 and w["ready"] for w in after["workers"])
-    # Both workers had jobs of this request, and more jobs were outstanding than two workers hold
-    # (4 each): the request really was split (status has no per-worker job counters to check ~20).
-    assert all(n > 0 for n in seen["max_in_flight"]), seen
-    assert seen["max_outstanding"] > 8, seen
+    # Split into 20 jobs, and both workers did some: the broker hands a queue of jobs to every ready
+    # worker at once (4 each), whatever the machine's speed.
+    jobs = [a["jobs_done"] - b["jobs_done"] for a, b in zip(after["workers"], before["workers"])]
+    assert sum(jobs) == 20 and all(n > 0 for n in jobs), jobs
 
 
 def test_encode_async_yields_in_order_equal_to_encode(bc, corpus, reference):
@@ -273,6 +258,22 @@ def test_show_progress_returns_the_same_vectors(bc, corpus, reference, capsys):
     vectors = bc.encode(corpus[:150], show_progress=True, batch_size=40)  # 4 requests
     assert_close(vectors, reference[:150])
     assert "150/150" in capsys.readouterr().err  # the progress bar reached the end
+    vectors = bc.encode(corpus[:7], show_progress=True)  # fewer than one batch_size: still shown
+    assert_close(vectors, reference[:7])
+    assert "7/7" in capsys.readouterr().err
+
+
+def test_numpy_arrays_of_strings_are_encoded_like_lists(bc, corpus, reference):
+    assert_close(bc.encode(np.array(corpus[:5])), reference[:5])                 # dtype <U...
+    assert_close(bc.encode(np.array(corpus[:5], dtype=object)), reference[:5])  # object array of str
+    pieces = [["hello", "big", "world"], ["good", "sunny", "morning"]]
+    assert_close(bc.encode(np.array(pieces), is_tokenized=True), bc.encode(pieces, is_tokenized=True), atol=0)
+    with pytest.raises(BadRequestError, match="item 0"):
+        bc.encode(np.array(pieces))  # rows of tokens without is_tokenized: refused, as the same lists are
+    with pytest.raises(BadRequestError, match="numpy array of bytes"):
+        bc.encode(np.array([b"abc", b"def"]))
+    with pytest.raises(BadRequestError, match="item 1 is int"):
+        bc.encode(np.array(["a", 1], dtype=object))
 
 
 def test_server_config_and_status(bc, server, bundled_dir, bundled_encoder):
@@ -280,6 +281,10 @@ def test_server_config_and_status(bc, server, bundled_dir, bundled_encoder):
     assert config["dim"] == DIM == bundled_encoder.dim
     assert Path(config["model_dir"]) == Path(bundled_dir)
     assert config["pooling_modes"] == ["mean"] and config["normalize"] is True
+    # Settings as the command line names them, with what the model came to where the user left them open.
+    assert config["pooling_strategy"] == "REDUCE_MEAN" and config["pooling_layer"] == [-1]
+    assert config["host"] == "127.0.0.1" and config["do_lower_case"] is True and config["dtype"] == "float32"
+    assert config["cpu"] is True and config["cpu_threads"] >= 1 and config["device"] == "cpu"
     assert config["max_seq_len"] == bundled_encoder.max_seq_len == 256
     assert config["num_worker"] == 2 and config["max_batch_size"] == 256 and config["port"] == server.port
     assert config["output_dtype"] == "float32"
@@ -322,7 +327,7 @@ def test_dead_port_times_out_then_client_works_once_a_server_listens(bundled_enc
             with pytest.raises(BertTimeoutError) as info:
                 call()
             elapsed = time.monotonic() - start
-            assert 0.9 <= elapsed < 3, elapsed
+            assert 0.9 <= elapsed < 20, elapsed  # the 1 s asked for, not the 60 s default (a loaded machine is slow)
             assert isinstance(info.value, TimeoutError) and str(port) in str(info.value)
         # The same client works once a server listens there; the late replies to the two requests
         # above (sent when the connection is made) are dropped, not mistaken for this one's.
@@ -334,15 +339,22 @@ def test_dead_port_times_out_then_client_works_once_a_server_listens(bundled_enc
         client.close()
 
 
-def test_timeout_on_a_busy_server_then_the_next_request_gets_its_own_reply(server, corpus, reference):
-    with client_for(server, timeout=0.1) as client:
-        start = time.monotonic()
-        with pytest.raises(BertTimeoutError):
-            client.encode(corpus[N_REF:N_REF + 300])  # takes over a second on 2 CPU cores
-        assert time.monotonic() - start < 2
+def test_timeout_on_a_busy_server_then_the_next_request_gets_its_own_reply(random_bert, corpus):
+    """The worker is paused, so the request cannot be answered in time on any machine; once it runs
+    again, the late reply to the first request is dropped and the next request gets its own."""
+    from bert import Encoder
+
+    tiny = random_bert("service_tiny", **TINY_BERT)[0]
+    encoder = Encoder.from_dir(str(tiny))
+    with RunningServer(["-model_dir", str(tiny)]) as server, client_for(server, timeout=0.5) as client:
+        worker = client.server_status()["workers"][0]
+        with stopped(worker["pid"]):
+            with pytest.raises(BertTimeoutError):
+                client.encode(corpus[:20])
         client.timeout = TIMEOUT
-        assert_close(client.encode(corpus[:3]), reference[:3])
-        assert_close(client.encode(corpus[3:5]), reference[3:5])
+        assert_close(client.encode(corpus[20:23]), encoder.encode(corpus[20:23]))
+        assert_close(client.encode(corpus[23:25]), encoder.encode(corpus[23:25]))
+        assert client._early == {}  # the late reply was not kept
 
 
 # ---------------------------------------------------------------- the example script
@@ -473,30 +485,30 @@ def test_sigterm_during_a_large_request(case, corpus, reference):
     them is answered; a request with jobs still queued gets the server's 'shut down' error. Never a
     hang; the server exits 0 leaving no process of its group behind."""
     # mostly_queued: 1,000 sentences in 63 jobs of 16, a worker holds 4; all_in_flight: 4 jobs of 64.
+    # The worker is paused until the server has the signal, so what is queued and what is on the
+    # worker at that moment does not depend on the machine's speed.
     batch_size, n = (16, 1000) if case == "mostly_queued" else (64, 256)
     with RunningServer(["-num_worker", "1", "-max_batch_size", str(batch_size)]) as server:
         outcome: dict = {}
 
         def request() -> None:
-            start = time.monotonic()
             try:
-                with client_for(server, timeout=30) as client:
+                with client_for(server) as client:
                     outcome["value"] = client.encode(corpus[:n])
             except Exception as e:
                 outcome["value"] = e
-            outcome["seconds"] = time.monotonic() - start
 
-        thread = threading.Thread(target=request, daemon=True)
-        thread.start()
-        with client_for(server, timeout=10) as watcher:  # wait until the request is on the worker
-            deadline = time.monotonic() + 20
-            while sum(w["jobs_in_flight"] for w in watcher.server_status()["workers"]) == 0:
-                assert time.monotonic() < deadline and thread.is_alive(), "the request was never seen in flight"
-                time.sleep(0.02)
         pid = server.process.pid
         names = {p: process_name(p) for p in group_pids(pid)}  # broker, worker, multiprocessing's tracker
-        server.process.send_signal(signal.SIGTERM)
-        code = server.process.wait(timeout=30)
+        with client_for(server) as watcher:
+            worker = watcher.server_status()["workers"][0]["pid"]
+        thread = threading.Thread(target=request, daemon=True)
+        with stopped(worker):
+            thread.start()
+            wait_for_jobs_in_flight(server, 4, thread)
+            server.process.send_signal(signal.SIGTERM)
+            wait_for_log(server, "shutting down")
+        code = server.process.wait(timeout=60)
         left = [(p, names.get(p) or process_name(p)) for p in leftover_pids(pid)]
         thread.join(timeout=30)
         assert not thread.is_alive(), "the client is still waiting after the server exited"
@@ -507,12 +519,11 @@ def test_sigterm_during_a_large_request(case, corpus, reference):
     assert left == [], f"processes of the server's group left after it exited: {left}\n{log}"
     assert "SIGTERM received" in log and "stopped" in log
     if case == "all_in_flight":
-        assert isinstance(result, np.ndarray), f"{result!r} after {outcome['seconds']:.1f} s\n{log}"
+        assert isinstance(result, np.ndarray), f"{result!r}\n{log}"
         assert_close(result, reference[:n])
     else:
         assert isinstance(result, ServerError) and result.code == "unavailable" and "shut down" in str(result), \
-            f"expected the server's 'shut down' error, got {result!r} after {outcome['seconds']:.1f} s"
-        assert outcome["seconds"] < 20
+            f"expected the server's 'shut down' error, got {result!r}"
 
 
 def test_request_during_the_shutdown_grace_gets_a_shutting_down_error(corpus):
@@ -521,49 +532,41 @@ def test_request_during_the_shutdown_grace_gets_a_shutting_down_error(corpus):
 
         def request() -> None:  # 2 jobs, both on the worker: the grace period lasts while they compute
             try:
-                with client_for(server, timeout=60) as client:
+                with client_for(server) as client:
                     outcome["value"] = client.encode(corpus[:512])
             except Exception as e:
                 outcome["value"] = e
 
+        with client_for(server) as watcher:
+            worker = watcher.server_status()["workers"][0]["pid"]
         thread = threading.Thread(target=request, daemon=True)
-        thread.start()
-        with client_for(server, timeout=10) as watcher:
-            deadline = time.monotonic() + 20
-            while sum(w["jobs_in_flight"] for w in watcher.server_status()["workers"]) == 0:
-                assert time.monotonic() < deadline and thread.is_alive(), "the request was never seen in flight"
-                time.sleep(0.02)
-        server.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while "shutting down" not in server.log():
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.02)
-        assert thread.is_alive(), "the first request finished before the test could send the late one"
-        start = time.monotonic()
-        with client_for(server, timeout=3) as late:
-            try:
-                late.server_status()
-                late_result = None
-            except BertClientError as e:
-                late_result = e
-        seconds = time.monotonic() - start
-        assert server.process.wait(timeout=30) == 0
+        with stopped(worker):  # the first request cannot finish before the late one is sent
+            thread.start()
+            wait_for_jobs_in_flight(server, 2, thread)
+            server.process.send_signal(signal.SIGTERM)
+            wait_for_log(server, "shutting down")
+            with client_for(server, timeout=30) as late:
+                try:
+                    late.server_status()
+                    late_result = None
+                except BertClientError as e:
+                    late_result = e
+        assert server.process.wait(timeout=60) == 0
         thread.join(timeout=30)
     assert isinstance(outcome.get("value"), np.ndarray)  # the in-flight request was still answered
     assert isinstance(late_result, ServerError) and late_result.code == "unavailable", \
-        f"late request during shutdown: {late_result!r} after {seconds:.1f} s"
-    assert seconds < 1
+        f"late request during shutdown: {late_result!r}"
 
 
-def test_port_in_use_exits_1_and_the_running_server_is_unharmed(server):
-    start = time.monotonic()
-    with RunningServer(["-num_worker", "1"], port=server.port, wait_ready=False) as busy:
+def test_port_in_use_exits_1_before_a_worker_starts_and_the_running_server_is_unharmed(server):
+    with RunningServer(["-num_worker", "1", "-verbose"], port=server.port, wait_ready=False) as busy:
         code = busy.process.wait(timeout=60)
         left = [(p, process_name(p)) for p in leftover_pids(busy.process.pid)]
         log = busy.log()
     assert code == 1, log
-    assert time.monotonic() - start < 30
     assert f"cannot listen on tcp://127.0.0.1:{server.port}" in log and "ready on tcp://" not in log
+    # The port is bound before any worker is started, so a large model is never loaded in vain.
+    assert "started worker" not in log and "worker 0 ready" not in log, log
     assert left == [], f"the failed server left processes behind: {left}"
     with client_for(server) as client:
         assert client.server_status()["workers_ready"] == 2
@@ -574,7 +577,7 @@ def test_bad_model_dir_exits_1_without_opening_the_port():
     port = free_port()
     missing = "/nonexistent/model-folder-xyz"
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "-host", "127.0.0.1", "-port", str(port),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "-cpu", "-host", "127.0.0.1", "-port", str(port),
                              "-model_dir", missing], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     connected = 0
@@ -590,15 +593,17 @@ def test_bad_model_dir_exits_1_without_opening_the_port():
             proc.kill()
             proc.wait(timeout=10)
     assert proc.returncode == 1, out
-    assert time.monotonic() - start < 15
     assert missing in out and "ready on tcp://" not in out
     assert connected == 0, "the port accepted a connection"
 
 
-def test_help_lists_the_flags():
+def test_help_lists_every_flag_with_a_description():
+    from app import build_parser
+
     run = subprocess.run([sys.executable, str(ROOT / "app.py"), "-h"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0 and run.stdout.startswith("usage: app.py")
-    for flag in ("-model_dir", "-num_worker", "-port", "-host", "-pooling_strategy", "-pooling_layer", "-max_seq_len",
-                 "-max_batch_size", "-output_dtype", "-cpu", "-auth_dir", "CLS_TOKEN", "REDUCE_MEAN"):
-        assert flag in run.stdout, flag
+    for action in build_parser()._actions:
+        assert action.option_strings[0] in run.stdout and action.help, action.dest
+    for choice in ("CLS_TOKEN", "REDUCE_MEAN", "float16"):
+        assert choice in run.stdout

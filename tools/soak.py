@@ -3,8 +3,8 @@
     python tools/soak.py                                  # 4 client threads x 3 minutes, 2 workers
     python tools/soak.py -threads 8 -minutes 10 -kill_every 30
 
-Starts `app.py` through the harness (service/harness.py) (127.0.0.1, a free port, its own process group, stopped by
-pid), then runs client threads that send requests of 1 to 300 sentences drawn from a fixed pool. Every
+Starts `app.py` through `service/harness.py` (127.0.0.1, a free port, its own process group, stopped
+by pid), then runs client threads that send requests of 1 to 300 sentences drawn from a fixed pool. Every
 row of every reply is checked against vectors the in-process `Encoder` computed for that pool. With
 -kill_every, a random worker gets SIGKILL every K seconds; the broker must re-send its jobs, so no
 request may fail. Every few seconds the RSS of the broker and of each worker is sampled.
@@ -19,41 +19,27 @@ import argparse
 import collections
 import os
 import random
-import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# Run as `python tools/soak.py`, Python puts tools/ on the path, not the repository's root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from service.harness import RunningServer  # noqa: E402
 from service.client import BertClient  # noqa: E402
+from service.corpus import DEFAULT_CORPUS, distinct_sentences  # noqa: E402
+from service.harness import RunningServer, rss_kb  # noqa: E402
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 300)  # 300 > -max_batch_size 256: split over workers, reassembled
 ATOL = 1e-5
 
 
-def rss_kb(pid: int) -> int | None:
-    try:
-        found = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    except OSError:  # the process is gone (a killed worker)
-        return None
-    return int(found[1]) if found else None
-
-
 def mb(kb: int) -> str:
     return f"{kb / 1024:.0f} MB"
-
-
-def sentence_pool(n: int, seed: int) -> list[str]:
-    from helpers import real_sentences
-
-    return list(dict.fromkeys(real_sentences(n, seed=seed)))
 
 
 class Soak:
@@ -71,7 +57,7 @@ class Soak:
     def prepare(self) -> None:
         from bert import Encoder
 
-        self.pool = sentence_pool(self.args.pool, seed=self.args.seed)
+        self.pool = distinct_sentences(self.args.pool, seed=self.args.seed, path=self.args.corpus)
         print(f"reference vectors for {len(self.pool)} sentences ...", flush=True)
         encoder = Encoder.from_dir(self.args.model_dir)
         self.reference = encoder.encode(self.pool)
@@ -181,6 +167,8 @@ def main() -> int:
     p.add_argument("-model_dir", default=None, help="model folder (default: the bundled model)")
     p.add_argument("-sample_every", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("-pool", type=int, default=1000, help="distinct sentences requests are drawn from")
+    p.add_argument("-corpus", type=Path, default=DEFAULT_CORPUS,
+                   help="one sentence a line; generated text where it is absent (default: %(default)s)")
     p.add_argument("-client_timeout", type=float, default=120.0, help="seconds a client waits for a reply")
     p.add_argument("-seed", type=int, default=0)
     return Soak(p.parse_args()).run()
