@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import openai
@@ -402,9 +401,9 @@ class TestStartUpAndKey:
     def gated(self, tmp_path_factory):
         gate = LoadGate(tmp_path_factory.mktemp("gated") / "model")
         http_port = free_port()
-        server = RunningServer(["-model_dir", str(gate.folder), "-http_port", str(http_port)], wait_ready=False)
-        with mock.patch.dict(os.environ, {"BERT_SERVING_API_KEY": API_KEY}):  # the key never is an argument
-            server.start()
+        server = RunningServer(["-model_dir", str(gate.folder), "-http_port", str(http_port)], wait_ready=False,
+                               env={"BERT_SERVING_API_KEY": API_KEY})  # the key never is an argument
+        server.start()
         try:
             gate.feed(timeout=60)  # app.py's own look at the folder, before it starts anything
             server.http_port, server.gate = http_port, gate
