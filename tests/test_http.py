@@ -255,6 +255,8 @@ def test_tokenize_gives_exactly_the_tokens_the_model_sees(server, bc):
     assert all(isinstance(t["id"], int) for tokens in tokenized for t in tokens)
     bare = call(server.http_port, "POST", "/tokenize", {"inputs": "Hello World!", "add_special_tokens": False})
     assert [t["token"] for t in bare.json()[0]] == ["hello", "world", "!"]
+    # the door built the model's tokenizer without torch (hundreds of MB it never needs)
+    assert "libtorch" not in Path(f"/proc/{door_pid(server.port)}/maps").read_text()
 
 
 def test_info(server, bc):
