@@ -280,11 +280,11 @@ class BrokerLink:
             frames = await self.socket.recv_multipart(copy=False)
             try:
                 header = unpack_reply_header(frames[0].bytes)
-            except ProtocolError as e:  # the broker is ours: a bug, not an attack; keep serving
+            except ProtocolError as e:  # the broker is ours: a bug, not an attack; every other request goes on
                 log.error("unreadable reply from the broker: %s", e)
                 continue
             future = self.waiting.get(header.get("id"))
-            if future is not None and not future.done():
+            if future is not None and not future.done():  # else its HTTP request is gone (timed out)
                 future.set_result((header, frames[1:]))
 
     def close(self) -> None:
