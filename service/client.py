@@ -458,16 +458,27 @@ class BertClient:
             raise BertClientError("the client is closed")
         request_id = next(self._ids)
         frames = pack_request(request_id, cmd, texts, self.timeout, is_tokenized, show_tokens)
-        # A DEALER with no connection to send on (a refused CurveZMQ handshake, say) blocks in send:
-        # wait for room only as long as the timeout allows.
-        if not self._socket.poll(None if self.timeout is None else int(self.timeout * 1000) + 1, zmq.POLLOUT):
-            raise BertTimeoutError(f"cannot send to {self.address} within {self.timeout} s: no connection "
-                                   "(the server is down or unreachable, or refused this client's keys)")
-        try:
-            self._socket.send_multipart(frames, copy=False)
-        except zmq.ZMQError as e:
-            raise BertClientError(f"cannot send to {self.address}: {e}") from None
+        self._send_within_timeout(frames)
         return request_id
+
+    def _send_within_timeout(self, frames: list) -> None:
+        # A DEALER with no connection to send on (a refused CurveZMQ handshake, say) blocks in send, and
+        # POLLOUT can turn false between a poll and the send: try without blocking until the deadline.
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as e:
+                raise BertClientError(f"cannot send to {self.address}: {e}") from None
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise BertTimeoutError(f"cannot send to {self.address} within {self.timeout} s: no connection "
+                                       "(the server is down or unreachable, or refused this client's keys)")
+            if self._socket.poll(100 if wait is None else min(100, int(wait * 1000) + 1), zmq.POLLOUT):
+                time.sleep(0.005)  # writable yet refused: the connection is flapping; do not spin
 
     def _receive(self, request_id: int) -> tuple[dict, list]:
         """Wait for the reply to `request_id`, keeping replies to other pending ids, dropping stale ones."""
