@@ -163,6 +163,9 @@ class PoolingConfig:
         return cls(modes=modes, **kwargs)
 
 
+#: What can run the model on a CPU (see `EncoderOptions.cpu_engine`).
+CPU_ENGINES = ("onnx", "torch")
+
 #: Precisions by their command-line names.
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -191,6 +194,9 @@ class EncoderOptions:
     - `device`: 'cpu', 'cuda' or 'cuda:N'.
     - `dtype`: 'auto' (fp16 on GPU, fp32 on CPU), 'fp32', 'fp16' or 'bf16'.
     - `max_batch_tokens`: padded tokens per forward pass; None picks by device.
+    - `cpu_engine`: what runs the model on a CPU in fp32: 'torch', or 'onnx' (ONNX Runtime on a graph
+      exported from the same model; the server's default, for its lower latency). GPUs run PyTorch.
+    - `onnx_cache_dir`: where exported graphs are kept (None: ~/.cache/bert-as-service/onnx).
     """
 
     model_dir: str | None = None
@@ -203,3 +209,9 @@ class EncoderOptions:
     device: str = "cpu"
     dtype: str = "auto"
     max_batch_tokens: int | None = None
+    cpu_engine: str = "torch"
+    onnx_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpu_engine not in CPU_ENGINES:
+            raise ValueError(f"cpu_engine must be one of {', '.join(CPU_ENGINES)}; got {self.cpu_engine!r}")

@@ -19,6 +19,7 @@ from .checkpoint import ModelFolder, inspect_folder, load_weights, weights_sourc
 from .config import EncoderOptions, effective_dtype
 from .errors import CheckpointError
 from .modeling import BertModel
+from .onnx_engine import OnnxEngine
 from .pooling import pool
 from .resolve import resolve_encoder
 from .tokenization import TokenBatch
@@ -49,6 +50,7 @@ class Encoder:
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.max_batch_tokens = options.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(self.device.type, 1024)
         self.model = self._build_model(max(self.layers))
+        self.onnx = self._build_onnx_engine() if self._runs_onnx() else None
 
     def _build_model(self, num_layers: int) -> BertModel:
         weights = load_weights(self.folder, num_layers)
@@ -58,6 +60,26 @@ class Encoder:
         except RuntimeError as e:
             raise CheckpointError(f"{weights_source(self.folder)}: weights do not fit the config: {e}") from None
         return model.to(device=self.device, dtype=self.dtype).eval()
+
+    def _runs_onnx(self) -> bool:
+        # ONNX Runtime runs the fp32 graph only: bf16 on a CPU (and every GPU) stays with PyTorch.
+        return (self.options.cpu_engine == "onnx" and self.device.type == "cpu"
+                and self.dtype == torch.float32)
+
+    def _build_onnx_engine(self) -> OnnxEngine | None:
+        """The ONNX Runtime engine, or None (PyTorch then runs the model) when it cannot be built."""
+        try:
+            return OnnxEngine.load(self.model, self.layers, self.pooling, self.tokenizer.pad_id,
+                                   self.options.onnx_cache_dir, torch.get_num_threads())
+        except Exception as e:  # onnxruntime missing, an export failure, a graph over 2 GB...
+            log.warning("ONNX Runtime cannot run this model (%s: %s); running it with PyTorch",
+                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            return None
+
+    @property
+    def engine(self) -> str:
+        """What runs the forward passes: 'onnxruntime' or 'torch'."""
+        return "onnxruntime" if self.onnx is not None else "torch"
 
     @classmethod
     def from_dir(cls, model_dir: str | None = None, **options: Any) -> "Encoder":
@@ -88,6 +110,7 @@ class Encoder:
             "mask_cls_sep": self.pooling.mask_cls_sep, "normalize": self.pooling.normalize,
             "max_seq_len": self.max_seq_len, "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."), "max_batch_tokens": self.max_batch_tokens,
+            "engine": self.engine,
         }
 
     # ------------------------------------------------------------ encoding
@@ -135,17 +158,29 @@ class Encoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def vectors(self, batch: TokenBatch) -> np.ndarray:
+        """One forward pass over `batch`, as float32 numpy vectors in batch order."""
+        if self.onnx is not None:
+            return self.onnx.run(batch)
+        return self.forward(batch).cpu().numpy()
+
     def _encode_in_passes(self, batch: TokenBatch, max_tokens: int) -> np.ndarray:
         n = len(batch)
+        if n and int(batch.lengths.max()) * n <= max_tokens:
+            # Fast path (one sentence per query is the common case): one pass in the batch's own
+            # order, so no sorting, gathering or scattering into a second array.
+            return self.vectors(batch)
         width = int(batch.lengths.max()) if n else 0
         shape = (n, width, self.dim) if self.pooling.per_token else (n, self.dim)
         out = np.zeros(shape, dtype=np.float32)
         start = time.perf_counter()
         plan = plan_batches(batch.lengths, max_tokens)
         # Queue every forward pass first and copy results back after: one sync per call, not per batch.
-        results = [self.forward(batch.take(index)) for index in plan]
+        run = self.onnx.run if self.onnx is not None else self.forward
+        results = [run(batch.take(index)) for index in plan]
         for index, vectors in zip(plan, results):
-            vectors = vectors.cpu().numpy()
+            if isinstance(vectors, torch.Tensor):
+                vectors = vectors.cpu().numpy()
             if self.pooling.per_token:
                 out[index, :vectors.shape[1]] = vectors
             else:

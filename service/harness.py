@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Servers started here keep their exported ONNX graphs in the temporary folder, not in the user's
+# home: tests and benchmarks must not fill ~/.cache, and one export serves every later start.
+ONNX_CACHE_DIR = Path(tempfile.gettempdir()) / f"bert-as-service-onnx-{os.getuid()}"
 
 
 def free_port() -> int:
@@ -39,6 +42,8 @@ class RunningServer:
         if device not in ("cpu", "auto"):
             raise ValueError(f"device must be 'cpu' or 'auto', got {device!r}")
         self.args = (["-cpu"] if device == "cpu" else []) + list(args or [])
+        if "-onnx_cache_dir" not in self.args:
+            self.args += ["-onnx_cache_dir", str(ONNX_CACHE_DIR)]
         self.port = port or free_port()
         self.ready_timeout = ready_timeout
         self.wait_ready = wait_ready
