@@ -9,6 +9,8 @@
     python benchmark.py -preset gpu_bar                  # the issue's GPU bar (H100, fp16)
     python benchmark.py -preset http_bar                 # HTTP door vs BertClient, 2-core CPU
     python benchmark.py -protocol zmq http               # both front doors, side by side
+    python benchmark.py -preset latency_bar              # one sentence: server vs bare ONNX Runtime, PASS/FAIL
+    python benchmark.py -cpu -latency_compare            # the same comparison, without the bars
 
 What one point is: the server runs with one (max_seq_len, num_worker, dtype); `num_client` threads,
 each with its own `BertClient`, start together at a barrier and send their share of the
@@ -32,6 +34,13 @@ official `openai` client (its default: base64 on the wire), one `OpenAI` client 
 rows of kind "service/http" and "latency/http" sit beside BertClient's, and "http / zmq" lines
 compare each pair. -protocol http_plain sends the same requests through the standard library's
 http.client instead: the door's own cost, without the openai client's.
+
+With -latency_compare, the run is one single-sentence latency table instead: the server through
+BertClient, our `Encoder` in this process (each -cpu_engine), bare ONNX Runtime (the Hugging Face model
+exported with eager attention and fused by ONNX Runtime's transformer optimizer, tokenized by
+`tokenizers`, mean-pooled in numpy: what a user would write by hand) and sentence-transformers. They
+take turns sentence by sentence, so load from elsewhere falls on all alike; p50/p90/p99 of each.
+It is meant for the bundled model (the bare path pools as it does: mean, normalised).
 """
 from __future__ import annotations
 
@@ -74,6 +83,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                     max_seq_len=[128], client_batch_size=[2000], num_client=[1], num_worker=[1],
                     dtype=["auto"], repeat=3, compare=True, st_batch_size=[32, 128], latency_requests=100,
                     wait_quiet=20, retry_noisy=2),
+    # One sentence at a time on the 2-core CPU: the server (its default engine) against bare ONNX
+    # Runtime, our encoder in-process and sentence-transformers, taking turns, 300 sentences each.
+    "latency_bar": dict(device="cpu", model_dir=None, random_bert_base=None, max_seq_len=[128],
+                        num_worker=[1], dtype=["auto"], latency_compare=True, latency_requests=300),
     # H100, random BERT-base in fp16, 20,000 sentences, max_seq_len 25 and 128.
     # The HTTP door against BertClient on the 2-core CPU: 256-sentence requests, one client, the
     # bundled MiniLM; throughput and single-sentence latency through each door, interleaved.
@@ -589,6 +602,7 @@ def http_lines(rows: Sequence[Row]) -> list[str]:
 BARS: dict[str, Callable[[Sequence[Row]], list[BarCheck]]] = {
     "cpu_bar": lambda rows: ratio_checks(rows, at_least=1.0, never_below=0.9),
     "http_bar": lambda rows: http_checks(rows, min_ratio=0.9, max_extra_ms=2.0),
+    "latency_bar": lambda rows: latency_ratio_checks(rows, max_p50=1.2, max_p99=1.5),
     "gpu_bar": lambda rows: (throughput_checks(rows, {128: 50_000, 25: 60_000})
                              + ratio_checks(rows, at_least=7.0, never_below=None)
                              + latency_checks(rows, max_ms=3.0)),
@@ -644,11 +658,15 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("-max_batch_tokens", type=int, default=None, help="passed to the server (its default if unset)")
     device.add_argument("-cpu_threads", type=int, default=None, help="passed to the server (its default if unset)")
     device.add_argument("-output_dtype", choices=("float32", "float16"), default=None, help="passed to the server")
+    device.add_argument("-cpu_engine", choices=("onnx", "torch"), default=None, help="passed to the server (its default if unset)")
     compare = p.add_argument_group("comparison")
     compare.add_argument("-compare", action="store_true",
                          help="also time sentence-transformers encode() on the same model and sentences")
     compare.add_argument("-st_batch_size", type=int, nargs="+", default=[32],
                          help="sentence-transformers batch sizes; the ratio uses the fastest")
+    compare.add_argument("-latency_compare", action="store_true",
+                         help="instead of the sweep: single-sentence latency of the server beside bare ONNX Runtime, "
+                              "our Encoder in-process and sentence-transformers, taking turns (-latency_requests each)")
     return p
 
 
@@ -676,7 +694,7 @@ def server_args(args: argparse.Namespace, model_dir: str | None, max_seq_len: in
         cli += ["-model_dir", model_dir]
     if args.device == "cpu":
         cli.append("-cpu")
-    for name in ("max_batch_size", "max_batch_tokens", "cpu_threads", "output_dtype"):
+    for name in ("max_batch_size", "max_batch_tokens", "cpu_threads", "output_dtype", "cpu_engine"):
         if getattr(args, name) is not None:
             cli += [f"-{name}", str(getattr(args, name))]
     return cli
@@ -810,6 +828,165 @@ class Benchmark:
         self.on_row(row)
 
 
+# ---------------------------------------------------------------- one sentence, side by side
+
+SERVER_PATH = "server (BertClient)"
+BARE_PATH = "bare onnxruntime"
+
+
+def bare_onnx_graph(model_dir: str, folder: Path) -> Path:
+    """The Hugging Face model exported with eager attention, so that ONNX Runtime's transformer
+    optimizer fuses it (Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu):
+    the fastest graph a user would build by hand. Built once into `folder`, reused after."""
+    import hashlib
+    import warnings
+
+    import onnxruntime
+    import torch
+
+    weights = sorted(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) or [0]
+    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{weights}|{torch.__version__}|{onnxruntime.__version__}"
+                         .encode()).hexdigest()[:16]
+    path = folder / f"bare-{key}.onnx"
+    if path.is_file():
+        return path
+    from onnxruntime.transformers import optimizer
+    from transformers import AutoModel
+
+    progress(f"exporting {model_dir} for bare ONNX Runtime into {path}")
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # noqa: ANN001 (traced)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
+    raw = folder / f"bare-{key}.raw.onnx"
+    folder.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LastHidden(), (ids, (ids != 0).long(), torch.zeros_like(ids)), str(raw), input_names=names,
+                          output_names=["hidden"], dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names + ["hidden"]},
+                          opset_version=17, dynamo=False)
+    fused = optimizer.optimize_model(str(raw), model_type="bert", num_heads=model.config.num_attention_heads,
+                                     hidden_size=model.config.hidden_size)
+    fused.save_model_to_file(str(path))
+    raw.unlink()
+    return path
+
+
+class BareOnnxRuntime:
+    """What a user gets from ONNX Runtime alone: `tokenizers`, one session, mean pooling and L2
+    normalisation in numpy (the bundled model's pooling)."""
+
+    def __init__(self, model_dir: str, max_seq_len: int, threads: int, folder: Path) -> None:
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        self.tokenizer.enable_truncation(max_length=max_seq_len)
+        self.tokenizer.enable_padding()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(bare_onnx_graph(model_dir, folder)), options,
+                                                    providers=["CPUExecutionProvider"])
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                         "token_type_ids": np.zeros_like(ids)})[0]
+        mean = (hidden * mask[..., None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1)
+        return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
+def alternating_latencies(paths: dict[str, Callable[[list[str]], Any]], sentences: Sequence[str], n: int,
+                          warmup: int = 20) -> dict[str, list[float]]:
+    """Milliseconds per one-sentence call of each path; the paths take turns on each sentence, so
+    a burst of load from elsewhere on the machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for i in range(warmup + n):
+        text = [sentences[i % len(sentences)]]
+        for name, encode in paths.items():
+            start = time.perf_counter()
+            encode(text)
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def latency_ratio_checks(rows: Sequence[Row], max_p50: float, max_p99: float) -> list[BarCheck]:
+    by_kind = {r.kind: r for r in rows}
+    server, bare = by_kind.get(f"latency/{SERVER_PATH}"), by_kind.get(f"latency/{BARE_PATH}")
+    if server is None or bare is None:
+        return [BarCheck("server and bare ONNX Runtime measured side by side", False, "one of them is missing")]
+    checks = []
+    for label, q, bar in (("p50", 50, max_p50), ("p99", 99, max_p99)):
+        a, b = np.percentile(server.runs, q), np.percentile(bare.runs, q)
+        checks.append(BarCheck(f"single sentence: server {label} <= {bar:g}x bare ONNX Runtime's", a <= bar * b,
+                               f"{a:.2f} vs {b:.2f} ms = {a / b:.2f}x"))
+    return checks
+
+
+def run_latency_comparison(args: argparse.Namespace, model_dir: str | None, model_name: str, hardware: str,
+                           notes: list[str]) -> int:
+    """Single-sentence latency of every path, taking turns; a table, results.csv, and a preset's bars."""
+    from bert import Encoder
+    from bert.checkpoint import bundled_model_dir
+    from service.config import ServerConfig
+
+    folder = model_dir or str(bundled_model_dir())
+    length, n = args.max_seq_len[0], max(1, args.latency_requests)
+    sentences, _ = corpus_sentences(n + 20, path=args.corpus)
+    threads = args.cpu_threads or ServerConfig(num_worker=args.num_worker[0]).threads_per_worker
+    cli = server_args(args, model_dir, length, args.num_worker[0], args.dtype[0])
+    progress(f"starting server: {' '.join(cli)}")
+    with RunningServer(cli, ready_timeout=SERVER_READY_TIMEOUT, device="auto") as server, \
+            BertClient(port=server.port, timeout=CLIENT_TIMEOUT) as bc:
+        engine = bc.server_config().get("cpu_engine", "?")
+        cache = str(args.out / "onnx_cache")
+        progress("loading the in-process paths")
+        paths: dict[str, Callable[[list[str]], Any]] = {
+            SERVER_PATH: bc.encode,
+            BARE_PATH: BareOnnxRuntime(folder, length, threads, args.out).encode,
+            "Encoder (onnx)": Encoder.from_dir(model_dir, max_seq_len=length, cpu_engine="onnx",
+                                               onnx_cache_dir=cache).encode,
+            "Encoder (torch)": Encoder.from_dir(model_dir, max_seq_len=length, cpu_engine="torch").encode,
+        }
+        st = SentenceTransformersRunner(folder, "cpu", "fp32")
+        paths["sentence-transformers"] = lambda texts: st.encode(texts, length, 32)
+        reference = paths["sentence-transformers"](sentences[:64])
+        gaps = {name: float(np.abs(np.asarray(encode(sentences[:64])) - reference).max()) for name, encode in paths.items()}
+        progress(f"{n} single-sentence calls per path, taking turns")
+        times = alternating_latencies(paths, sentences, n)
+    notes = notes + [f"device cpu, {threads} threads per path; {n} one-sentence calls each, taking turns; "
+                     f"max_seq_len {length}; the server runs -cpu_engine {engine}"]
+    print("\n".join([f"hardware: {hardware}", f"model:    {model_name}", *notes, ""]))
+    print(f"{'path':<24}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'p50 / bare':>12}{'max |v - ST|':>15}")
+    bare_p50 = float(np.percentile(times[BARE_PATH], 50))
+    rows = []
+    for name, runs in times.items():
+        p50, p90, p99 = np.percentile(runs, [50, 90, 99])
+        print(f"{name:<24}{p50:>9.2f}{p90:>9.2f}{p99:>9.2f}{p50 / bare_p50:>11.2f}x{gaps[name]:>15.1e}")
+        rows.append(Row(f"latency/{name}", length, "fp32", args.num_worker[0], 1, 1, n, runs=runs))
+    write_csv(args.out / "results.csv", rows, {"hardware": hardware, "device": "cpu", "model": model_name,
+                                                "max_in_flight": 1})
+    if args.preset:
+        checks = BARS[args.preset](rows)
+        print(f"\nbars of {args.preset} on {hardware}:")
+        for check in checks:
+            print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+        return 0 if all(c.passed for c in checks) else 1
+    return 0
+
+
 def ratio_lines(rows: Sequence[Row]) -> list[str]:
     service = best_by_seq_len([r for r in rows if r.kind == "service"])
     st = best_by_seq_len([r for r in rows if r.kind == "sentence-transformers"])
@@ -841,6 +1018,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes.append(f"device {args.device}; {args.num_sentences} sentences per point, median of {args.repeat}, "
                  f"pooling layer {args.pooling_layer}, max_in_flight {args.max_in_flight}"
                  + (f"; preset {args.preset}" if args.preset else ""))
+    if args.latency_compare:
+        return run_latency_comparison(args, model_dir, model_name, hardware, notes)
     print(table_header(hardware, model_name, corpus, notes), flush=True)
     context = {"hardware": hardware, "device": args.device, "model": model_name, "max_in_flight": args.max_in_flight}
     csv_path = args.out / "results.csv"
