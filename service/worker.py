@@ -34,6 +34,8 @@ from .logs import configure_logging
 log = logging.getLogger(__name__)
 
 CUDA_ERROR_EXIT_CODE = 70
+# A job this small (about 10 sentences of 20 words) is encoded on the I/O thread when the worker is idle.
+INLINE_MAX_BYTES = 2048
 # Batches of ever-changing shapes fragment glibc's heap: without giving freed memory back, a CPU
 # worker's RSS grew from 340 MB to 1.3 GB in 7 minutes. A trim costs ~12 ms, so at most every 2 s.
 MALLOC_TRIM_INTERVAL = 2.0
@@ -58,6 +60,17 @@ class Job:
 
     def expired(self) -> bool:
         return self.deadline is not None and time.time() > self.deadline
+
+
+class DirectReply:
+    """Stands in for the compute thread's results socket when the I/O thread encodes a job itself:
+    what it is given goes straight to the broker as a RESULT."""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self.socket = socket
+
+    def send_multipart(self, frames: list, copy: bool = True) -> None:
+        self.socket.send_multipart([P.RESULT, *frames], copy=copy)
 
 
 def pick_device(config: ServerConfig, index: int) -> str:
@@ -142,6 +155,11 @@ class Worker:
         # (2,000 sentences in 256-sentence jobs: 5.5% padding instead of 10%, and 1,000-sentence windows).
         self.window_waits_for_tokenizer = encoder.device.type == "cpu"
         self.results_address = f"inproc://results-{id(self)}"
+        # Small jobs on an idle CPU worker skip the stages (see `runs_inline`). A GPU keeps the
+        # pipeline: there a small job is cheap to overlap, and a CUDA error must end the process.
+        self.inline_allowed = encoder.device.type == "cpu"
+        self.direct_reply = DirectReply(socket)
+        self.inline_trim, self.inline_last_trim = _malloc_trim(), time.monotonic()
 
     def run(self) -> None:
         results = self.context.socket(zmq.PAIR)
@@ -175,9 +193,13 @@ class Worker:
                 broker_seen = now
                 if frames[0] == P.JOB:
                     header = P.loads(frames[1])
-                    self.accept(Job(header["job"], header.get("deadline"), header.get("is_tokenized", False),
-                                    header.get("show_tokens", False), frames[2]))
-                    in_flight += 1
+                    job = Job(header["job"], header.get("deadline"), header.get("is_tokenized", False),
+                              header.get("show_tokens", False), frames[2])
+                    if in_flight == 0 and self.runs_inline(job):
+                        self.run_inline(job)
+                    else:
+                        self.accept(job)
+                        in_flight += 1
                 elif frames[0] == P.STOP:
                     log.debug("stop received; finishing %d jobs", in_flight)
                     stopping = True
@@ -196,6 +218,20 @@ class Worker:
                 log.warning("broker is gone; worker exits")
                 return
 
+    def runs_inline(self, job: Job) -> bool:
+        """A small job that arrives while the pipeline is idle (the I/O thread's caller checks that)
+        is encoded by the I/O thread itself: on a CPU, handing one sentence to the tokenize and then
+        the compute thread and its result back cost more than the tokenizing (issue 13)."""
+        return self.inline_allowed and len(job.payload) <= INLINE_MAX_BYTES
+
+    def run_inline(self, job: Job) -> None:
+        """Tokenize, encode and answer `job` on this (the I/O) thread; the stages are idle meanwhile."""
+        self.tokenize_job(job)
+        self.process_window([job], self.direct_reply)
+        if time.monotonic() - self.inline_last_trim > MALLOC_TRIM_INTERVAL:
+            self.inline_trim(0)  # after the reply went out, so no request waits for it
+            self.inline_last_trim = time.monotonic()
+
     def accept(self, job: Job) -> None:
         """Hand a job from the broker to the tokenize thread (called by the I/O thread only)."""
         self.jobs_received += 1
@@ -205,19 +241,23 @@ class Worker:
 
     def tokenize_loop(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if job.expired():
-                job.error = ERR_TIMEOUT
-            else:
-                try:
-                    texts = json.loads(job.payload.decode("utf-8"))
-                    job.tokens = self.encoder.tokenize(texts, is_tokenized=job.is_tokenized)
-                except Exception as e:  # the broker validated the texts; this is a bug, not bad input
-                    log.exception("tokenizing job %d failed", job.job_id)
-                    job.error = f"tokenization failed: {type(e).__name__}: {e}"
-            job.payload = b""
+            self.tokenize_job(job)
             self.tokenized.put(job)
             self.jobs_tokenized += 1
         self.tokenized.put(None)
+
+    def tokenize_job(self, job: Job) -> None:
+        """Fill `job.tokens`, or `job.error` when it expired or its texts cannot be tokenized."""
+        if job.expired():
+            job.error = ERR_TIMEOUT
+        else:
+            try:
+                texts = json.loads(job.payload.decode("utf-8"))
+                job.tokens = self.encoder.tokenize(texts, is_tokenized=job.is_tokenized)
+            except Exception as e:  # the broker validated the texts; this is a bug, not bad input
+                log.exception("tokenizing job %d failed", job.job_id)
+                job.error = f"tokenization failed: {type(e).__name__}: {e}"
+        job.payload = b""
 
     # ------------------------------------------------------------ compute thread
 
@@ -269,7 +309,9 @@ class Worker:
 
         started = time.perf_counter()
         try:
-            vectors = self.encoder.encode_tokens(TokenBatch.concat([job.tokens for job in live]))
+            # One job (the usual small request): its own batch, not a copy of it.
+            batch = live[0].tokens if len(live) == 1 else TokenBatch.concat([job.tokens for job in live])
+            vectors = self.encoder.encode_tokens(batch)
         except Exception as e:
             if is_fatal_device_error(e):
                 log.critical("device error, worker exits so the broker re-sends its jobs: %s", e)
