@@ -39,7 +39,7 @@ With -latency_compare, the run is one single-sentence latency table instead: the
 BertClient, our `Encoder` in this process (each -cpu_engine), bare ONNX Runtime (the Hugging Face model
 exported with eager attention and fused by ONNX Runtime's transformer optimizer, tokenized by
 `tokenizers`, mean-pooled in numpy: what a user would write by hand) and sentence-transformers. They
-take turns sentence by sentence, so load from elsewhere falls on all alike; p50/p90/p99 of each.
+take turns in blocks of 20 sentences, so load from elsewhere falls on all alike; p50/p90/p99 of each.
 It is meant for the bundled model (the bare path pools as it does: mean, normalised).
 """
 from __future__ import annotations
@@ -908,17 +908,22 @@ class BareOnnxRuntime:
 
 
 def alternating_latencies(paths: dict[str, Callable[[list[str]], Any]], sentences: Sequence[str], n: int,
-                          warmup: int = 20) -> dict[str, list[float]]:
-    """Milliseconds per one-sentence call of each path; the paths take turns on each sentence, so
-    a burst of load from elsewhere on the machine falls on all of them alike."""
+                          block: int = 20, settle: int = 3) -> dict[str, list[float]]:
+    """Milliseconds per one-sentence call of each path. The paths take turns in blocks of `block`
+    calls, so a burst of load from elsewhere on the machine falls on all of them alike; the first
+    `settle` calls of a block are not timed: the previous path's thread pools (ONNX Runtime's and
+    OpenMP's spin after each call) are still leaving the cores then, which no single-engine user sees."""
     times: dict[str, list[float]] = {name: [] for name in paths}
-    for i in range(warmup + n):
-        text = [sentences[i % len(sentences)]]
+    index = 0
+    while any(len(t) < n for t in times.values()):
         for name, encode in paths.items():
-            start = time.perf_counter()
-            encode(text)
-            if i >= warmup:
-                times[name].append((time.perf_counter() - start) * 1000)
+            for k in range(settle + min(block, n - len(times[name]))):
+                text = [sentences[index % len(sentences)]]
+                index += 1
+                start = time.perf_counter()
+                encode(text)
+                if k >= settle:
+                    times[name].append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -965,8 +970,9 @@ def run_latency_comparison(args: argparse.Namespace, model_dir: str | None, mode
         reference = paths["sentence-transformers"](sentences[:64])
         gaps = {name: float(np.abs(np.asarray(encode(sentences[:64])) - reference).max()) for name, encode in paths.items()}
         progress(f"{n} single-sentence calls per path, taking turns")
+        alternating_latencies(paths, sentences, 20, block=20, settle=0)  # warm-up
         times = alternating_latencies(paths, sentences, n)
-    notes = notes + [f"device cpu, {threads} threads per path; {n} one-sentence calls each, taking turns; "
+    notes = notes + [f"device cpu, {threads} threads per path; {n} one-sentence calls each, in turns of 20; "
                      f"max_seq_len {length}; the server runs -cpu_engine {engine}"]
     print("\n".join([f"hardware: {hardware}", f"model:    {model_name}", *notes, ""]))
     print(f"{'path':<24}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'p50 / bare':>12}{'max |v - ST|':>15}")
@@ -1014,12 +1020,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [w for w in [cpu_load_warning()] if w]
     model_dir, model_name = resolve_model(args)
     hardware = describe_hardware(args.device)
+    if args.latency_compare:
+        return run_latency_comparison(args, model_dir, model_name, hardware, notes)
     sentences, corpus = corpus_sentences(args.num_sentences, path=args.corpus)
     notes.append(f"device {args.device}; {args.num_sentences} sentences per point, median of {args.repeat}, "
                  f"pooling layer {args.pooling_layer}, max_in_flight {args.max_in_flight}"
                  + (f"; preset {args.preset}" if args.preset else ""))
-    if args.latency_compare:
-        return run_latency_comparison(args, model_dir, model_name, hardware, notes)
     print(table_header(hardware, model_name, corpus, notes), flush=True)
     context = {"hardware": hardware, "device": args.device, "model": model_name, "max_in_flight": args.max_in_flight}
     csv_path = args.out / "results.csv"
