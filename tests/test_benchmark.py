@@ -164,3 +164,27 @@ def test_cpu_meter_reports_a_share_of_the_machine():
     sum(i * i for i in range(200_000))  # our own work is not "other processes"
     share = meter.stop()
     assert share is None or 0.0 <= share <= 1.0
+
+
+def test_latency_paths_take_turns_in_blocks_and_settling_calls_are_not_timed():
+    calls: list[str] = []
+    paths = {name: (lambda texts, name=name: calls.append(name)) for name in ("a", "b")}
+    times = benchmark.alternating_latencies(paths, ["s1", "s2", "s3"], n=25, block=10, settle=2)
+    assert {name: len(t) for name, t in times.items()} == {"a": 25, "b": 25}
+    # blocks of 10 timed calls after 2 untimed ones, alternating: a a.. b b.. a.. b.. then the rest (5)
+    assert calls[:12] == ["a"] * 12 and calls[12:24] == ["b"] * 12
+    assert len(calls) == 2 * (25 + 3 * 2)
+
+
+def test_latency_bar_compares_the_server_with_bare_onnx_runtime():
+    def row(kind: str, runs: list[float]) -> benchmark.Row:
+        return benchmark.Row(f"latency/{kind}", 128, "fp32", 1, 1, 1, len(runs), runs=runs)
+
+    bare = row(benchmark.BARE_PATH, [4.0] * 100)
+    fast = benchmark.BARS["latency_bar"]([row(benchmark.SERVER_PATH, [4.6] * 90 + [5.6] * 10), bare])
+    assert [c.passed for c in fast] == [True, True]
+    slow = benchmark.BARS["latency_bar"]([row(benchmark.SERVER_PATH, [5.0] * 90 + [7.0] * 10), bare])
+    assert [c.passed for c in slow] == [False, False]
+    assert "1.25x" in slow[0].detail
+    (missing,) = benchmark.BARS["latency_bar"]([bare])
+    assert not missing.passed
