@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -39,6 +40,7 @@ from . import protocol as P
 from .client import (ERR_BAD_REQUEST, ERR_BUSY, ERR_SERVER, ERR_TIMEOUT, ERR_UNAVAILABLE, BadRequestError,
                      pack_error, pack_result, pack_vectors, unpack_request)
 from .config import ServerConfig
+from .backend import LogLimiter, ready_is_from_spawned
 from .doors import Doors
 from .errors import StartupError
 from .metrics import RequestMetrics
@@ -109,12 +111,13 @@ class Broker:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.context = zmq.Context()
+        # Sockets only this user can reach live in a folder of mode 0700 (mkdtemp's).
+        self.runtime_dir = tempfile.mkdtemp(prefix="bert-serving-")
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend_address = self._bind_backend()
+        self.strangers = LogLimiter(log)  # messages from identities this broker did not spawn
         self.frontend: zmq.Socket | None = None
-        # Sockets only this user can reach live in a folder of mode 0700 (mkdtemp's).
-        self.runtime_dir = tempfile.mkdtemp(prefix="bert-serving-")
         self.door_address = f"ipc://{self.runtime_dir}/doors"
         self.door_socket: zmq.Socket | None = None
         self.doors = Doors(config, self.door_address)
@@ -136,8 +139,11 @@ class Broker:
         self._mp = multiprocessing.get_context("spawn")
 
     def _bind_backend(self) -> str:
-        port = self.backend.bind_to_random_port("tcp://127.0.0.1")
-        return f"tcp://127.0.0.1:{port}"
+        """The local workers' socket: `ipc://` in the 0700 runtime folder, so no other user can
+        connect (a TCP port on 127.0.0.1 is open to every local process)."""
+        address = f"ipc://{self.runtime_dir}/workers"
+        self.backend.bind(address)
+        return address
 
     # ------------------------------------------------------------ start-up
 
@@ -153,7 +159,9 @@ class Broker:
 
     def spawn(self, slot: WorkerSlot) -> None:
         slot.generation += 1
-        slot.identity = f"w{slot.index}.{slot.generation}".encode()
+        # Drawn at random and handed only to the process spawned: a peer that finds the socket
+        # cannot guess which identity the broker will accept READY from.
+        slot.identity = secrets.token_hex(16).encode()
         slot.ready, slot.in_flight, slot.info, slot.respawn_at = False, {}, {}, None
         slot.started = slot.last_seen = time.monotonic()
         slot.process = self._mp.Process(
@@ -350,12 +358,23 @@ class Broker:
         identity, command = frames[0].bytes, frames[1].bytes
         slot = self.by_identity.get(identity)
         if slot is None or slot.identity != identity:
-            return  # a message from a worker already declared dead
+            # A worker already declared dead says anything; a stranger's READY is worth a warning.
+            if command == P.READY:
+                self.strangers.warning("ignored READY from identity %r: not a worker this broker spawned",
+                                       identity[:40])
+            return
+        if command == P.READY:
+            info = P.loads(frames[2].bytes)
+            if not ready_is_from_spawned(info, slot.process.pid):
+                self.strangers.warning("ignored READY for worker %d from pid %r: the broker spawned pid %s",
+                                       slot.index, info.get("pid") if isinstance(info, dict) else None,
+                                       slot.process.pid)
+                return
         slot.last_seen = time.monotonic()
         if command == P.RESULT:
             self.on_result(slot, P.loads(frames[2].bytes), frames[3] if len(frames) > 3 else None)
         elif command == P.READY:
-            self.mark_ready(slot, P.loads(frames[2].bytes))
+            self.mark_ready(slot, info)
             slot.quick_deaths = 0
             if slot.restarts:
                 log.info("worker %d is back (pid %s)", slot.index, slot.info.get("pid"))

@@ -1,8 +1,10 @@
 """The broker <-> worker protocol, and the timing constants of both sides.
 
 The client <-> server protocol lives in `service/client.py` (the one file clients copy).
-Workers connect a DEALER to the broker's back-end ROUTER on loopback; every message starts with
-a command frame:
+Local workers connect a DEALER to the broker's back-end ROUTER over `ipc://` in the broker's 0700
+runtime folder, with an identity the broker drew at random and passed to the process it spawned;
+the broker takes READY only from such an identity, carrying that process's pid. Every message
+starts with a command frame:
 
     worker -> broker   READY     json {pid, device, encoder: {...}}       model loaded, ready for jobs
                        FAILED    json {message}                           could not load the model; exiting
