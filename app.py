@@ -3,6 +3,8 @@
     python app.py                                  # the bundled all-MiniLM-L6-v2, one worker, port 5555
     python app.py -num_worker=4 -model_dir /tmp/uncased_L-12_H-768_A-12/
     python app.py -keygen keys/                    # CurveZMQ key pairs for -auth_dir
+    python app.py -worker_port 5556 -num_worker 0  # a head that routes to worker hosts...
+    python app.py -join tcp://HEAD:5556            # ...and a worker host (see README "Scaling out")
 
 Installed (`pip install .`), the same command line is `bert-serving-start` (or `python -m service`).
 """
@@ -81,7 +83,8 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     model.add_argument("-do_lower_case", type=str_to_bool, nargs="?", const=True, default=None,
                        help="lower-case input (default: follows the folder, e.g. uncased_* vs cased_*)")
     compute = p.add_argument_group("compute")
-    compute.add_argument("-num_worker", type=int_at_least(1), default=1, help="worker processes (each owns a GPU or a share of the CPU cores)")
+    compute.add_argument("-num_worker", type=int_at_least(0), default=1,
+                         help="worker processes (each owns a GPU or a share of the CPU cores); 0 only with -worker_port")
     compute.add_argument("-cpu", action="store_true", help="run on CPU even if a GPU is visible")
     compute.add_argument("-device_map", type=int_at_least(0), nargs="+", default=[], help="GPU ids to spread workers over, round-robin (default: all visible)")
     compute.add_argument("-dtype", choices=DTYPES, default="auto",
@@ -103,6 +106,14 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     net.add_argument("-auth_dir", default=None, help="CurveZMQ: encrypt and admit only the client keys in AUTH_DIR/clients")
     net.add_argument("-keygen", metavar="DIR", default=None, help="create CurveZMQ keys in DIR (server pair once, plus one client pair) and exit")
     net.add_argument("-client_name", default="client", help="name of the client key pair -keygen creates")
+    net.add_argument("-worker_name", default=None, help="with -keygen: make a worker host's key pair NAME in DIR/workers; "
+                     "with -join -auth_dir: the key pair this host uses (default: worker)")
+    scale = p.add_argument_group("scaling out (README: Scaling out)")
+    scale.add_argument("-worker_port", type=int_at_least(1, 65535), default=None,
+                       help="head: also take workers of other hosts on this port of -host (default: local workers only)")
+    scale.add_argument("-join", metavar="tcp://HEAD:PORT", default=None,
+                       help="worker host: serve that head's queue with -num_worker workers here; the head decides "
+                            "every option that changes a vector")
     http = p.add_argument_group("HTTP (OpenAI /v1/embeddings, TEI routes, /health, /metrics)")
     http.add_argument("-http_port", type=int_at_least(1, 65535), default=None,
                       help="serve HTTP on this port too (default: no HTTP)")
@@ -127,7 +138,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=args.max_request_bytes, max_queue=args.max_queue, cpu=args.cpu,
         device_map=tuple(args.device_map), cpu_threads=args.cpu_threads, output_dtype=args.output_dtype,
         auth_dir=args.auth_dir, verbose=args.verbose, http_port=args.http_port, http_host=args.http_host,
-        api_key=api_key(args))
+        api_key=api_key(args), worker_port=args.worker_port, join=args.join, worker_name=args.worker_name or "worker")
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -147,6 +158,53 @@ def keygen(folder: str, client_name: str) -> int:
     print(f"client allowed via: {paths['client_public']}")
     print(f"start the server with: {program_name()} -auth_dir {folder}")
     return 0
+
+
+def worker_keygen(folder: str, worker_name: str) -> int:
+    from service.auth import make_worker_keys
+
+    try:
+        paths = make_worker_keys(folder, worker_name)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
+    print(f"server public key:  {paths['server_public']}   (copy to the worker host)")
+    print(f"worker key pair:    {paths['worker_secret']}   (copy to the worker host '{worker_name}' only)")
+    print(f"worker allowed via: {paths['worker_public']}")
+    print(f"head: {program_name()} -auth_dir {folder} -worker_port PORT ...;  worker host: {program_name()} "
+          f"-join tcp://HEAD:PORT -auth_dir {folder} -worker_name {worker_name}")
+    return 0
+
+
+# Options a worker host takes from its head; given to `-join` they would be silently overridden.
+HEAD_DECIDES = ("pooling_strategy", "pooling_layer", "mask_cls_sep", "normalize", "max_seq_len", "do_lower_case",
+                "output_dtype")
+
+
+def join(config: ServerConfig, args: argparse.Namespace) -> int:
+    """Run a worker host (`-join`): until SIGTERM/SIGINT, or exit 1 when the head refuses it."""
+    from service.errors import StartupError
+    from service.join import JoinHost
+
+    defaults = build_parser().parse_args([])
+    overridden = [f"-{name}" for name in HEAD_DECIDES if getattr(args, name) != getattr(defaults, name)]
+    if args.dtype != defaults.dtype:
+        overridden.append("-dtype")
+    if overridden:
+        log.warning("%s ignored with -join: the head decides every option that changes a vector", ", ".join(overridden))
+    host = JoinHost(config)
+
+    def request_stop(signum: int, _frame) -> None:
+        log.info("%s received", signal.Signals(signum).name)
+        host.stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        return host.run()
+    except (StartupError, CheckpointError) as e:
+        log.error("cannot start: %s", e)
+        return 1
 
 
 def client_call(config: ServerConfig) -> str:
@@ -173,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(program_name()).parse_args(argv)
     configure_logging(args.verbose)
     if args.keygen:
-        return keygen(args.keygen, args.client_name)
+        return worker_keygen(args.keygen, args.worker_name) if args.worker_name else keygen(args.keygen, args.client_name)
     if args.client_name != "client":
         log.warning("-client_name only names the key pair -keygen creates; without -keygen it is ignored")
     try:
         config = config_from_args(args)
+        if config.join:
+            return join(config, args)
         # The model's files (not its weights) decide the settings left open: refuse a bad folder or an
         # impossible -max_seq_len/-pooling_layer now, before the port opens or a worker starts.
         resolved = resolve_encoder(config.encoder)
@@ -214,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def log_ready(broker, config: ServerConfig) -> None:
     """The lines a user (and the test harness) waits for: what is served, and where."""
+    if config.num_worker == 0:
+        log.info("routing to the workers of other hosts that join on %s (none on this host)", broker.worker_port.address)
+        log.info("ready on tcp://%s:%d: clients use %s", config.host, config.port, client_call(config))
+        return
     info = broker.encoder_info
     devices = {s.info.get("device", "?") for s in broker.slots}
     for warning in device_warnings(config, devices, info.get("dtype", "")):

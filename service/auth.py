@@ -56,3 +56,22 @@ def start_authenticator(context: zmq.Context, socket: zmq.Socket, auth_dir: str 
     socket.curve_server = True
     log.info("CurveZMQ on: %d allowed client keys in %s", len(list(clients.glob("*.key"))), clients)
     return authenticator
+
+
+def make_worker_keys(auth_dir: str | Path, worker_name: str) -> dict[str, Path]:
+    """Create the server's key pair (once) and a key pair for worker host `worker_name` in
+    `auth_dir/workers` (the worker port's allow-list, apart from the clients'). An existing worker
+    key is never replaced: re-running would lock out the host that has it."""
+    folder = Path(auth_dir)
+    workers = folder / "workers"
+    if not worker_name or "/" in worker_name or worker_name.startswith("."):
+        raise ValueError(f"-worker_name {worker_name!r}: a plain file name is needed")
+    if (workers / f"{worker_name}.key").exists() or (workers / f"{worker_name}.key_secret").exists():
+        raise ValueError(f"{workers / worker_name}.key: already exists; pick another -worker_name, or delete "
+                         "the old pair first (the host that has it can no longer join)")
+    workers.mkdir(parents=True, exist_ok=True)
+    public, secret = server_key_paths(folder)
+    if not secret.exists():
+        zmq.auth.create_certificates(str(folder), "server")
+    worker_public, worker_secret = zmq.auth.create_certificates(str(workers), worker_name)
+    return {"server_public": public, "worker_public": Path(worker_public), "worker_secret": Path(worker_secret)}

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import socket as socketlib
 import tempfile
 import time
 from collections import deque
@@ -40,7 +41,7 @@ from . import protocol as P
 from .client import (ERR_BAD_REQUEST, ERR_BUSY, ERR_SERVER, ERR_TIMEOUT, ERR_UNAVAILABLE, BadRequestError,
                      pack_error, pack_result, pack_vectors, unpack_request)
 from .config import ServerConfig
-from .backend import LogLimiter, ready_is_from_spawned
+from .backend import LogLimiter, WorkerPort, capacity_of, ready_is_from_spawned
 from .doors import Doors
 from .errors import StartupError
 from .metrics import RequestMetrics
@@ -91,6 +92,10 @@ class WorkerSlot:
     generation: int = 0
     process: Any = None
     identity: bytes = b""
+    socket: Any = None        # the back end it is reached on: the local ipc one, or the worker port
+    host: str = ""            # where it runs; workers of other hosts also have `remote` set
+    remote: bool = False
+    capacity: int = P.WORKER_PREFETCH_JOBS   # jobs it asked to hold at once (READY)
     ready: bool = False
     last_seen: float = 0.0
     started: float = 0.0
@@ -105,6 +110,15 @@ class WorkerSlot:
     @property
     def load(self) -> int:
         return sum(job.size for job in self.in_flight.values())
+
+    @property
+    def name(self) -> str:
+        """How logs name it: its index here, host/index for a worker of another host."""
+        return f"{self.host}/{self.index}" if self.remote else str(self.index)
+
+    @property
+    def pid(self) -> int | None:
+        return self.info.get("pid") if self.remote else (self.process.pid if self.process else None)
 
 
 class Broker:
@@ -123,6 +137,9 @@ class Broker:
         self.doors = Doors(config, self.door_address)
         self.authenticator = None
         self.slots = [WorkerSlot(index=i) for i in range(config.num_worker)]
+        self.worker_port: WorkerPort | None = None   # workers of other hosts, with -worker_port
+        self.remote_slots: list[WorkerSlot] = []
+        self.hostname = socketlib.gethostname()
         self.by_identity: dict[bytes, WorkerSlot] = {}
         self.pending: deque[Job] = deque()
         self.pending_sentences = 0
@@ -151,6 +168,8 @@ class Broker:
         """Open the client port and the door socket, start the doors, then the workers. Returns at
         once: the workers load the model while `serve_forever` already answers clients."""
         self.open_frontend()
+        if self.config.worker_port is not None:
+            self.worker_port = WorkerPort(self.context, self.config, self.authenticator)
         self.open_door_socket()
         self.doors.start()
         for slot in self.slots:
@@ -162,6 +181,7 @@ class Broker:
         # Drawn at random and handed only to the process spawned: a peer that finds the socket
         # cannot guess which identity the broker will accept READY from.
         slot.identity = secrets.token_hex(16).encode()
+        slot.socket, slot.host = self.backend, self.hostname
         slot.ready, slot.in_flight, slot.info, slot.respawn_at = False, {}, {}, None
         slot.started = slot.last_seen = time.monotonic()
         slot.process = self._mp.Process(
@@ -189,6 +209,7 @@ class Broker:
 
     def mark_ready(self, slot: WorkerSlot, info: dict) -> None:
         slot.ready, slot.info, slot.last_seen = True, info, time.monotonic()
+        slot.capacity = capacity_of(info)
         self.encoder_info = self.encoder_info or info.get("encoder", {})
 
     def open_door_socket(self) -> None:
@@ -219,11 +240,16 @@ class Broker:
         poller = zmq.Poller()
         for socket in (self.backend, self.frontend, self.door_socket):
             poller.register(socket, zmq.POLLIN)
+        remote = self.worker_port.socket if self.worker_port else None
+        if remote is not None:
+            poller.register(remote, zmq.POLLIN)
         next_heartbeat = 0.0
         while not self.stop_requested:
             events = dict(poller.poll(250))
             if self.backend in events:
                 self.drain(self.backend, self.on_worker_message)
+            if remote is not None and remote in events:
+                self.drain(remote, self.on_remote_message)
             for socket in (self.frontend, self.door_socket):
                 if socket in events:
                     self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
@@ -338,11 +364,16 @@ class Broker:
             job.request.dispatched = job.request.dispatched or time.monotonic()
             header = {"job": job.job_id, "deadline": job.request.deadline, "is_tokenized": job.is_tokenized,
                       "show_tokens": job.request.show_tokens}
-            self.backend.send_multipart([slot.identity, P.JOB, P.dumps(header), job.payload], copy=False)
+            slot.socket.send_multipart([slot.identity, P.JOB, P.dumps(header), job.payload], copy=False)
 
     def least_loaded(self) -> WorkerSlot | None:
-        free = [s for s in self.slots if s.ready and len(s.in_flight) < P.WORKER_PREFETCH_JOBS]
-        return min(free, key=lambda s: (s.load, len(s.in_flight)), default=None)
+        """The ready worker with the least work for the jobs it asked to hold (READY's capacity)."""
+        free = [s for s in self.workers() if s.ready and len(s.in_flight) < s.capacity]
+        return min(free, key=lambda s: (len(s.in_flight) / s.capacity, s.load), default=None)
+
+    def workers(self) -> list[WorkerSlot]:
+        """Every worker: this host's, then those of other hosts that joined."""
+        return self.slots + self.remote_slots
 
     @staticmethod
     def expired(request: Request) -> bool:
@@ -357,7 +388,7 @@ class Broker:
     def handle_worker_message(self, frames: list) -> None:
         identity, command = frames[0].bytes, frames[1].bytes
         slot = self.by_identity.get(identity)
-        if slot is None or slot.identity != identity:
+        if slot is None or slot.identity != identity or slot.remote:  # remote ones speak on the worker port
             # A worker already declared dead says anything; a stranger's READY is worth a warning.
             if command == P.READY:
                 self.strangers.warning("ignored READY from identity %r: not a worker this broker spawned",
@@ -382,6 +413,66 @@ class Broker:
             message = P.loads(frames[2].bytes).get("message", "worker failed to start")
             slot.info["failure"] = message  # the reason start-up stops with, when it is the first load
             log.error("worker %d could not load the model: %s", slot.index, message)
+
+    def on_remote_message(self, frames: list) -> None:
+        try:
+            self.handle_remote_message(frames)
+        except Exception:  # whatever a peer on the network sends, serving goes on
+            log.exception("unexpected error on a message from the worker port")
+
+    def handle_remote_message(self, frames: list) -> None:
+        """A worker of another host: HELLO is answered WELCOME or REFUSED, then it is served like a
+        local worker. A routing id the head does not know (it restarted, or gave that worker up for
+        silent) is told STOP, after which its worker says HELLO again."""
+        if len(frames) < 2:
+            return
+        identity, command = frames[0].bytes, frames[1].bytes
+        slot = self.by_identity.get(identity)
+        if slot is not None and not slot.remote:  # a local worker's identity, said over the network
+            slot = None
+        if command == P.HELLO:
+            if identity in self.by_identity and slot is None:
+                return  # a local worker's identity: not to be taken over from the network
+            if slot is not None:
+                self.bury(slot, "said HELLO again (its connection to the head restarted)", time.monotonic())
+            self.on_hello(identity, frames)
+        elif slot is None:
+            self.worker_port.socket.send_multipart([identity, P.STOP])
+        elif command == P.READY:
+            info = _json_object(frames[2].bytes if len(frames) > 2 else b"")
+            self.mark_ready(slot, {**info, "address": slot.info.get("address")})
+            slot.info["pid"] = slot.info.get("pid") if isinstance(slot.info.get("pid"), int) else None
+            log.info("worker %s (pid %s) of another host joined: %s, %d jobs in hand", slot.name, slot.pid,
+                     slot.info.get("device"), slot.capacity)
+        elif command == P.FAILED:
+            message = _json_object(frames[2].bytes if len(frames) > 2 else b"").get("message")
+            self.bury(slot, f"could not load the model: {message}", time.monotonic())
+        else:
+            slot.last_seen = time.monotonic()
+            if command == P.RESULT and len(frames) > 2:
+                self.on_result(slot, _json_object(frames[2].bytes), frames[3] if len(frames) > 3 else None)
+
+    def on_hello(self, identity: bytes, frames: list) -> None:
+        hello = _json_object(frames[2].bytes if len(frames) > 2 else b"")
+        host = str(hello.get("host", "?"))[:64]
+        command, body = self.worker_port.answer_hello(hello)
+        if command == P.WELCOME and len(self.remote_slots) >= P.MAX_REMOTE_WORKERS:
+            command, body = P.REFUSED, {"message": f"this head takes at most {P.MAX_REMOTE_WORKERS} workers of other hosts"}
+        if command == P.REFUSED:
+            self.strangers.warning("refused a worker of host %r: %s", host, body["message"])
+            self.worker_port.socket.send_multipart([identity, P.REFUSED, P.dumps(body)])
+            return
+        now = time.monotonic()
+        index, restarts, pid = (hello.get(k) for k in ("index", "restarts", "pid"))
+        slot = WorkerSlot(index=index if isinstance(index, int) else 0, identity=identity, socket=self.worker_port.socket,
+                          host=host, remote=True, started=now, last_seen=now,
+                          restarts=restarts if isinstance(restarts, int) else 0,
+                          info={"pid": pid if isinstance(pid, int) else None, "address": _peer_address(frames[1])})
+        self.remote_slots.append(slot)
+        self.by_identity[identity] = slot
+        self.worker_port.socket.send_multipart([identity, P.WELCOME, P.dumps(body)])
+        log.info("worker %s (pid %s) of another host from %s: same model, loading it", slot.name, slot.pid,
+                 slot.info["address"])
 
     def on_result(self, slot: WorkerSlot, header: dict, data: zmq.Frame | None) -> None:
         job = slot.in_flight.pop(header.get("job"), None)
@@ -416,9 +507,9 @@ class Broker:
                   (time.monotonic() - request.received) * 1000)
 
     def send_heartbeats(self) -> None:
-        for slot in self.slots:
+        for slot in self.workers():
             if slot.ready:
-                self.backend.send_multipart([slot.identity, P.HEARTBEAT])
+                slot.socket.send_multipart([slot.identity, P.HEARTBEAT])
 
     def check_workers(self, now: float) -> None:
         """Replace workers that exited or fell silent; re-queue what they held."""
@@ -435,13 +526,18 @@ class Broker:
             reason = f"exited with code {exitcode}" if exitcode is not None else \
                 f"sent no heartbeat for {now - slot.last_seen:.1f} s"
             self.bury(slot, reason, now)
+        for slot in list(self.remote_slots):
+            silent = now - slot.last_seen > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS
+            if silent and (slot.ready or now - slot.started > self.config.startup_timeout):
+                self.bury(slot, f"sent no heartbeat for {now - slot.last_seen:.1f} s", now)
 
     def bury(self, slot: WorkerSlot, reason: str, now: float) -> None:
-        log.error("worker %d (pid %s) %s; %d jobs go back to the queue", slot.index, slot.process.pid,
+        log.error("worker %s (pid %s) %s; %d jobs go back to the queue", slot.name, slot.pid,
                   reason, len(slot.in_flight))
-        if slot.process.exitcode is None:
+        if slot.process is not None and slot.process.exitcode is None:
             slot.process.kill()
-        slot.process.join(timeout=5)
+        if slot.process is not None:
+            slot.process.join(timeout=5)
         self.by_identity.pop(slot.identity, None)
         for job in sorted(slot.in_flight.values(), key=lambda j: j.job_id, reverse=True):
             job.attempts += 1
@@ -454,6 +550,9 @@ class Broker:
                 self.pending_sentences += job.size
         slot.in_flight = {}
         slot.ready = False
+        if slot.remote:  # its host restarts it, or it says HELLO again: a new slot then
+            self.remote_slots.remove(slot)
+            return
         slot.restarts += 1
         self.stats["worker_restarts"] += 1
         quick = now - slot.started < 30
@@ -470,21 +569,33 @@ class Broker:
                 "server_pid": os.getpid(), "started": self.started}
 
     def status(self) -> dict:
-        workers = [{"index": s.index, "pid": s.process.pid if s.process else None, "ready": s.ready,
-                    "device": s.info.get("device"), "jobs_in_flight": len(s.in_flight), "restarts": s.restarts,
-                    "jobs_done": s.jobs_done, "sentences_done": s.sentences_done}
-                   for s in self.slots]
+        workers = [{"index": s.index, "host": s.host, "remote": s.remote, "pid": s.pid, "ready": s.ready,
+                    "device": s.info.get("device"), "capacity": s.capacity, "jobs_in_flight": len(s.in_flight),
+                    "restarts": s.restarts, "jobs_done": s.jobs_done, "sentences_done": s.sentences_done}
+                   for s in self.workers()]
+        ready = sum(s.ready for s in self.workers())
         return {"uptime": time.time() - self.started, "workers": workers, "starting": self.starting,
-                "workers_ready": sum(s.ready for s in self.slots), "queued_sentences": self.pending_sentences,
+                "workers_ready": ready, "not_ready_because": None if ready else self.why_no_worker(),
+                "queued_sentences": self.pending_sentences,
                 "queued_jobs": len(self.pending), "doors": self.doors.status(), **self.stats,
                 "metrics": self.metrics.snapshot()}
+
+    def why_no_worker(self) -> str:
+        """Why no worker is ready, for `server_status()` (and `/health`)."""
+        if self.slots and self.starting:
+            return "the workers are loading the model"
+        if self.worker_port is not None and not self.slots:
+            joining = len(self.remote_slots)
+            return (f"no worker host has joined on {self.worker_port.address} yet" if not joining else
+                    f"{joining} workers of other hosts are loading the model")
+        return "every worker died; replacements are starting"
 
     # ------------------------------------------------------------ shutdown
 
     def shutdown(self) -> None:
         """Fail queued work at once, give jobs on workers a bounded grace to finish (answering new
         requests with "shutting down" meanwhile), fail what is left, and stop every worker."""
-        log.info("shutting down: %d jobs in flight, %d queued", sum(len(s.in_flight) for s in self.slots),
+        log.info("shutting down: %d jobs in flight, %d queued", sum(len(s.in_flight) for s in self.workers()),
                  len(self.pending))
         if self.frontend is not None:
             self.fail_jobs(list(self.pending), "the server shut down before this request was encoded")
@@ -494,11 +605,16 @@ class Broker:
             for socket in (self.backend, self.frontend, self.door_socket):
                 if socket is not None:
                     poller.register(socket, zmq.POLLIN)
+            remote = self.worker_port.socket if self.worker_port else None
+            if remote is not None:
+                poller.register(remote, zmq.POLLIN)
             deadline = time.monotonic() + SHUTDOWN_GRACE
-            while any(s.in_flight for s in self.slots) and time.monotonic() < deadline:
+            while any(s.in_flight for s in self.workers()) and time.monotonic() < deadline:
                 events = dict(poller.poll(100))
                 if self.backend in events:
                     self.drain(self.backend, self.on_worker_message)
+                if remote is not None and remote in events:
+                    self.drain(remote, self.on_remote_message)
                 for socket in (self.frontend, self.door_socket):
                     if socket in events:
                         self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
@@ -506,10 +622,12 @@ class Broker:
                     if slot.in_flight and slot.process.exitcode is not None:  # died: no replacement now
                         self.fail_jobs(list(slot.in_flight.values()), "a worker died while the server shut down")
                         slot.in_flight = {}
-            self.fail_jobs([j for s in self.slots for j in s.in_flight.values()],
+            self.fail_jobs([j for s in self.workers() for j in s.in_flight.values()],
                            f"the server shut down; encoding did not finish within {SHUTDOWN_GRACE:.0f} s")
         self.doors.stop()
         self.stop_workers()
+        if self.worker_port is not None:
+            self.worker_port.close()
         if self.authenticator is not None:
             self.authenticator.stop()
         for socket in (self.frontend, self.door_socket, self.backend):
@@ -524,6 +642,9 @@ class Broker:
             self.fail(job.request, ERR_UNAVAILABLE, message)
 
     def stop_workers(self) -> None:
+        """Stop this host's workers; those of other hosts are told STOP too, and wait for a head."""
+        for slot in self.remote_slots:
+            slot.socket.send_multipart([slot.identity, P.STOP])
         for slot in self.slots:
             if slot.process is not None and slot.process.exitcode is None and slot.ready:
                 self.backend.send_multipart([slot.identity, P.STOP])
@@ -546,4 +667,21 @@ def _peek_id(frames: list[bytes]) -> Any:
         value = json.loads(frames[0]).get("id")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
     except Exception:
+        return None
+
+
+def _json_object(frame: bytes) -> dict:
+    """A JSON object from a peer on the network; {} for anything else."""
+    try:
+        value = json.loads(frame)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The TCP peer's address, as libzmq saw the connection."""
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError):
         return None

@@ -30,6 +30,11 @@ class ServerConfig:
       None: no HTTP. `http_host`: its interface (None: the same as `host`).
     - `api_key`: the Bearer token the HTTP embedding routes require (None: open). Kept out of
       `repr()` and `public()`, so it never reaches a log line.
+    - `worker_port`: a head's port (on `host`) where workers of other hosts join (None: local
+      workers only); with it `num_worker` may be 0, a head that only routes.
+    - `join`: `tcp://HEAD:PORT`: this process is a worker host serving that head's queue; the head
+      decides every option that changes a vector. `worker_name`: its key pair in
+      `auth_dir/workers` when the head requires keys.
     """
 
     encoder: EncoderOptions = field(default_factory=EncoderOptions)
@@ -50,10 +55,21 @@ class ServerConfig:
     http_port: int | None = None
     http_host: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    worker_port: int | None = None
+    join: str | None = None
+    worker_name: str = "worker"
 
     def __post_init__(self) -> None:
         checks = [
-            (self.num_worker >= 1, f"num_worker must be at least 1, got {self.num_worker}"),
+            (self.num_worker >= 1 or (self.num_worker == 0 and self.worker_port is not None),
+             f"num_worker must be at least 1 (0 only with -worker_port), got {self.num_worker}"),
+            (self.worker_port is None or 0 < self.worker_port < 65536,
+             f"worker_port must be between 1 and 65535, got {self.worker_port}"),
+            (self.worker_port is None or self.worker_port not in (self.port, self.http_port),
+             f"-worker_port {self.worker_port} is already the client or HTTP port"),
+            (self.join is None or self.join.startswith("tcp://"), f"-join takes tcp://HEAD:PORT, got {self.join!r}"),
+            (self.join is None or self.worker_port is None, "-join (a worker host) and -worker_port (a head) exclude each other"),
+            (self.join is None or self.http_port is None, "-join (a worker host) serves no clients: drop -http_port"),
             (0 < self.port < 65536, f"port must be between 1 and 65535, got {self.port}"),
             (self.max_batch_size >= 1, f"max_batch_size must be at least 1, got {self.max_batch_size}"),
             (self.max_client_batch_size >= 1, "max_client_batch_size must be at least 1"),
@@ -76,7 +92,7 @@ class ServerConfig:
     def threads_per_worker(self) -> int:
         """torch threads of a CPU worker: -cpu_threads, else the cores divided between the workers
         (each using every core would oversubscribe them)."""
-        return self.cpu_threads or max(1, (os.cpu_count() or 1) // self.num_worker)
+        return self.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, self.num_worker))
 
     def public(self) -> dict:
         """Every setting under its flag's name, as plain JSON values, for logs and the client's
@@ -95,5 +111,6 @@ class ServerConfig:
             "max_request_bytes": self.max_request_bytes, "max_queue": self.max_queue,
             "output_dtype": self.output_dtype, "authentication": self.auth_dir is not None,
             "verbose": self.verbose, "http_port": self.http_port, "http_host": self.http_host,
-            "http_api_key": self.api_key is not None,
+            "http_api_key": self.api_key is not None, "worker_port": self.worker_port, "join": self.join,
+            "worker_name": self.worker_name,
         }

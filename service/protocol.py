@@ -14,6 +14,19 @@ starts with a command frame:
     broker -> worker   JOB       json {job, deadline, is_tokenized, show_tokens}  texts (JSON array)
                        HB                                                  heartbeat
                        STOP                                                finish and exit
+
+Workers of other hosts (`app.py -join tcp://HEAD:PORT`) connect to the head's worker port (TCP,
+CurveZMQ with `-auth_dir`); their routing id is the one the head's ROUTER gives the connection.
+Before READY they introduce themselves, and the head hands them every option that changes a vector:
+
+    worker -> head     HELLO     json {protocol, pid, host, index, restarts, fingerprint: {config, vocab, weights}}
+    head -> worker     WELCOME   json {encoder: {pooling_strategy, pooling_layer, ...}, output_dtype}
+                       REFUSED   json {message}                           e.g. another model: exit, do not retry
+    worker -> head     READY     json {pid, device, encoder, threads, capacity, host, index, restarts}
+
+then as above. READY's `capacity` is how many jobs the worker wants in hand (every worker sends it).
+A head that hears from a routing id it does not know (it restarted, or it gave the worker up for
+silent) answers STOP: the worker finishes what it holds and says HELLO again on a fresh socket.
 """
 from __future__ import annotations
 
@@ -22,12 +35,17 @@ from typing import Any
 
 READY, FAILED, HEARTBEAT, RESULT = b"READY", b"FAILED", b"HB", b"RESULT"
 JOB, STOP = b"JOB", b"STOP"
+HELLO, WELCOME, REFUSED = b"HELLO", b"WELCOME", b"REFUSED"
+REMOTE_PROTOCOL = 1
 
 HEARTBEAT_INTERVAL = 1.0   # seconds between heartbeats, both ways
 HEARTBEAT_LIVENESS = 5     # silent intervals before the other side is taken for dead
 MAX_JOB_ATTEMPTS = 3       # a job on a worker that died this many times is failed, not retried again
 WORKER_PREFETCH_JOBS = 4   # jobs a worker holds at once, so it can merge them into one forward pass
 RESPAWN_BACKOFF_MAX = 30.0  # seconds; replacements of a worker that keeps dying start ever later
+MAX_REMOTE_WORKERS = 1024  # workers of other hosts a head takes; more are refused
+MAX_WORKER_CAPACITY = 64   # jobs in hand a worker may ask for in READY; more is cut to this
+REJOIN_BACKOFF_MAX = 8.0   # seconds; a worker host that finds no head tries again ever later, up to this
 
 
 def dumps(value: Any) -> bytes:

@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from .backend import jobs_wanted
 from .client import ERR_SERVER, ERR_TIMEOUT
 from .config import ServerConfig
 from .logs import configure_logging
@@ -95,7 +96,8 @@ def worker_main(config: ServerConfig, index: int, identity: bytes, backend: str,
         socket.close()
         context.term()
         raise SystemExit(2)
-    info = {"pid": os.getpid(), "device": str(encoder.device), "encoder": encoder.describe(), "threads": threads}
+    info = {"pid": os.getpid(), "device": str(encoder.device), "encoder": encoder.describe(), "threads": threads,
+            "capacity": jobs_wanted(str(encoder.device))}
     socket.send_multipart([P.READY, P.dumps(info)])
     log.info("worker %d ready on %s (%s)", index, encoder.device, str(encoder.dtype).removeprefix("torch."))
     try:
