@@ -63,8 +63,19 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Also refuses flags that only make sense together, in argparse's words (exit 2)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        if parsed.num_worker == 0 and parsed.worker_port is None:
+            self.error("argument -num_worker: must be at least 1, got 0 (0 only with -worker_port: a head that "
+                       "only routes to worker hosts)")
+        return parsed
+
+
 def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog, description="Serve sentence vectors from a BERT-family model over ZeroMQ.",
         formatter_class=HelpFormatter,
         epilog="Clients: from service.client import BertClient; BertClient(ip=..., port=...).encode([...])")

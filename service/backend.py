@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -129,27 +130,12 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-class WorkerKeys:
-    """The worker port's CurveZMQ allow-list (`auth_dir/workers/*.key`), apart from the clients';
-    refused keys are logged, at a bounded rate. Called from the authenticator's thread."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.allowed = set(zmq.auth.load_certificates(str(folder)))
-        self.refusals = LogLimiter(log)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        if key in self.allowed:
-            return True
-        self.refusals.warning("refused a worker with a key not in %s (CurveZMQ)", self.folder)
-        return False
-
-
 class WorkerPort:
     """The head's worker port: a ROUTER on `-host:-worker_port` that workers of other hosts join."""
 
     def __init__(self, context: zmq.Context, config: ServerConfig, authenticator: Any) -> None:
         self.config = config
+        self.watcher: HandshakeWatcher | None = None
         self.fingerprint = model_fingerprint(inspect_folder(config.encoder.model_dir))
         self.welcome = welcome_options(config)
         self.socket = context.socket(zmq.ROUTER)
@@ -175,12 +161,14 @@ class WorkerPort:
         if not folder.is_dir() or not any(folder.glob("*.key")):
             raise StartupError(f"{folder}: no allowed worker keys (*.key); create one with: "
                                f"python app.py -keygen {self.config.auth_dir} -worker_name NAME")
-        keys = WorkerKeys(folder)
-        authenticator.configure_curve_callback(domain=WORKER_ZAP_DOMAIN, credentials_provider=keys)
+        # Certificates, not a callback: pyzmq's authenticator asks callbacks for every domain once one
+        # is set, which would lock the clients out.
+        authenticator.configure_curve(domain=WORKER_ZAP_DOMAIN, location=str(folder))
+        self.watcher = HandshakeWatcher(self.socket)
         public, secret = zmq.auth.load_certificate(str(server_key_paths(self.config.auth_dir)[1]))
         self.socket.zap_domain = WORKER_ZAP_DOMAIN.encode()
         self.socket.curve_secretkey, self.socket.curve_publickey, self.socket.curve_server = secret, public, True
-        log.info("CurveZMQ on the worker port: %d allowed worker keys in %s", len(keys.allowed), folder)
+        log.info("CurveZMQ on the worker port: %d allowed worker keys in %s", len(list(folder.glob("*.key"))), folder)
 
     def answer_hello(self, hello: Any) -> tuple[bytes, dict]:
         """(WELCOME, the options) for a worker that may join, else (REFUSED, why)."""
@@ -193,7 +181,46 @@ class WorkerPort:
         return P.WELCOME, self.welcome
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.socket.close(linger=0)
+
+
+class HandshakeWatcher:
+    """Logs connections to the worker port whose CurveZMQ handshake failed (a worker without keys,
+    with the wrong server key, or with a key not allowed), at a bounded rate. Its own thread owns
+    the monitor socket."""
+
+    EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self.socket = socket
+        self.monitor = socket.get_monitor_socket(self.EVENTS)
+        self.refusals = {event: LogLimiter(log) for event in zmq.Event if event & self.EVENTS}  # one per reason
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name="worker-port-handshakes", daemon=True)
+        self.thread.start()
+
+    def watch(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while not self.done.is_set():
+            if not self.monitor.poll(200):
+                continue
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+            kind = zmq.Event(event["event"])
+            self.refusals[kind].warning("refused a worker connection: its CurveZMQ handshake failed (%s); a worker "
+                                        "host needs -auth_dir with server.key and workers/NAME.key_secret", kind.name)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=2)
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
 
 
 WORKER_ZAP_DOMAIN = "workers"  # the ZAP domain of the worker port: worker keys, never client keys

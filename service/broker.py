@@ -526,9 +526,8 @@ class Broker:
             reason = f"exited with code {exitcode}" if exitcode is not None else \
                 f"sent no heartbeat for {now - slot.last_seen:.1f} s"
             self.bury(slot, reason, now)
-        for slot in list(self.remote_slots):
-            silent = now - slot.last_seen > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS
-            if silent and (slot.ready or now - slot.started > self.config.startup_timeout):
+        for slot in list(self.remote_slots):  # they heartbeat while loading the model too
+            if now - slot.last_seen > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS:
                 self.bury(slot, f"sent no heartbeat for {now - slot.last_seen:.1f} s", now)
 
     def bury(self, slot: WorkerSlot, reason: str, now: float) -> None:
@@ -569,7 +568,8 @@ class Broker:
                 "server_pid": os.getpid(), "started": self.started}
 
     def status(self) -> dict:
-        workers = [{"index": s.index, "host": s.host, "remote": s.remote, "pid": s.pid, "ready": s.ready,
+        workers = [{"index": s.index, "host": s.host, "remote": s.remote, "address": s.info.get("address"),
+                    "pid": s.pid, "ready": s.ready,
                     "device": s.info.get("device"), "capacity": s.capacity, "jobs_in_flight": len(s.in_flight),
                     "restarts": s.restarts, "jobs_done": s.jobs_done, "sentences_done": s.sentences_done}
                    for s in self.workers()]

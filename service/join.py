@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import socket as socketlib
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +211,8 @@ class HeadLink:
                     if encoder is None:
                         run_config, options = self.configured(body), body
                         try:
-                            encoder = load_encoder(run_config, self.index, run_config.threads_per_worker)
+                            encoder = self.load_with_heartbeats(socket, lambda: load_encoder(
+                                run_config, self.index, run_config.threads_per_worker))
                         except Exception as e:  # reported to the head, then this process ends
                             log.exception("worker %d could not load the model", self.index)
                             socket.send_multipart([P.FAILED, P.dumps({"message": f"{type(e).__name__}: {e}"})])
@@ -229,6 +231,25 @@ class HeadLink:
             return 0
         finally:
             context.destroy(linger=0)
+
+    @staticmethod
+    def load_with_heartbeats(socket: zmq.Socket, load: Any) -> Any:
+        """`load()`, heartbeating meanwhile, so the head tells a worker that loads from one whose
+        connection is gone (it cannot see a TCP connection close). The socket belongs to the
+        heartbeat thread until it is joined, so one thread at a time uses it, as ZeroMQ requires."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(P.HEARTBEAT_INTERVAL):
+                socket.send_multipart([P.HEARTBEAT])
+
+        thread = threading.Thread(target=beat, name="loading-heartbeat", daemon=True)
+        thread.start()
+        try:
+            return load()
+        finally:
+            done.set()
+            thread.join()
 
     def connect(self, context: zmq.Context) -> zmq.Socket:
         """A fresh DEALER to the head (Paranoid Pirate: nothing from an earlier try is delivered)."""

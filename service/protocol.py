@@ -22,6 +22,7 @@ Before READY they introduce themselves, and the head hands them every option tha
     worker -> head     HELLO     json {protocol, pid, host, index, restarts, fingerprint: {config, vocab, weights}}
     head -> worker     WELCOME   json {encoder: {pooling_strategy, pooling_layer, ...}, output_dtype}
                        REFUSED   json {message}                           e.g. another model: exit, do not retry
+                       HB                                                  while it loads the model
     worker -> head     READY     json {pid, device, encoder, threads, capacity, host, index, restarts}
 
 then as above. READY's `capacity` is how many jobs the worker wants in hand (every worker sends it).
