@@ -146,6 +146,9 @@ class WorkerPort:
             log.warning("-worker_port %d on %s without -auth_dir: anyone who can reach it can join as a worker, "
                         "read clients' sentences and answer with wrong vectors; use -auth_dir (and -keygen DIR "
                         "-worker_name NAME) unless the network is yours alone", config.worker_port, config.host)
+        else:
+            log.warning("-worker_port %d on loopback without -auth_dir: any local user can join as a worker; "
+                        "use -auth_dir unless this machine is yours alone", config.worker_port)
         self.address = f"tcp://{config.host}:{config.worker_port}"
         try:
             self.socket.bind(self.address)

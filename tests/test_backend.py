@@ -188,3 +188,34 @@ def test_the_log_about_strangers_is_rate_limited(caplog):
     with caplog.at_level(logging.WARNING, logger="test_backend"):
         limiter.warning("stranger %d", 100)
     assert caplog.records[-1].getMessage() == "stranger 100 (99 more like it in the last 3600 s not logged)"
+
+
+# ---------------------------------------------------------------- workers of other hosts: the pure parts
+
+
+def test_a_model_fingerprint_ignores_the_path_and_names_the_part_that_differs(random_bert, tiny_dir, tmp_path):
+    import shutil
+
+    from bert.checkpoint import inspect_folder
+    from service.backend import fingerprint_mismatch, model_fingerprint
+
+    ours = model_fingerprint(inspect_folder(tiny_dir))
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_dir, copy)
+    assert model_fingerprint(inspect_folder(copy)) == ours and fingerprint_mismatch(ours, ours) is None
+    reseeded = model_fingerprint(inspect_folder(random_bert("backend_reseeded", seed=9, **TINY)[0]))
+    assert reseeded["config"] == ours["config"] and reseeded["vocab"] == ours["vocab"]
+    assert "differs from the head's in its weights (" in fingerprint_mismatch(ours, reseeded)
+    wider = model_fingerprint(inspect_folder(random_bert("backend_wider", **{**TINY, "hidden_size": 64})[0]))
+    assert "in its config and weights" in fingerprint_mismatch(ours, wider)
+    assert fingerprint_mismatch(ours, None) == "the worker sent no model fingerprint"
+
+
+def test_capacity_is_what_a_worker_asks_for_within_bounds():
+    from service.backend import capacity_of, jobs_wanted
+
+    assert jobs_wanted("cuda:1") == 2 * jobs_wanted("cpu") == 2 * P.WORKER_PREFETCH_JOBS
+    assert capacity_of({"capacity": 8}) == 8
+    assert capacity_of({"capacity": 10**9}) == P.MAX_WORKER_CAPACITY
+    assert capacity_of({"capacity": 0}) == capacity_of({"capacity": -5}) == 1
+    assert capacity_of({}) == capacity_of({"capacity": "8"}) == capacity_of({"capacity": True}) == P.WORKER_PREFETCH_JOBS
