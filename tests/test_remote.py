@@ -277,12 +277,13 @@ def test_sigkill_of_a_worker_hosts_process_group_under_6_clients_loses_no_reques
         # jobs until it has as many as it asked for, then the whole host is killed.
         os.killpg(doomed.process.pid, signal.SIGSTOP)
         threads, failures = run_clients(head, reference, n_clients=6, n_requests=8, seed=100)
-        wait_for(lambda: [w for w in head_status(head)["workers"] if w["pid"] == victim["pid"]
-                          and w["jobs_in_flight"] > 0], 10, "jobs on the doomed host", interval=0.02)
+        given_up = rf"worker \S+/0 \(pid {victim['pid']}\) sent no heartbeat for [\d.]+ s; (\d+) jobs go back"
+        wait_for(lambda: re.search(given_up, head.log()) or [
+            w for w in head_status(head)["workers"] if w["pid"] == victim["pid"] and w["jobs_in_flight"] > 0],
+            10, "jobs on the doomed host", interval=0.02)
         os.killpg(doomed.process.pid, signal.SIGKILL)
         join_all(threads, failures)
-        found = re.search(rf"worker \S+/0 \(pid {victim['pid']}\) sent no heartbeat for [\d.]+ s; (\d+) jobs go back",
-                          head.log())
+        found = re.search(given_up, head.log())
         assert found and int(found[1]) > 0, head.log()[-3000:]
         assert victim["pid"] not in [w["pid"] for w in head_status(head)["workers"]]
         doomed.stop()
