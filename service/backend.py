@@ -136,6 +136,7 @@ class WorkerPort:
     def __init__(self, context: zmq.Context, config: ServerConfig, authenticator: Any) -> None:
         self.config = config
         self.watcher: HandshakeWatcher | None = None
+        self.refusals = LogLimiter(log)  # HELLOs refused (another model...), one line per 10 s at most
         self.fingerprint = model_fingerprint(inspect_folder(config.encoder.model_dir))
         self.welcome = welcome_options(config)
         self.socket = context.socket(zmq.ROUTER)

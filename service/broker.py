@@ -440,8 +440,8 @@ class Broker:
             self.worker_port.socket.send_multipart([identity, P.STOP])
         elif command == P.READY:
             info = _json_object(frames[2].bytes if len(frames) > 2 else b"")
-            self.mark_ready(slot, {**info, "address": slot.info.get("address")})
-            slot.info["pid"] = slot.info.get("pid") if isinstance(slot.info.get("pid"), int) else None
+            # pid and address as the head first saw them: a worker does not rename itself later
+            self.mark_ready(slot, {**info, "pid": slot.info.get("pid"), "address": slot.info.get("address")})
             log.info("worker %s (pid %s) of another host joined: %s, %d jobs in hand", slot.name, slot.pid,
                      slot.info.get("device"), slot.capacity)
         elif command == P.FAILED:
@@ -459,7 +459,7 @@ class Broker:
         if command == P.WELCOME and len(self.remote_slots) >= P.MAX_REMOTE_WORKERS:
             command, body = P.REFUSED, {"message": f"this head takes at most {P.MAX_REMOTE_WORKERS} workers of other hosts"}
         if command == P.REFUSED:
-            self.strangers.warning("refused a worker of host %r: %s", host, body["message"])
+            self.worker_port.refusals.warning("refused a worker of host %r: %s", host, body["message"])
             self.worker_port.socket.send_multipart([identity, P.REFUSED, P.dumps(body)])
             return
         now = time.monotonic()

@@ -219,3 +219,18 @@ def test_capacity_is_what_a_worker_asks_for_within_bounds():
     assert capacity_of({"capacity": 10**9}) == P.MAX_WORKER_CAPACITY
     assert capacity_of({"capacity": 0}) == capacity_of({"capacity": -5}) == 1
     assert capacity_of({}) == capacity_of({"capacity": "8"}) == capacity_of({"capacity": True}) == P.WORKER_PREFETCH_JOBS
+
+
+def test_worker_keys_are_kept_apart_from_client_keys_and_never_replaced(tmp_path):
+    from service.auth import make_worker_keys
+
+    paths = make_worker_keys(tmp_path, "gpu-a")
+    assert paths["worker_public"] == tmp_path / "workers" / "gpu-a.key" and paths["worker_public"].is_file()
+    assert paths["worker_secret"] == tmp_path / "workers" / "gpu-a.key_secret" and not (tmp_path / "clients").exists()
+    before = paths["worker_secret"].read_bytes()
+    with pytest.raises(ValueError, match="already exists"):
+        make_worker_keys(tmp_path, "gpu-a")
+    assert paths["worker_secret"].read_bytes() == before
+    for name in ("", "../gpu-b", ".hidden"):
+        with pytest.raises(ValueError, match="a plain file name is needed"):
+            make_worker_keys(tmp_path, name)
