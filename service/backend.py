@@ -167,7 +167,8 @@ class WorkerPort:
                                f"python app.py -keygen {self.config.auth_dir} -worker_name NAME")
         # Certificates, not a callback: pyzmq's authenticator asks callbacks for every domain once one
         # is set, which would lock the clients out.
-        authenticator.configure_curve(domain=WORKER_ZAP_DOMAIN, location=str(folder))
+        zap = getattr(authenticator, "authenticator", authenticator)  # the ThreadAuthenticator, if wrapped
+        zap.configure_curve(domain=WORKER_ZAP_DOMAIN, location=str(folder))
         self.watcher = HandshakeWatcher(self.socket)
         public, secret = zmq.auth.load_certificate(str(server_key_paths(self.config.auth_dir)[1]))
         self.socket.zap_domain = WORKER_ZAP_DOMAIN.encode()
