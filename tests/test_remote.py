@@ -334,6 +334,20 @@ def test_a_stopped_worker_host_has_its_jobs_resent_and_sigcont_brings_no_duplica
         assert len(ready_workers(head)) == 2
 
 
+def test_a_worker_that_dies_on_its_host_is_restarted_there_and_counted_by_the_head(head, hosts, model_dirs, reference):
+    with worker_host(head, hosts[0], model_dirs[0]) as host:
+        first = worker_of(head, host)
+        assert first["restarts"] == 0 and first["host"] == socket.gethostname()
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_for(lambda: host.log().count("joined the head at") == 2, 60, f"the replacement to join\n{host.log()}")
+        assert f"worker 0 (pid {first['pid']}) exited with code -9; restarting it" in host.log()
+        second = worker_of(head, host)
+        assert second["pid"] != first["pid"] and second["restarts"] == 1 and second["ready"], second
+        texts = list(reference)[:16]
+        with BertClient(port=head.port, timeout=30) as bc:
+            assert_rows(bc.encode(texts), texts, reference)
+
+
 def test_worker_hosts_wait_for_a_head_started_later_and_rejoin_a_restarted_one(hosts, model_dirs, reference):
     folder = model_dirs[0]
     port, worker_port = free_port(), free_port()
