@@ -111,6 +111,11 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
                       help=f"Bearer token the HTTP embedding routes require; /health and /metrics stay open "
                            f"(default: ${API_KEY_ENV} when -http_port is set, else none; the variable keeps "
                            "the key out of `ps`)")
+    v1 = p.add_argument_group("the 2019 protocol (unmodified bert-serving-client 1.10)")
+    v1.add_argument("-v1_port", type=int_at_least(1, 65535), default=None,
+                    help="port bert-serving-client 1.10 pushes requests to: its BertClient(port=...) (default: off)")
+    v1.add_argument("-v1_port_out", type=int_at_least(1, 65535), default=None,
+                    help="port it reads replies from: its BertClient(port_out=...) (default: off; needs -v1_port)")
     p.add_argument("-verbose", action="store_true", help="debug logging")
     return p
 
@@ -127,7 +132,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=args.max_request_bytes, max_queue=args.max_queue, cpu=args.cpu,
         device_map=tuple(args.device_map), cpu_threads=args.cpu_threads, output_dtype=args.output_dtype,
         auth_dir=args.auth_dir, verbose=args.verbose, http_port=args.http_port, http_host=args.http_host,
-        api_key=api_key(args))
+        v1_port=args.v1_port, v1_port_out=args.v1_port_out, api_key=api_key(args))
 
 
 def api_key(args: argparse.Namespace) -> str | None:

@@ -12,7 +12,8 @@ Wire protocol (version 1), over a ZeroMQ DEALER (client) to ROUTER (server) conn
                                     "timeout": seconds | null, "is_tokenized": bool, "show_tokens": bool,
                                     "tenant": str?}   (tenant: a door's user, for fair sharing)
              frame 1  JSON array of strings (or of arrays of WordPiece strings when is_tokenized);
-                      "encode" only
+                      "encode" only. Without is_tokenized an item may also be a pair [A, B] of
+                      strings: one input, [CLS] A [SEP] B [SEP], token type 1 for B
     reply    frame 0  JSON header  {"v": 1, "id": int, "ok": true, "dtype": "float32" | "float16",
                                     "shapes": [[n1, dim], [n2, dim], ...], "tokens": [[...], ...]?,
                                     "n_tokens": int?}   (n_tokens: tokens the model saw, in all)
@@ -108,14 +109,22 @@ def check_texts(texts: Any, is_tokenized: bool = False) -> list:
                 raise BadRequestError(f"with is_tokenized=True every item must be a list of token strings; "
                                       f"item {i} is {_describe(item)}")
             strings = item
+        elif is_pair(item):
+            strings = item
         elif not isinstance(item, str):
-            hint = " (did you mean is_tokenized=True?)" if isinstance(item, (list, tuple)) else ""
-            raise BadRequestError(f"every item must be a str; item {i} is {_describe(item)}{hint}")
+            hint = " (a sentence pair is a list of 2 strings; for tokens, did you mean is_tokenized=True?)" \
+                if isinstance(item, (list, tuple)) else ""
+            raise BadRequestError(f"every item must be a str or a pair [str, str]; item {i} is {_describe(item)}{hint}")
         else:
             strings = (item,)
         if not all(_is_utf8_encodable(s) for s in strings):
             raise BadRequestError(f"item {i} is not valid Unicode: it holds a lone surrogate (such as '\\ud800')")
     return list(texts)
+
+
+def is_pair(item: Any) -> bool:
+    """A sentence pair: 2 strings in a list or tuple, encoded as BERT's [CLS] A [SEP] B [SEP]."""
+    return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item)
 
 
 def from_numpy(texts: Any) -> Any:
@@ -369,7 +378,8 @@ class BertClient:
                show_progress: bool = False, batch_size: int = 1024) -> Any:
         """Vectors for `texts`: a float32 ndarray (n, dim), or List[List[float]] with output_fmt='list'.
 
-        texts: a list, tuple or numpy array of strings.
+        texts: a list, tuple or numpy array of strings; an item may also be a sentence pair, a
+            list of 2 strings [A, B], encoded as BERT's [CLS] A [SEP] B [SEP] (token type 1 for B).
         is_tokenized: `texts` are lists of WordPiece tokens (the server adds [CLS]/[SEP]).
         show_tokens: return `(vectors, tokens)`, the tokens being what the model saw after truncation.
         show_progress: send in requests of `batch_size` sentences, pipelined, and show progress after

@@ -28,6 +28,8 @@ class ServerConfig:
     - `verbose`: debug logging.
     - `http_port`: the HTTP door's port (OpenAI /v1/embeddings, TEI routes, /health, /metrics);
       None: no HTTP. `http_host`: its interface (None: the same as `host`).
+    - `v1_port`, `v1_port_out`: the 2019 protocol's two ports (bert-serving-client 1.10 PUSHes
+      requests to the first and SUBscribes to replies on the second); None: off. Both or neither.
     - `api_key`: the Bearer token the HTTP embedding routes require (None: open). Kept out of
       `repr()` and `public()`, so it never reaches a log line.
     """
@@ -49,6 +51,8 @@ class ServerConfig:
     verbose: bool = False
     http_port: int | None = None
     http_host: str | None = None
+    v1_port: int | None = None
+    v1_port_out: int | None = None
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +68,12 @@ class ServerConfig:
             (self.http_port is None or 0 < self.http_port < 65536,
              f"http_port must be between 1 and 65535, got {self.http_port}"),
             (self.http_port != self.port, f"-http_port and -port must differ, both are {self.port}"),
+            (all(p is None or 0 < p < 65536 for p in (self.v1_port, self.v1_port_out)),
+             "v1_port and v1_port_out must be between 1 and 65535"),
+            ((self.v1_port is None) == (self.v1_port_out is None),
+             "-v1_port and -v1_port_out go together: the 2019 client needs both"),
+            (len(set(self.ports())) == len(self.ports()),
+             f"-port, -http_port, -v1_port and -v1_port_out must all differ, got {self.ports()}"),
             (self.api_key is None or (self.api_key.strip() == self.api_key and self.api_key != ""),
              "api_key must be a non-empty string without surrounding spaces"),
             (self.api_key is None or self.http_port is not None, "-api_key protects the HTTP door: it needs -http_port"),
@@ -71,6 +81,10 @@ class ServerConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def ports(self) -> list[int]:
+        """Every TCP port the server opens."""
+        return [p for p in (self.port, self.http_port, self.v1_port, self.v1_port_out) if p is not None]
 
     @property
     def threads_per_worker(self) -> int:
@@ -95,5 +109,5 @@ class ServerConfig:
             "max_request_bytes": self.max_request_bytes, "max_queue": self.max_queue,
             "output_dtype": self.output_dtype, "authentication": self.auth_dir is not None,
             "verbose": self.verbose, "http_port": self.http_port, "http_host": self.http_host,
-            "http_api_key": self.api_key is not None,
+            "http_api_key": self.api_key is not None, "v1_port": self.v1_port, "v1_port_out": self.v1_port_out,
         }
