@@ -41,6 +41,7 @@ from .client import (ERR_BAD_REQUEST, ERR_BUSY, ERR_SERVER, ERR_TIMEOUT, ERR_UNA
 from .config import ServerConfig
 from .doors import Doors
 from .errors import StartupError
+from .handshakes import HandshakeWatch
 from .metrics import RequestMetrics
 from .worker import worker_main
 
@@ -113,6 +114,7 @@ class Broker:
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend_address = self._bind_backend()
         self.frontend: zmq.Socket | None = None
+        self.handshakes: HandshakeWatch | None = None
         # Sockets only this user can reach live in a folder of mode 0700 (mkdtemp's).
         self.runtime_dir = tempfile.mkdtemp(prefix="bert-serving-")
         self.door_address = f"ipc://{self.runtime_dir}/doors"
@@ -202,6 +204,8 @@ class Broker:
             self.frontend.bind(address)
         except zmq.ZMQError as e:
             raise StartupError(f"cannot listen on {address}: {e}") from None
+        v1_ports = (self.config.v1_port, self.config.v1_port_out) if self.config.v1_port else None
+        self.handshakes = HandshakeWatch(self.frontend, self.config.port, v1_ports)  # wrong protocols, logged
 
     # ------------------------------------------------------------ the loop
 
@@ -209,11 +213,13 @@ class Broker:
         """Serve until `stop_requested` is set (by a signal handler, or a failed start), then shut
         down cleanly. `on_ready()` is called once, when every worker has loaded the model."""
         poller = zmq.Poller()
-        for socket in (self.backend, self.frontend, self.door_socket):
+        for socket in (self.backend, self.frontend, self.door_socket, self.handshakes.monitor):
             poller.register(socket, zmq.POLLIN)
         next_heartbeat = 0.0
         while not self.stop_requested:
             events = dict(poller.poll(250))
+            if self.handshakes.monitor in events:
+                self.handshakes.drain()
             if self.backend in events:
                 self.drain(self.backend, self.on_worker_message)
             for socket in (self.frontend, self.door_socket):
@@ -458,6 +464,7 @@ class Broker:
         return {"uptime": time.time() - self.started, "workers": workers, "starting": self.starting,
                 "workers_ready": sum(s.ready for s in self.slots), "queued_sentences": self.pending_sentences,
                 "queued_jobs": len(self.pending), "doors": self.doors.status(), **self.stats,
+                "peers_turned_away": self.handshakes.total if self.handshakes else 0,
                 "metrics": self.metrics.snapshot()}
 
     # ------------------------------------------------------------ shutdown
@@ -493,6 +500,8 @@ class Broker:
         self.stop_workers()
         if self.authenticator is not None:
             self.authenticator.stop()
+        if self.handshakes is not None:
+            self.handshakes.close()
         for socket in (self.frontend, self.door_socket, self.backend):
             if socket is not None:
                 socket.close(linger=0)

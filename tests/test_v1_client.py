@@ -10,7 +10,9 @@ so that a lost reply fails the test instead of hanging it.
 """
 from __future__ import annotations
 
+import socket
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -243,3 +245,46 @@ def test_our_client_refuses_a_list_that_is_not_a_pair(ours):
         ours.encode([["one", "two", "three"]])
     with pytest.raises(BadRequestError, match="item 0 is list"):
         ours.encode([["one", 2]])
+
+
+# ---------------------------------------------------------------- the wrong port
+
+
+def wait_for_log(server, text: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in server.log():
+        assert time.monotonic() < deadline, f"{text!r} not in the log:\n{server.log()[-3000:]}"
+        time.sleep(0.1)
+    return server.log()
+
+
+def turned_away(ours, more_than: int, timeout: float = 20.0) -> int:
+    """server_status()'s count of peers turned away, once it is over `more_than`."""
+    deadline = time.monotonic() + timeout
+    while (count := ours.server_status()["peers_turned_away"]) <= more_than:
+        assert time.monotonic() < deadline, f"no peer turned away within {timeout} s"
+        time.sleep(0.1)
+    return count
+
+
+def test_a_2019_client_or_http_at_our_own_port_is_told_about_in_the_log_once(server, ours):
+    # ZeroMQ turns the 2019 client's PUSH socket away during the handshake: the broker never sees a message.
+    before = ours.server_status()["peers_turned_away"]
+    client = BertClient2019(ip="127.0.0.1", port=server.port, port_out=free_port(), ignore_all_checks=True,
+                            timeout=500)
+    try:
+        with pytest.raises(TimeoutError):
+            client.encode(["nobody answers this"])
+        count = turned_away(ours, before)
+        log = wait_for_log(server, "turned away")
+    finally:
+        client.close()
+    line = next(line for line in log.splitlines() if "turned away" in line)
+    assert f"port {server.port}" in line and "bert-serving-client (2019)" in line
+    assert f"-v1_port {server.v1_port} and -v1_port_out {server.v1_port_out}" in line
+    # HTTP at the same port is counted, and not logged again within the hour.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    turned_away(ours, count)
+    assert server.log().count("turned away") == 1
+    assert ours.encode(["still serving"]).shape[0] == 1
