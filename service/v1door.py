@@ -20,8 +20,8 @@ What this door adds to that protocol, and why:
   for at most HOLD_FOR_SUBSCRIPTION seconds: a reply published before that is lost (ZeroMQ's slow
   joiner), and the 2019 client, whose timeout is -1 by default, would wait forever.
 - Replies are never dropped at the high-water mark (XPUB_NODROP): a burst of `encode(...,
-  blocking=False)` then `fetch_all()` gets every reply. A client that reads too slowly holds its
-  own replies here, bounded by the same time limit.
+  blocking=False)` then `fetch_all()` gets every reply. Replies to a client whose pipe is full wait
+  here, and are dropped (logged) only after HOLD_FOR_READER seconds in which it read none.
 - The 2019 client has no error replies. An encoding error comes back as a vector header whose
   `dtype` is the error message, so that client raises at once `TypeError: data type 'bert-as-service
   refused this request: ...' not understood`, and stays usable. A config or status request that
@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 
 SERVER_VERSION = "1.10.0"        # the 2019 client refuses any other (check_version)
 SHOW_CONFIG, SHOW_STATUS, TERMINATION = b"SHOW_CONFIG", b"SHOW_STATUS", b"TERMINATION"
-HOLD_FOR_SUBSCRIPTION = 10.0     # seconds a reply waits for its client to subscribe (or to read)
+HOLD_FOR_SUBSCRIPTION = 10.0     # seconds a reply waits for its client to subscribe
+HOLD_FOR_READER = 300.0          # seconds replies wait for a subscribed client that reads none
 MAX_IDENTITY_BYTES = 256         # the 2019 client's identity is a 36-byte UUID
 POLL_MS = 100
 STOP_DRAIN = 2.0                 # seconds, after SIGTERM, to pass on replies the broker already sent
@@ -339,11 +340,13 @@ class V1Door:
                 held.since = now
             if not held.replies:
                 del self.held[identity]
-            elif now - held.since > HOLD_FOR_SUBSCRIPTION:
+                continue
+            subscribed = identity in self.subscribed
+            limit = HOLD_FOR_READER if subscribed else HOLD_FOR_SUBSCRIPTION
+            if now - held.since > limit:
                 log.warning("dropped %d replies to a 2019 client (%s) that %s for %.0f s", len(held.replies),
                             identity[:40].decode("utf-8", "replace"),
-                            "read none" if identity in self.subscribed else "never subscribed to -v1_port_out",
-                            HOLD_FOR_SUBSCRIPTION)
+                            "read none" if subscribed else "did not subscribe to -v1_port_out", limit)
                 del self.held[identity]
 
 
