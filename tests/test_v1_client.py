@@ -11,6 +11,8 @@ so that a lost reply fails the test instead of hanging it.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -23,7 +25,7 @@ from bert_serving.client import BertClient as BertClient2019
 
 from helpers import real_sentences
 from service.client import BadRequestError, BertClient
-from service.harness import RunningServer, free_port
+from service.harness import ROOT, RunningServer, free_port
 
 ATOL = 1e-6
 TIMEOUT_MS = 60_000
@@ -42,8 +44,9 @@ def server(tiny):
     v1_port, v1_port_out = free_port(), free_port()
     while v1_port_out == v1_port:
         v1_port_out = free_port()
+    # -max_batch_size 4: requests are split into jobs the worker merges, pairs and plain sentences together.
     with RunningServer(["-model_dir", str(tiny[0]), "-v1_port", str(v1_port), "-v1_port_out", str(v1_port_out),
-                        "-max_client_batch_size", str(MAX_SENTENCES)]) as running:
+                        "-max_client_batch_size", str(MAX_SENTENCES), "-max_batch_size", "4"]) as running:
         running.v1_port, running.v1_port_out = v1_port, v1_port_out
         yield running
 
@@ -240,6 +243,15 @@ def test_a_pair_is_encoded_as_bert_sentence_pair_like_transformers(old, ours, ti
     assert not np.allclose(old.encode(["First do it then do it right"])[0], vectors[0], atol=1e-3)
 
 
+def test_pairs_and_sentences_mix_in_one_request(ours):
+    items = ["plain one", ["First do it", "then do it right"], "plain two", ("a", "b"), "three", "four",
+             ["c", "d e f"], "five"]
+    together = ours.encode(items)
+    alone = np.concatenate([ours.encode([item]) for item in items])
+    np.testing.assert_allclose(together, alone, atol=ATOL)
+    np.testing.assert_allclose(together[0], ours.encode(["plain one"])[0], atol=ATOL)
+
+
 def test_our_client_refuses_a_list_that_is_not_a_pair(ours):
     with pytest.raises(BadRequestError, match="a sentence pair is a list of 2 strings"):
         ours.encode([["one", "two", "three"]])
@@ -288,3 +300,35 @@ def test_a_2019_client_or_http_at_our_own_port_is_told_about_in_the_log_once(ser
     turned_away(ours, count)
     assert server.log().count("turned away") == 1
     assert ours.encode(["still serving"]).shape[0] == 1
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def app_run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), "-cpu", "-host", "127.0.0.1", *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("ports, message", [
+    ({"-v1_port": 1}, "-v1_port and -v1_port_out go together"),
+    ({"-v1_port_out": 1}, "-v1_port and -v1_port_out go together"),
+    ({"-v1_port": 0, "-v1_port_out": 1}, "-port, -http_port, -v1_port and -v1_port_out must all differ"),
+    ({"-v1_port": 1, "-v1_port_out": 1}, "-port, -http_port, -v1_port and -v1_port_out must all differ"),
+])
+def test_v1_ports_that_cannot_work_are_refused_before_a_worker_starts(tiny, ports, message):
+    port, spare = free_port(), free_port()
+    argv = [str(v) for flag, offset in ports.items() for v in (flag, port if offset == 0 else spare)]
+    run = app_run("-port", str(port), "-model_dir", str(tiny[0]), *argv)
+    assert run.returncode == 1 and f"cannot start: {message}" in run.stderr, run.stderr
+    assert "ready on" not in run.stderr
+
+
+def test_a_v1_port_in_use_stops_the_start(tiny):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        run = app_run("-port", str(free_port()), "-model_dir", str(tiny[0]), "-v1_port", str(free_port()),
+                      "-v1_port_out", str(taken.getsockname()[1]))
+    assert run.returncode == 1, run.stderr
+    assert "cannot listen for the 2019 protocol" in run.stderr and "the v1 door exited with code 1" in run.stderr
