@@ -110,7 +110,7 @@ def parse_texts(msg: bytes) -> tuple[list, bool]:
 
 def split_pair(text: str) -> str | list[str]:
     """"A ||| B" -> [A, B] (stripped first, as the 2019 server did); any other text unchanged."""
-    found = PAIR.fullmatch(text.strip())
+    found = PAIR.fullmatch(text.strip()) if " ||| " in text else None
     return [found[1], found[2]] if found else text
 
 
