@@ -22,6 +22,7 @@ import pytest
 import torch
 import zmq
 from bert_serving.client import BertClient as BertClient2019
+from bert_serving.client import ConcurrentBertClient
 
 from helpers import real_sentences
 from service.client import BadRequestError, BertClient
@@ -176,6 +177,23 @@ def test_six_concurrent_clients(server, ours):
     assert not errors, errors
     for i in range(6):
         np.testing.assert_allclose(got[i], np.concatenate([ours.encode(texts[i])] * 3), atol=ATOL)
+
+
+def test_the_2019_concurrent_client(server, ours):
+    client = ConcurrentBertClient(max_concurrency=3, ip="127.0.0.1", port=server.v1_port,
+                                  port_out=server.v1_port_out, timeout=TIMEOUT_MS)
+    try:
+        texts = real_sentences(6, seed=300)
+        results: dict[int, np.ndarray] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, client.encode(texts=texts[i:i + 2])))
+                   for i in range(0, 6, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        np.testing.assert_allclose(np.concatenate([results[i] for i in range(0, 6, 2)]), ours.encode(texts), atol=ATOL)
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------- bad input
