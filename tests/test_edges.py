@@ -7,7 +7,9 @@ and refuses the name `server`; refused unauthenticated connections are logged, r
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -126,6 +128,27 @@ def test_timeouts_to_a_dead_port_never_block_and_are_never_delivered_to_the_serv
     assert state["requests"] == 1 and state["sentences"] == 1, state
     assert state["timeouts_dropped"] == 0 and state["errors"] == 0 and state["bad_requests"] == 0, state
     assert state["workers"][0]["jobs_done"] == 1, state
+
+
+def test_a_timeout_in_encode_async_abandons_what_is_in_flight_and_the_next_call_gets_its_own_reply(
+        fault_server, tiny_encoder):
+    """The worker is paused, so no reply can come in time on any machine; once it runs again, the
+    replies to the abandoned requests go to the old connection and are never read."""
+    worker = ready_worker(fault_server, status(fault_server.port)["workers"][0]["restarts"])
+    batches = [[f"async {i} {j}" for j in range(3)] for i in range(6)]
+    with BertClient(port=fault_server.port, timeout=0.5) as client:
+        os.kill(worker["pid"], signal.SIGSTOP)
+        try:
+            with pytest.raises(BertTimeoutError):
+                list(client.encode_async(batches, max_in_flight=4))
+        finally:
+            os.kill(worker["pid"], signal.SIGCONT)
+        assert client._early == {}
+        client.timeout = 60
+        texts = ["after the timeout", "its own reply"]
+        np.testing.assert_allclose(client.encode(texts), tiny_encoder.encode(texts), atol=ATOL)
+        assert [len(r) for r in client.encode_async(batches[:2])] == [3, 3]
+        assert client._early == {}
 
 
 # ---------------------------------------------------------------- a worker's stage dies or stalls (item 7)
