@@ -60,7 +60,7 @@ def seconds_at_least(low: float):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
         if not value >= low or value == float("inf"):  # `not >=` also refuses NaN
-            raise argparse.ArgumentTypeError(f"must be at least {low:g} seconds, got {text}")
+            raise argparse.ArgumentTypeError(f"must be at least {low:g} s, got {text}")
         return value
     parse.__name__ = "float"
     return parse
