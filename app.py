@@ -26,6 +26,7 @@ from service.logs import configure_logging
 log = logging.getLogger("app")
 
 API_KEY_ENV = "BERT_SERVING_API_KEY"  # -api_key from the environment, so the key stays out of `ps`
+FAULT_DIR_ENV = "BERT_SERVING_FAULT_DIR"  # fault injection for drills and tests (service/worker.py)
 
 
 def str_to_bool(text: str) -> bool:
@@ -48,6 +49,20 @@ def int_at_least(low: int, high: int | None = None):
                                              f"got {value}")
         return value
     parse.__name__ = "int"  # argparse names the type in some messages
+    return parse
+
+
+def seconds_at_least(low: float):
+    """An argparse type: a number of seconds, at least `low`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if not value >= low or value == float("inf"):  # `not >=` also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {low:g} s, got {text}")
+        return value
+    parse.__name__ = "float"
     return parse
 
 
@@ -91,6 +106,11 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     compute.add_argument("-bf16", dest="dtype", action="store_const", const="bf16", help="same as -dtype bf16")
     compute.add_argument("-cpu_threads", type=int_at_least(1), default=None, help="torch threads per CPU worker (default: cores / num_worker)")
     compute.add_argument("-max_batch_size", type=int_at_least(1), default=256, help="a request is split into mini-batches of this many sentences, spread over workers")
+    compute.add_argument("-stall_timeout", type=seconds_at_least(1), default=300.0,
+                         help="seconds a worker may hold jobs that make no progress (no job tokenized, no "
+                              "forward-pass window started or done) before it stops heartbeating and the "
+                              "broker replaces it and re-sends them; keep it above your longest window "
+                              "(up to 4 x -max_batch_size sentences)")
     compute.add_argument("-max_batch_tokens", type=int_at_least(1), default=None,
                          help="padded tokens per forward pass (default: 1024 on CPU, 65536 on GPU)")
     net = p.add_argument_group("network and limits")
@@ -132,7 +152,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=args.max_request_bytes, max_queue=args.max_queue, cpu=args.cpu,
         device_map=tuple(args.device_map), cpu_threads=args.cpu_threads, output_dtype=args.output_dtype,
         auth_dir=args.auth_dir, verbose=args.verbose, http_port=args.http_port, http_host=args.http_host,
-        v1_port=args.v1_port, v1_port_out=args.v1_port_out, api_key=api_key(args))
+        v1_port=args.v1_port, v1_port_out=args.v1_port_out, api_key=api_key(args), stall_timeout=args.stall_timeout,
+        fault_dir=os.environ.get(FAULT_DIR_ENV) or None)
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -143,9 +164,13 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 
 def keygen(folder: str, client_name: str) -> int:
-    from service.auth import make_keys
+    from service.auth import KeygenError, make_keys
 
-    paths = make_keys(folder, client_name)
+    try:
+        paths = make_keys(folder, client_name)
+    except (KeygenError, OSError) as e:
+        log.error("-keygen: %s", e)
+        return 1
     print(f"server public key:  {paths['server_public']}   (give this to clients)")
     print(f"server secret key:  {paths['server_secret']}   (keep on the server)")
     print(f"client key pair:    {paths['client_secret']}   (give this to the client '{client_name}')")
@@ -195,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("lower-casing %s (%s)", "on" if resolved.tokenizer.lowercases else "off",
              "-do_lower_case" if config.encoder.do_lower_case is not None else "the folder's own")
     log.info("config: %s", ", ".join(f"{k}={v}" for k, v in config.public().items()))
+    if config.fault_dir:
+        log.warning("fault injection is on (%s=%s): files named tokenize, compute or stall there break a "
+                    "worker on purpose", FAULT_DIR_ENV, config.fault_dir)
     for warning in settings_warnings(config, resolved):
         log.warning("%s", warning)
 

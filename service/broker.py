@@ -204,8 +204,11 @@ class Broker:
             self.frontend.bind(address)
         except zmq.ZMQError as e:
             raise StartupError(f"cannot listen on {address}: {e}") from None
-        v1_ports = (self.config.v1_port, self.config.v1_port_out) if self.config.v1_port else None
-        self.handshakes = HandshakeWatch(self.frontend, self.config.port, v1_ports)  # wrong protocols, logged
+        # A socket has one monitor: with -auth_dir the authenticator's (service/auth.py) reports failed
+        # handshakes, the 2019 client's included ("a client without CurveZMQ keys").
+        if self.authenticator is None:
+            v1_ports = (self.config.v1_port, self.config.v1_port_out) if self.config.v1_port else None
+            self.handshakes = HandshakeWatch(self.frontend, self.config.port, v1_ports)  # wrong protocols, logged
 
     # ------------------------------------------------------------ the loop
 
@@ -213,12 +216,15 @@ class Broker:
         """Serve until `stop_requested` is set (by a signal handler, or a failed start), then shut
         down cleanly. `on_ready()` is called once, when every worker has loaded the model."""
         poller = zmq.Poller()
-        for socket in (self.backend, self.frontend, self.door_socket, self.handshakes.monitor):
+        for socket in (self.backend, self.frontend, self.door_socket):
             poller.register(socket, zmq.POLLIN)
+        watch = self.handshakes.monitor if self.handshakes is not None else None
+        if watch is not None:
+            poller.register(watch, zmq.POLLIN)
         next_heartbeat = 0.0
         while not self.stop_requested:
             events = dict(poller.poll(250))
-            if self.handshakes.monitor in events:
+            if watch is not None and watch in events:
                 self.handshakes.drain()
             if self.backend in events:
                 self.drain(self.backend, self.on_worker_message)

@@ -26,6 +26,11 @@ class ServerConfig:
     - `auth_dir`: CurveZMQ keys (server.key_secret and clients/*.key); None: no authentication.
     - `startup_timeout`: seconds a worker may take to load the model.
     - `verbose`: debug logging.
+    - `stall_timeout`: seconds a worker may hold jobs without any of them moving on (tokenized, a
+      forward-pass window started or done) before it stops heartbeating and is replaced.
+    - `fault_dir`: fault injection for drills and tests ($BERT_SERVING_FAULT_DIR): files named
+      `tokenize`, `compute` or `stall` in it break one worker's stage once (see `service/worker.py`).
+      None (the default): off.
     - `http_port`: the HTTP door's port (OpenAI /v1/embeddings, TEI routes, /health, /metrics);
       None: no HTTP. `http_host`: its interface (None: the same as `host`).
     - `v1_port`, `v1_port_out`: the 2019 protocol's two ports (bert-serving-client 1.10 PUSHes
@@ -49,6 +54,8 @@ class ServerConfig:
     auth_dir: str | None = None
     startup_timeout: float = 600.0
     verbose: bool = False
+    stall_timeout: float = 300.0
+    fault_dir: str | None = None
     http_port: int | None = None
     http_host: str | None = None
     v1_port: int | None = None
@@ -63,6 +70,7 @@ class ServerConfig:
             (self.max_client_batch_size >= 1, "max_client_batch_size must be at least 1"),
             (self.max_request_bytes >= 1024, "max_request_bytes must be at least 1024"),
             (self.max_queue >= 1, "max_queue must be at least 1"),
+            (self.stall_timeout >= 1, f"stall_timeout must be at least 1 second, got {self.stall_timeout}"),
             (self.output_dtype in ("float32", "float16"), f"output_dtype must be float32 or float16, got {self.output_dtype!r}"),
             (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be at least 1"),
             (self.http_port is None or 0 < self.http_port < 65536,
@@ -109,5 +117,6 @@ class ServerConfig:
             "max_request_bytes": self.max_request_bytes, "max_queue": self.max_queue,
             "output_dtype": self.output_dtype, "authentication": self.auth_dir is not None,
             "verbose": self.verbose, "http_port": self.http_port, "http_host": self.http_host,
-            "http_api_key": self.api_key is not None, "v1_port": self.v1_port, "v1_port_out": self.v1_port_out,
+            "http_api_key": self.api_key is not None, "stall_timeout": self.stall_timeout,
+            "fault_injection": self.fault_dir is not None, "v1_port": self.v1_port, "v1_port_out": self.v1_port_out,
         }
