@@ -28,6 +28,7 @@ from service.logs import configure_logging
 log = logging.getLogger("app")
 
 API_KEY_ENV = "BERT_SERVING_API_KEY"  # -api_key from the environment, so the key stays out of `ps`
+FAULT_DIR_ENV = "BERT_SERVING_FAULT_DIR"  # fault injection for drills and tests (service/worker.py)
 
 
 def str_to_bool(text: str) -> bool:
@@ -50,6 +51,20 @@ def int_at_least(low: int, high: int | None = None):
                                              f"got {value}")
         return value
     parse.__name__ = "int"  # argparse names the type in some messages
+    return parse
+
+
+def seconds_at_least(low: float):
+    """An argparse type: a number of seconds, at least `low`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if not value >= low or value == float("inf"):  # `not >=` also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {low:g} s, got {text}")
+        return value
+    parse.__name__ = "float"
     return parse
 
 
@@ -105,6 +120,11 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     compute.add_argument("-bf16", dest="dtype", action="store_const", const="bf16", help="same as -dtype bf16")
     compute.add_argument("-cpu_threads", type=int_at_least(1), default=None, help="torch threads per CPU worker (default: cores / num_worker)")
     compute.add_argument("-max_batch_size", type=int_at_least(1), default=256, help="a request is split into mini-batches of this many sentences, spread over workers")
+    compute.add_argument("-stall_timeout", type=seconds_at_least(1), default=300.0,
+                         help="seconds a worker may hold jobs that make no progress (no job tokenized, no "
+                              "forward-pass window started or done) before it stops heartbeating and the "
+                              "broker replaces it and re-sends them; keep it above your longest window "
+                              "(up to 4 x -max_batch_size sentences)")
     compute.add_argument("-max_batch_tokens", type=int_at_least(1), default=None,
                          help="padded tokens per forward pass (default: 1024 on CPU, 65536 on GPU)")
     net = p.add_argument_group("network and limits")
@@ -133,6 +153,11 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
                       help=f"Bearer token the HTTP embedding routes require; /health and /metrics stay open "
                            f"(default: ${API_KEY_ENV} when -http_port is set, else none; the variable keeps "
                            "the key out of `ps`)")
+    v1 = p.add_argument_group("the 2019 protocol (unmodified bert-serving-client 1.10)")
+    v1.add_argument("-v1_port", type=int_at_least(1, 65535), default=None,
+                    help="port bert-serving-client 1.10 pushes requests to: its BertClient(port=...) (default: off)")
+    v1.add_argument("-v1_port_out", type=int_at_least(1, 65535), default=None,
+                    help="port it reads replies from: its BertClient(port_out=...) (default: off; needs -v1_port)")
     p.add_argument("-verbose", action="store_true", help="debug logging")
     return p
 
@@ -149,7 +174,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=args.max_request_bytes, max_queue=args.max_queue, cpu=args.cpu,
         device_map=tuple(args.device_map), cpu_threads=args.cpu_threads, output_dtype=args.output_dtype,
         auth_dir=args.auth_dir, verbose=args.verbose, http_port=args.http_port, http_host=args.http_host,
-        api_key=api_key(args), worker_port=args.worker_port, join=args.join, worker_name=args.worker_name or "worker")
+        v1_port=args.v1_port, v1_port_out=args.v1_port_out, api_key=api_key(args), stall_timeout=args.stall_timeout,
+        fault_dir=os.environ.get(FAULT_DIR_ENV) or None, worker_port=args.worker_port, join=args.join,
+        worker_name=args.worker_name or "worker")
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -160,9 +187,13 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 
 def keygen(folder: str, client_name: str) -> int:
-    from service.auth import make_keys
+    from service.auth import KeygenError, make_keys
 
-    paths = make_keys(folder, client_name)
+    try:
+        paths = make_keys(folder, client_name)
+    except (KeygenError, OSError) as e:
+        log.error("-keygen: %s", e)
+        return 1
     print(f"server public key:  {paths['server_public']}   (give this to clients)")
     print(f"server secret key:  {paths['server_secret']}   (keep on the server)")
     print(f"client key pair:    {paths['client_secret']}   (give this to the client '{client_name}')")
@@ -172,12 +203,12 @@ def keygen(folder: str, client_name: str) -> int:
 
 
 def worker_keygen(folder: str, worker_name: str) -> int:
-    from service.auth import make_worker_keys
+    from service.auth import KeygenError, make_worker_keys
 
     try:
         paths = make_worker_keys(folder, worker_name)
-    except ValueError as e:
-        log.error("%s", e)
+    except (KeygenError, OSError) as e:
+        log.error("-keygen: %s", e)
         return 1
     print(f"server public key:  {paths['server_public']}   (copy to the worker host)")
     print(f"worker key pair:    {paths['worker_secret']}   (copy to the worker host '{worker_name}' only)")
@@ -261,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("lower-casing %s (%s)", "on" if resolved.tokenizer.lowercases else "off",
              "-do_lower_case" if config.encoder.do_lower_case is not None else "the folder's own")
     log.info("config: %s", ", ".join(f"{k}={v}" for k, v in config.public().items()))
+    if config.fault_dir:
+        log.warning("fault injection is on (%s=%s): files named tokenize, compute or stall there break a "
+                    "worker on purpose", FAULT_DIR_ENV, config.fault_dir)
     for warning in settings_warnings(config, resolved):
         log.warning("%s", warning)
 

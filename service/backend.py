@@ -135,7 +135,7 @@ class WorkerPort:
 
     def __init__(self, context: zmq.Context, config: ServerConfig, authenticator: Any) -> None:
         self.config = config
-        self.watcher: HandshakeWatcher | None = None
+        self.watcher: WorkerPortRefusals | None = None
         self.refusals = LogLimiter(log)  # HELLOs refused (another model...), one line per 10 s at most
         self.fingerprint = model_fingerprint(inspect_folder(config.encoder.model_dir))
         self.welcome = welcome_options(config)
@@ -169,7 +169,7 @@ class WorkerPort:
         # is set, which would lock the clients out.
         zap = getattr(authenticator, "authenticator", authenticator)  # the ThreadAuthenticator, if wrapped
         zap.configure_curve(domain=WORKER_ZAP_DOMAIN, location=str(folder))
-        self.watcher = HandshakeWatcher(self.socket)
+        self.watcher = WorkerPortRefusals(self.socket)
         public, secret = zmq.auth.load_certificate(str(server_key_paths(self.config.auth_dir)[1]))
         self.socket.zap_domain = WORKER_ZAP_DOMAIN.encode()
         self.socket.curve_secretkey, self.socket.curve_publickey, self.socket.curve_server = secret, public, True
@@ -191,7 +191,7 @@ class WorkerPort:
         self.socket.close(linger=0)
 
 
-class HandshakeWatcher:
+class WorkerPortRefusals:
     """Logs connections to the worker port whose CurveZMQ handshake failed (a worker without keys,
     with the wrong server key, or with a key not allowed), at a bounded rate. Its own thread owns
     the monitor socket."""

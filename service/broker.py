@@ -44,6 +44,7 @@ from .config import ServerConfig
 from .backend import LogLimiter, WorkerPort, capacity_of, ready_is_from_spawned
 from .doors import Doors
 from .errors import StartupError
+from .handshakes import HandshakeWatch
 from .metrics import RequestMetrics
 from .worker import worker_main
 
@@ -132,6 +133,7 @@ class Broker:
         self.backend_address = self._bind_backend()
         self.strangers = LogLimiter(log)  # messages from identities this broker did not spawn
         self.frontend: zmq.Socket | None = None
+        self.handshakes: HandshakeWatch | None = None
         self.door_address = f"ipc://{self.runtime_dir}/doors"
         self.door_socket: zmq.Socket | None = None
         self.doors = Doors(config, self.door_address)
@@ -231,6 +233,11 @@ class Broker:
             self.frontend.bind(address)
         except zmq.ZMQError as e:
             raise StartupError(f"cannot listen on {address}: {e}") from None
+        # A socket has one monitor: with -auth_dir the authenticator's (service/auth.py) reports failed
+        # handshakes, the 2019 client's included ("a client without CurveZMQ keys").
+        if self.authenticator is None:
+            v1_ports = (self.config.v1_port, self.config.v1_port_out) if self.config.v1_port else None
+            self.handshakes = HandshakeWatch(self.frontend, self.config.port, v1_ports)  # wrong protocols, logged
 
     # ------------------------------------------------------------ the loop
 
@@ -243,9 +250,14 @@ class Broker:
         remote = self.worker_port.socket if self.worker_port else None
         if remote is not None:
             poller.register(remote, zmq.POLLIN)
+        watch = self.handshakes.monitor if self.handshakes is not None else None
+        if watch is not None:
+            poller.register(watch, zmq.POLLIN)
         next_heartbeat = 0.0
         while not self.stop_requested:
             events = dict(poller.poll(250))
+            if watch is not None and watch in events:
+                self.handshakes.drain()
             if self.backend in events:
                 self.drain(self.backend, self.on_worker_message)
             if remote is not None and remote in events:
@@ -578,6 +590,7 @@ class Broker:
                 "workers_ready": ready, "not_ready_because": None if ready else self.why_no_worker(),
                 "queued_sentences": self.pending_sentences,
                 "queued_jobs": len(self.pending), "doors": self.doors.status(), **self.stats,
+                "peers_turned_away": self.handshakes.total if self.handshakes else 0,
                 "metrics": self.metrics.snapshot()}
 
     def why_no_worker(self) -> str:
@@ -630,6 +643,8 @@ class Broker:
             self.worker_port.close()
         if self.authenticator is not None:
             self.authenticator.stop()
+        if self.handshakes is not None:
+            self.handshakes.close()
         for socket in (self.frontend, self.door_socket, self.backend):
             if socket is not None:
                 socket.close(linger=0)

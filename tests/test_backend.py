@@ -231,6 +231,7 @@ def test_worker_keys_are_kept_apart_from_client_keys_and_never_replaced(tmp_path
     with pytest.raises(ValueError, match="already exists"):
         make_worker_keys(tmp_path, "gpu-a")
     assert paths["worker_secret"].read_bytes() == before
+    assert oct(paths["worker_secret"].stat().st_mode & 0o777) == "0o600"
     for name in ("", "../gpu-b", ".hidden"):
-        with pytest.raises(ValueError, match="a plain file name is needed"):
+        with pytest.raises(ValueError, match="must be 1 to 64 letters"):
             make_worker_keys(tmp_path, name)

@@ -189,7 +189,7 @@ HOSTILE = {  # name: (frames, what the error message must say, id the reply must
     "texts is empty": ([header(), b"[]"], "empty list", 7),
     "texts hold ints": ([header(), b'["a", 1, 2]'], "item 1 is int", 7),
     "texts hold None": ([header(), b'["a", null]'], "item 1 is NoneType", 7),
-    "texts hold nested lists": ([header(), b'["a", ["b", "c"]]'], "did you mean is_tokenized=True", 7),
+    "texts hold nested lists": ([header(), b'["a", ["b", "c", "d"]]'], "did you mean is_tokenized=True", 7),
     "tokens hold ints": ([header(is_tokenized=True), b'[["a", 1]]'], "list of token strings", 7),
     "texts as latin-1 bytes": ([header(), '["café", "naïve"]'.encode("latin-1")], "texts frame is not UTF-8 JSON", 7),
     "texts not UTF-8": ([header(), b'["\xff\xfe\xfd"]'], "texts frame is not UTF-8 JSON", 7),
@@ -288,7 +288,7 @@ BAD_CALLS = {  # name: (texts, encode kwargs, what the message must say, refused
     "a list of bytes": ([b"abc"], {}, "item 0 is bytes", False),
     "ints and None": ([1, None], {}, "item 0 is int", False),
     "None inside": (["a", None], {}, "item 1 is NoneType", False),
-    "nested lists": ([["a", "b"]], {}, "did you mean is_tokenized=True", False),
+    "nested lists": ([["a", "b", "c"]], {}, "did you mean is_tokenized=True", False),  # 2 would be a pair
     "ints as tokens": ([[1, 2]], {"is_tokenized": True}, "list of token strings", False),
     "lone surrogate": (["ok", "\ud800"], {}, "item 1 is not valid Unicode", False),
     "over -max_client_batch_size": (["s"] * (MAX_SENTENCES + 1), {},
