@@ -228,7 +228,7 @@ def test_worker_keys_are_kept_apart_from_client_keys_and_never_replaced(tmp_path
     assert paths["worker_public"] == tmp_path / "workers" / "gpu-a.key" and paths["worker_public"].is_file()
     assert paths["worker_secret"] == tmp_path / "workers" / "gpu-a.key_secret" and not (tmp_path / "clients").exists()
     before = paths["worker_secret"].read_bytes()
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match="exists: -keygen never replaces a key"):
         make_worker_keys(tmp_path, "gpu-a")
     assert paths["worker_secret"].read_bytes() == before
     assert oct(paths["worker_secret"].stat().st_mode & 0o777) == "0o600"
