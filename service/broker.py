@@ -586,8 +586,8 @@ class Broker:
                    for s in self.slots]
         return {"uptime": time.time() - self.started, "workers": workers, "starting": self.starting,
                 "workers_ready": sum(s.ready for s in self.slots), **self.scheduler.status(),
-                "intake": {"requests": len(self.intake.pending), "bytes": self.intake.backlog,
-                           "restarts": self.intake.restarts} if self.intake else None,
+                "intake": {"pid": self.intake.process.pid, "requests": len(self.intake.pending),
+                           "bytes": self.intake.backlog, "restarts": self.intake.restarts} if self.intake else None,
                 "doors": self.doors.status(), **self.stats, "metrics": self.metrics.snapshot()}
 
     # ------------------------------------------------------------ shutdown

@@ -90,7 +90,7 @@ class Tenant:
     key: Hashable
     queue: deque = field(default_factory=deque)
     served: float = 0.0          # estimated tokens dispatched, on the scheduler's fair clock
-    turn: int = 0                # when last served, to break ties least-recently-served first
+    turn: int = 0                # when last served or back from idle: ties go to the longest waiting
     requests: int = 0            # unfinished requests
     queued_tokens: int = 0
 
@@ -246,6 +246,7 @@ class Scheduler:
         if not tenant.queue:
             # Back from idle: level with the tenant served last, so no credit was banked while away.
             tenant.served = max(tenant.served, self.clock)
+            tenant.turn = next(self.turns)
             self.active.add(tenant.key)
         if front:
             tenant.queue.appendleft(job)

@@ -1,0 +1,230 @@
+"""Hostile peers against a real server (issue 8, items 2-4): messages that would stall the broker, a
+client that floods the queue, a client that never reads its replies.
+
+One module-scoped `python app.py` on a tiny random BERT (the model does not matter here; its vectors
+are checked against `Encoder` in this process), one worker, small limits so that floods are cheap:
+mini-batches of 8 sentences, at most 1,000 sentences and 2 MB a request, 4 unread replies a client.
+Hostile peers are raw ZeroMQ DEALER sockets; memory is read from /proc. No assertion depends on
+speed: a worker or the intake process is paused with SIGSTOP where an order must be forced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import zmq
+
+from service.client import ERR_BAD_REQUEST, BertClient
+from service.harness import RunningServer, rss_kb
+
+ATOL = 1e-5
+HIDDEN = 256
+TINY = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
+MAX_SENTENCES = 1000
+MAX_BYTES = 2_000_000
+BATCH = 8
+UNREAD = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(random_bert):
+    return random_bert("hostile_tiny", **TINY)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_dir):
+    from bert import Encoder
+
+    return Encoder.from_dir(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    with RunningServer(["-model_dir", str(tiny_dir), "-max_client_batch_size", str(MAX_SENTENCES),
+                        "-max_request_bytes", str(MAX_BYTES), "-max_batch_size", str(BATCH),
+                        "-max_unread_replies", str(UNREAD), "-max_client_requests", "300"]) as running:
+        yield running
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextmanager
+def raw_dealer(port: int, **options):
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        dealer.setsockopt(getattr(zmq, name), value)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        yield dealer
+    finally:
+        dealer.close(linger=0)
+        context.term()
+
+
+def request(request_id: int, texts: list | None = None, cmd: str = "encode", **fields) -> list[bytes]:
+    header = {"v": 1, "id": request_id, "cmd": cmd, "timeout": None, "is_tokenized": False, "show_tokens": False,
+              **fields}
+    frames = [json.dumps(header).encode()]
+    return frames if texts is None else frames + [json.dumps(texts).encode()]
+
+
+def receive(dealer: zmq.Socket, timeout: float = 30) -> tuple[dict, list[bytes]]:
+    assert dealer.poll(int(timeout * 1000)), "no reply from the server"
+    frames = dealer.recv_multipart()
+    return json.loads(frames[0]), frames[1:]
+
+
+def status(server: RunningServer) -> dict:
+    with BertClient(port=server.port, timeout=15) as client:
+        return client.server_status()
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextmanager
+def paused(pid: int):
+    """SIGSTOP a process of the server for the block; SIGCONT whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def assert_serving(server: RunningServer, encoder) -> dict:
+    """A normal client is answered correctly, and no worker was restarted."""
+    with BertClient(port=server.port, timeout=30) as client:
+        np.testing.assert_allclose(client.encode(["still serving"]), encoder.encode(["still serving"]), atol=ATOL)
+        state = client.server_status()
+    assert server.process.poll() is None
+    assert [w["restarts"] for w in state["workers"]] == [0] and state["workers_ready"] == 1, state
+    return state
+
+
+# ---------------------------------------------------------------- sizes before contents
+
+BIG_HEADER = json.dumps({"v": 1, "id": 7, "cmd": "status", "pad": "x" * (1 << 20)}).encode()
+OVERSIZED = {  # name: (frames, what the error says, the id the reply carries)
+    "a 1 MB header that is valid JSON": (
+        [BIG_HEADER], f"header frame of {len(BIG_HEADER)} bytes is over the limit of 8192 bytes", None),
+    "three frames over -max_request_bytes together": (
+        request(8) + [b"x" * 900_000] * 3, f"is over the server's limit of {MAX_BYTES} bytes", 8),
+    "300,000 one-letter strings": (
+        request(9, ["a"] * 300_000), f"more than {MAX_SENTENCES} sentences is over the server's limit", 9),
+}
+
+
+@pytest.mark.parametrize("name", list(OVERSIZED))
+def test_oversized_messages_are_refused_by_size_and_the_server_serves_on(name, server, tiny_encoder):
+    frames, message, request_id = OVERSIZED[name]
+    with raw_dealer(server.port) as dealer:
+        dealer.send_multipart(frames)
+        answer, rest = receive(dealer)
+    assert answer["ok"] is False and answer["error"] == ERR_BAD_REQUEST and not rest, answer
+    assert message in answer["message"] and answer["id"] == request_id, answer
+    assert_serving(server, tiny_encoder)
+
+
+def test_a_big_request_is_read_off_the_broker_loop(server, tiny_encoder):
+    """While the intake process reads a big request (paused here, as if it took minutes), the broker
+    answers everyone else; the big request is answered once it has been read."""
+    big = [f"sentence number {i} " * 6 for i in range(MAX_SENTENCES)]   # about 120 KB: read by the intake process
+    intake_pid = status(server)["intake"]["pid"]
+    with raw_dealer(server.port) as dealer:
+        with paused(intake_pid):
+            dealer.send_multipart(request(1, big))
+            wait_for(lambda: status(server)["intake"]["requests"] == 1, 15, "the big request in the intake process")
+            assert_serving(server, tiny_encoder)   # small requests are read in the loop: not held up
+            assert not dealer.poll(0)
+        answer, data = receive(dealer, timeout=60)
+    assert answer["ok"] is True and sum(shape[0] for shape in answer["shapes"]) == MAX_SENTENCES, answer
+    vectors = np.concatenate([np.frombuffer(d, np.float32) for d in data]).reshape(MAX_SENTENCES, HIDDEN)
+    np.testing.assert_allclose(vectors[[0, 500, 999]], tiny_encoder.encode([big[0], big[500], big[999]]), atol=ATOL)
+
+
+# ---------------------------------------------------------------- fair sharing
+
+
+def test_a_flood_does_not_lock_out_a_second_client_and_is_dropped_when_it_leaves(server, tiny_encoder):
+    """20 requests of 200 sentences (500 mini-batches) queued while the worker is paused, then one
+    sentence from another client: it is answered next, while most of the flood still waits; the
+    flood's queued work is dropped when its client disconnects."""
+    n_flood, size = 20, 200
+    flood_jobs = n_flood * size // BATCH
+    worker_pid = status(server)["workers"][0]["pid"]
+    before = status(server)
+    with raw_dealer(server.port) as flood, raw_dealer(server.port) as second:
+        with paused(worker_pid):  # for well under the 5 s a silent worker is given
+            for i in range(n_flood):
+                flood.send_multipart(request(i, [f"flood {i} {j}" for j in range(size)]))
+            wait_for(lambda: status(server)["queued_jobs"] >= flood_jobs - 4, 3, "the flood queued")
+            second.send_multipart(request(99, ["one sentence"]))
+            wait_for(lambda: status(server)["tenants_waiting"] == 2, 3, "the second request queued")
+        answer, data = receive(second, timeout=60)
+        state = status(server)
+        flood_answered = 0
+        while flood.poll(0):
+            flood.recv_multipart()
+            flood_answered += 1
+        assert answer["ok"] is True and answer["id"] == 99, answer
+        np.testing.assert_allclose(np.frombuffer(data[0], np.float32).reshape(1, HIDDEN),
+                                   tiny_encoder.encode(["one sentence"]), atol=ATOL)
+        assert flood_answered < n_flood and state["queued_jobs"] > flood_jobs // 2, (flood_answered, state)
+    # The flooder left: its queued work is dropped, not computed for no one.
+    after = wait_for(lambda: (s := status(server))["queued_jobs"] == 0 and s, 30, "the flood dropped")
+    assert after["disconnected_dropped"] > before["disconnected_dropped"], after
+    assert after["sentences"] - before["sentences"] < n_flood * size, after
+    assert_serving(server, tiny_encoder)
+
+
+def test_per_client_request_limit_answers_busy(server, tiny_encoder):
+    with raw_dealer(server.port) as dealer:
+        worker_pid = status(server)["workers"][0]["pid"]
+        with paused(worker_pid):
+            for i in range(301):
+                dealer.send_multipart(request(i, ["x"]))
+            answer, _ = receive(dealer)
+        assert answer["ok"] is False and answer["error"] == "busy" and answer["id"] == 300, answer
+        assert "-max_client_requests" in answer["message"]
+        for _ in range(300):
+            assert receive(dealer)[0]["ok"] is True
+    assert_serving(server, tiny_encoder)
+
+
+# ---------------------------------------------------------------- slow readers
+
+
+def test_replies_a_client_never_reads_are_capped_and_counted(server, tiny_encoder):
+    """200 replies of 250 vectors (256 kB each) to a client that reads none: the broker keeps a few
+    (-max_unread_replies, plus what the kernel buffers), drops the rest and counts them."""
+    n, size = 200, 250
+    broker = server.process.pid
+    before, rss_before = status(server), rss_kb(broker)
+    with raw_dealer(server.port, RCVHWM=1, RCVBUF=64 * 1024) as dealer:
+        for i in range(n):
+            dealer.send_multipart(request(i, [f"unread {i} {j}" for j in range(size)]))
+        state = wait_for(lambda: (s := status(server))["requests"] - before["requests"] >= n and s, 120,
+                         "every unread request computed")
+        rss_after = rss_kb(broker)
+    dropped = state["replies_dropped_unread"] - before["replies_dropped_unread"]
+    assert dropped >= n // 2, state            # the rest fit in the pipe and the kernel's buffers
+    # Unbounded, the broker would hold 200 x 256 kB = 51 MB of replies.
+    assert rss_after - rss_before < 25_000, (rss_before, rss_after)
+    assert "dropped a reply to" in server.log()
+    assert_serving(server, tiny_encoder)
