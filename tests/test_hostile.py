@@ -29,6 +29,7 @@ MAX_SENTENCES = 1000
 MAX_BYTES = 2_000_000
 BATCH = 8
 UNREAD = 4
+LIMIT = 200          # unfinished requests a client may have
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def tiny_encoder(tiny_dir):
 def server(tiny_dir):
     with RunningServer(["-model_dir", str(tiny_dir), "-max_client_batch_size", str(MAX_SENTENCES),
                         "-max_request_bytes", str(MAX_BYTES), "-max_batch_size", str(BATCH),
-                        "-max_unread_replies", str(UNREAD), "-max_client_requests", "300"]) as running:
+                        "-max_unread_replies", str(UNREAD), "-max_client_requests", str(LIMIT)]) as running:
         yield running
 
 
@@ -87,6 +88,17 @@ def status(server: RunningServer) -> dict:
         return client.server_status()
 
 
+@contextmanager
+def status_probe(server: RunningServer):
+    """`probe()` -> server_status() over one open connection: quick enough to poll while a worker is
+    paused for less than the 5 s after which a silent worker is replaced."""
+    with raw_dealer(server.port) as dealer:
+        def probe() -> dict:
+            dealer.send_multipart(request(0, cmd="status"))
+            return receive(dealer, timeout=5)[0]["result"]
+        yield probe
+
+
 def wait_for(condition, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -94,7 +106,12 @@ def wait_for(condition, timeout: float, what: str):
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r:.300})")
+
+
+def jobs_held(state: dict) -> int:
+    """Jobs the broker holds: queued, or on a worker."""
+    return state["queued_jobs"] + sum(w["jobs_in_flight"] for w in state["workers"])
 
 
 @contextmanager
@@ -169,15 +186,19 @@ def test_a_flood_does_not_lock_out_a_second_client_and_is_dropped_when_it_leaves
     flood_jobs = n_flood * size // BATCH
     worker_pid = status(server)["workers"][0]["pid"]
     before = status(server)
-    with raw_dealer(server.port) as flood, raw_dealer(server.port) as second:
+    floods = [request(i, [f"flood {i} {j}" for j in range(size)]) for i in range(n_flood)]
+    with raw_dealer(server.port) as flood, raw_dealer(server.port) as second, status_probe(server) as probe:
+        for dealer in (flood, second):  # connected before the clock starts
+            dealer.send_multipart(request(0, cmd="status"))
+            receive(dealer)
         with paused(worker_pid):  # for well under the 5 s a silent worker is given
-            for i in range(n_flood):
-                flood.send_multipart(request(i, [f"flood {i} {j}" for j in range(size)]))
-            queued = wait_for(lambda: (n := status(server)["queued_jobs"]) >= flood_jobs - 4 and n, 3, "the flood queued")
+            for frames in floods:
+                flood.send_multipart(frames)
+            wait_for(lambda: jobs_held(probe()) == flood_jobs, 2, "the flood queued")
             second.send_multipart(request(99, ["one sentence"]))
-            wait_for(lambda: status(server)["queued_jobs"] == queued + 1, 3, "the second request queued")
+            wait_for(lambda: jobs_held(probe()) == flood_jobs + 1, 1.5, "the second request queued")
         answer, data = receive(second, timeout=60)
-        state = status(server)
+        state = probe()
         flood_answered = 0
         while flood.poll(0):
             flood.recv_multipart()
@@ -194,16 +215,16 @@ def test_a_flood_does_not_lock_out_a_second_client_and_is_dropped_when_it_leaves
 
 
 def test_per_client_request_limit_answers_busy(server, tiny_encoder):
+    worker_pid = status(server)["workers"][0]["pid"]
     with raw_dealer(server.port) as dealer:
-        worker_pid = status(server)["workers"][0]["pid"]
         with paused(worker_pid):
-            for i in range(301):
+            for i in range(LIMIT + 1):
                 dealer.send_multipart(request(i, ["x"]))
-            answer, _ = receive(dealer)
-        assert answer["ok"] is False and answer["error"] == "busy" and answer["id"] == 300, answer
+            answer, _ = receive(dealer, timeout=3)
+        assert answer["ok"] is False and answer["error"] == "busy" and answer["id"] == LIMIT, answer
         assert "-max_client_requests" in answer["message"]
-        for _ in range(300):
-            assert receive(dealer)[0]["ok"] is True
+        answers = [receive(dealer)[0] for _ in range(LIMIT)]
+    assert all(a["ok"] for a in answers) and sorted(a["id"] for a in answers) == list(range(LIMIT))
     assert_serving(server, tiny_encoder)
 
 
@@ -213,7 +234,7 @@ def test_per_client_request_limit_answers_busy(server, tiny_encoder):
 def test_replies_a_client_never_reads_are_capped_and_counted(server, tiny_encoder):
     """200 replies of 250 vectors (256 kB each) to a client that reads none: the broker keeps a few
     (-max_unread_replies, plus what the kernel buffers), drops the rest and counts them."""
-    n, size = 200, 250
+    n, size = LIMIT, 250
     broker = server.process.pid
     before, rss_before = status(server), rss_kb(broker)
     with raw_dealer(server.port, RCVHWM=1, RCVBUF=64 * 1024) as dealer:
