@@ -18,8 +18,10 @@ One thread, one poll loop over three ROUTER sockets:
   across clients (a door's requests by the user it names), deadlines on the monotonic clock.
 - A job goes to the ready worker with the least work in hand, each holding at most
   `WORKER_PREFETCH_JOBS`, so a worker always has the next job while it computes the current one.
-- Replies wait for a client that does not read them only up to `-max_unread_replies` (the client
-  port's send high-water mark); the rest are dropped, counted in `server_status()` and logged.
+- Replies wait for a client that does not read them only up to `-max_unread_replies` in its pipe
+  (the client port's send high-water mark) plus OUTBOX_BYTES held back in the broker (so a burst
+  of replies to a client that does read is not lost); the rest are dropped, counted in
+  `server_status()` and logged.
   A client that disconnects (seen by the socket monitor) has its queued work dropped.
 - Workers' replies are kept as raw frames and forwarded to the client once every job of its request
   is back: the broker never decodes a vector.
@@ -34,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +63,18 @@ DRAIN_MESSAGES = 1000  # read at most this many messages from one socket per tur
 DRAIN_SECONDS = 0.05   # ...and for at most this long, so no socket starves the others
 EXPIRE_INTERVAL = 0.5  # seconds between sweeps of the queue for requests past their deadline
 DROP_LOG_INTERVAL = 10.0  # seconds between log lines about dropped replies
+OUTBOX_BYTES = 16 * 1024 * 1024  # replies held in the broker for one client whose pipe is full
+OUTBOX_POLL_MS = 20    # how often replies held back are retried
 
 __all__ = ["Broker", "StartupError"]
+
+
+@dataclass(eq=False)
+class Outbox:
+    """Replies to one client that its pipe had no room for yet, in order."""
+
+    replies: deque = field(default_factory=deque)
+    size: int = 0
 
 
 @dataclass(eq=False)
@@ -111,6 +124,7 @@ class Broker:
         self.owed_disconnects: dict[int, int] = {}  # fds whose closing was seen before the monitor said so
         self.next_expiry = 0.0
         self.last_drop_log = 0.0
+        self.outboxes: dict[tuple[zmq.Socket, bytes], Outbox] = {}
         self.encoder_info: dict = {}
         self.stats = {"requests": 0, "sentences": 0, "errors": 0, "busy": 0, "bad_requests": 0,
                       "worker_restarts": 0, "timeouts_dropped": 0, "replies_dropped_unread": 0,
@@ -214,9 +228,10 @@ class Broker:
         next_heartbeat = 0.0
         while not self.stop_requested:
             before_poll = time.monotonic()
-            events = dict(poller.poll(POLL_MS))
+            events = dict(poller.poll(OUTBOX_POLL_MS if self.outboxes else POLL_MS))
             woke = time.monotonic()
             self.forgive_own_stall(woke - before_poll - POLL_MS / 1000)  # the poll itself came back late
+            self.flush_outboxes()
             self.read_sockets(events)
             now = time.monotonic()
             self.forgive_own_stall(now - woke)
@@ -379,18 +394,46 @@ class Broker:
         self.reply(request.socket, request.client, pack_error(request.request_id, ERR_BUSY, message))
 
     def reply(self, socket: zmq.Socket, client: bytes, frames: list) -> None:
-        """Send without ever blocking: a client that does not read its replies loses the newest."""
+        """Send without ever blocking. A reply the client's pipe has no room for (it holds
+        -max_unread_replies) waits in the client's outbox, which holds at most OUTBOX_BYTES
+        (and always one reply): past that the client is not reading, and the reply is dropped."""
+        box = self.outboxes.get((socket, client))
+        if box is None:
+            if self.send(socket, client, frames):
+                return
+            box = self.outboxes[(socket, client)] = Outbox()
+        size = sum(len(frame) for frame in frames)
+        if box.replies and box.size + size > OUTBOX_BYTES:
+            self.count_drop(client)
+            return
+        box.replies.append(frames)
+        box.size += size
+
+    def flush_outboxes(self) -> None:
+        for key, box in list(self.outboxes.items()):
+            while box.replies and self.send(*key, box.replies[0]):
+                box.size -= sum(len(frame) for frame in box.replies.popleft())
+            if not box.replies:
+                del self.outboxes[key]
+
+    def send(self, socket: zmq.Socket, client: bytes, frames: list) -> bool:
+        """Send one reply; False when the client's pipe is full. A client that has gone counts as sent."""
         try:
             socket.send_multipart([client, *frames], zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # its pipe holds -max_unread_replies already
-            self.stats["replies_dropped_unread"] += 1
-            now = time.monotonic()
-            if now - self.last_drop_log > DROP_LOG_INTERVAL:
-                self.last_drop_log = now
-                log.warning("dropped a reply to %s, which has %d unread (-max_unread_replies); %d dropped so far",
-                            client[:12].hex(), self.config.max_unread_replies, self.stats["replies_dropped_unread"])
+        except zmq.Again:
+            return False
         except zmq.ZMQError as e:  # the client went away (EHOSTUNREACH); nothing else to do
             log.debug("reply to %s dropped: %s", client[:12].hex(), e)
+        return True
+
+    def count_drop(self, client: bytes) -> None:
+        self.stats["replies_dropped_unread"] += 1
+        now = time.monotonic()
+        if now - self.last_drop_log > DROP_LOG_INTERVAL:
+            self.last_drop_log = now
+            log.warning("dropped a reply to %s, which does not read its replies (%d unread and %d MB held); "
+                        "%d dropped so far", client[:12].hex(), self.config.max_unread_replies,
+                        OUTBOX_BYTES >> 20, self.stats["replies_dropped_unread"])
 
     def fail(self, request: Request, code: str, message: str) -> None:
         self.scheduler.release(request)
@@ -435,6 +478,7 @@ class Broker:
 
     def drop_client(self, client: bytes) -> None:
         """Its queued work is dropped (no one would read the replies); jobs on workers finish."""
+        self.outboxes.pop((self.frontend, client), None)
         dropped = self.scheduler.drop_client(self.frontend, client)
         for request in dropped:
             request.finished = True

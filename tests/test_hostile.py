@@ -233,7 +233,8 @@ def test_per_client_request_limit_answers_busy(server, tiny_encoder):
 
 def test_replies_a_client_never_reads_are_capped_and_counted(server, tiny_encoder):
     """200 replies of 250 vectors (256 kB each) to a client that reads none: the broker keeps a few
-    (-max_unread_replies, plus what the kernel buffers), drops the rest and counts them."""
+    (-max_unread_replies in the pipe, 16 MB held back, what the kernel buffers), drops the rest and
+    counts them."""
     n, size = LIMIT, 250
     broker = server.process.pid
     before, rss_before = status(server), rss_kb(broker)
@@ -246,6 +247,6 @@ def test_replies_a_client_never_reads_are_capped_and_counted(server, tiny_encode
     # Unbounded, the broker would hold 200 x 256 kB = 51 MB of replies.
     assert rss_after - rss_before < 25_000, (rss_before, rss_after)
     dropped = state["replies_dropped_unread"] - before["replies_dropped_unread"]
-    assert dropped >= n // 2, state            # the rest fit in the pipe and the kernel's buffers
+    assert dropped >= n // 4, state   # the rest fit in the pipe, the broker's 16 MB outbox and the kernel's buffers
     assert "dropped a reply to" in server.log()
     assert_serving(server, tiny_encoder)
