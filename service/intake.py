@@ -34,6 +34,7 @@ MAX_HEADER_BYTES = 8192          # a real header is under 200 bytes
 INLINE_PARSE_BYTES = 64 * 1024   # texts frames up to this size are parsed in the loop (well under 1 ms)
 INTAKE_BACKLOG_REQUESTS = 4      # x -max_request_bytes: bytes waiting for the intake process before "busy"
 STAND_IN_TEXTS = b'["-"]'
+STAND_IN_TOKENS = b'[["-"]]'
 
 TOO_MANY = object()  # what `_read_array` returns for an array over the limit
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -57,11 +58,9 @@ def check_sizes(sizes: list[int], max_bytes: int) -> None:
 
 def peek_id(header: bytes) -> Any:
     """The request id, if the header is readable at all, so even an error reply can be matched."""
-    try:
-        value = json.loads(header).get("id")
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-    except Exception:
-        return None
+    value = _json_or_none(header)
+    value = value.get("id") if isinstance(value, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def read_header(header: bytes, n_frames: int) -> dict:
@@ -71,8 +70,16 @@ def read_header(header: bytes, n_frames: int) -> dict:
     and the frame count before the texts, so it is given a tiny stand-in for every other frame:
     one validator, with its messages, and the real texts are parsed by `parse_texts` instead.
     """
-    stand_ins = [STAND_IN_TEXTS] * (n_frames - 1)
-    return unpack_request([header, *stand_ins], 1, MAX_HEADER_BYTES + len(STAND_IN_TEXTS) * n_frames)[0]
+    tokenized = isinstance(value := _json_or_none(header), dict) and value.get("is_tokenized") is True
+    stand_ins = [STAND_IN_TOKENS if tokenized else STAND_IN_TEXTS] * (n_frames - 1)
+    return unpack_request([header, *stand_ins], 1, MAX_HEADER_BYTES + len(STAND_IN_TOKENS) * n_frames)[0]
+
+
+def _json_or_none(frame: bytes) -> Any:
+    try:
+        return json.loads(frame)
+    except Exception:
+        return None
 
 
 def parse_texts(frame: bytes | memoryview, is_tokenized: bool, max_sentences: int) -> list:
