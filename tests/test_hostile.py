@@ -175,6 +175,25 @@ def test_a_big_request_is_read_off_the_broker_loop(server, tiny_encoder):
     np.testing.assert_allclose(vectors[[0, 500, 999]], tiny_encoder.encode([big[0], big[500], big[999]]), atol=ATOL)
 
 
+def test_an_intake_process_that_dies_fails_what_it_held_and_is_replaced(server, tiny_encoder):
+    big = [f"sentence number {i} " * 6 for i in range(MAX_SENTENCES)]
+    intake = status(server)["intake"]
+    with raw_dealer(server.port) as dealer:
+        with paused(intake["pid"]):
+            dealer.send_multipart(request(5, big))
+            wait_for(lambda: status(server)["intake"]["requests"] == 1, 15, "the big request in the intake process")
+            os.kill(intake["pid"], signal.SIGKILL)
+        answer, _ = receive(dealer)
+    assert answer["ok"] is False and answer["error"] == "server_error" and answer["id"] == 5, answer
+    assert "intake process died" in answer["message"]
+    state = wait_for(lambda: (s := status(server))["intake"]["restarts"] == intake["restarts"] + 1 and s, 15,
+                     "the intake process replaced")
+    assert state["intake"]["pid"] != intake["pid"]
+    with BertClient(port=server.port, timeout=60) as client:   # a big request is read again
+        np.testing.assert_allclose(client.encode(big)[[0, 999]], tiny_encoder.encode([big[0], big[999]]), atol=ATOL)
+    assert_serving(server, tiny_encoder)
+
+
 # ---------------------------------------------------------------- fair sharing
 
 

@@ -2,7 +2,8 @@
 
     python tools/hardening_figures.py stall    # broker loop's worst stall for 60 MB requests
     python tools/hardening_figures.py unread   # broker RSS with 200 unread 1,000-sentence replies
-    python tools/hardening_figures.py flood    # a 1-sentence client's latency behind a 200,000-sentence flood
+    python tools/hardening_figures.py flood [-max_batch_size N]   # a 1-sentence client's latency behind
+                                               # a 200,000-sentence flood
 
 Run each under `flock -x /work/locks/cpu` on a shared machine, so other work does not pollute the
 figures. `stall` and `flood` use the bundled model on the CPU with one worker; `unread` uses a random
@@ -139,12 +140,14 @@ def unread() -> None:
         context.term()
 
 
-def flood() -> None:
-    """50 requests of 4,000 sentences (200,000) from one client with no timeout; meanwhile another
-    client encodes one sentence at a time: its latency p50/p99; then the flooder leaves."""
+def flood(max_batch_size: int) -> None:
+    """50 requests of 4,000 sentences (200,000) from one client with no timeout, all let in
+    (-max_client_tokens raised); meanwhile another client encodes one sentence at a time: its
+    latency p50/p99; then the flooder leaves."""
     texts, source = corpus_sentences(4000, seed=5)
     payload = json.dumps(texts).encode()
-    with RunningServer(["-num_worker", "1"]) as server:
+    with RunningServer(["-num_worker", "1", "-max_client_tokens", "100000000",
+                        "-max_batch_size", str(max_batch_size)]) as server:
         context = zmq.Context()
         flooder = dealer(context, server.port)
         with BertClient(port=server.port, timeout=120) as client:
@@ -153,14 +156,15 @@ def flood() -> None:
                 flooder.send_multipart([header(i), payload])
             time.sleep(1.0)
             latencies = []
-            for i in range(40):
+            for i in range(20):
                 start = time.perf_counter()
                 client.encode([texts[i]])
                 latencies.append(time.perf_counter() - start)
             state = client.server_status()
             latencies.sort()
             p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-            print(f"1-sentence client behind a 200,000-sentence flood ({source}), 40 requests: "
+            print(f"-max_batch_size {max_batch_size}: 1-sentence client behind a 200,000-sentence flood "
+                  f"({source}), 20 requests: "
                   f"p50 {statistics.median(latencies) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
                   f"max {latencies[-1] * 1000:.0f} ms; flood still queued: {state['queued_sentences']} sentences")
         flooder.close()
@@ -174,7 +178,12 @@ def flood() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("figure", choices=("stall", "unread", "flood"))
-    {"stall": stall, "unread": unread, "flood": flood}[parser.parse_args().figure]()
+    parser.add_argument("-max_batch_size", type=int, default=256, help="the server's, for 'flood'")
+    args = parser.parse_args()
+    if args.figure == "flood":
+        flood(args.max_batch_size)
+    else:
+        {"stall": stall, "unread": unread}[args.figure]()
 
 
 if __name__ == "__main__":
