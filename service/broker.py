@@ -1,9 +1,10 @@
 """The broker: clients' requests in, mini-batches out to worker processes, replies back in order.
 
-One thread, one poll loop over three ROUTER sockets:
+One thread, one poll loop over four ROUTER sockets:
 
     clients (DEALER) --> front end ROUTER ----[split into jobs]--> back end ROUTER --> workers (DEALER)
-    doors (HTTP, ...) --> door ROUTER (ipc) --/
+    doors (HTTP, ...) --> door ROUTER (ipc) --/        |
+                              intake ROUTER (ipc) <-> intake process (reads big requests)
 
 - The loop serves from the start: the client port and the doors open before the workers have
   loaded the model, requests wait in the queue meanwhile, and `server_status()` says how many
@@ -41,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-
 from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as P
