@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 8192          # a real header is under 200 bytes
 INLINE_PARSE_BYTES = 64 * 1024   # texts frames up to this size are parsed in the loop (well under 1 ms)
-INTAKE_BACKLOG_REQUESTS = 4      # x -max_request_bytes: bytes waiting for the intake process before "busy"
+INTAKE_BACKLOG_REQUESTS = 2      # x -max_request_bytes: bytes waiting for the intake process before "busy"
 STAND_IN_TEXTS = b'["-"]'
 STAND_IN_TOKENS = b'[["-"]]'
 
