@@ -247,6 +247,24 @@ def test_per_client_request_limit_answers_busy(server, tiny_encoder):
     assert_serving(server, tiny_encoder)
 
 
+def test_a_tenant_named_on_the_client_port_is_ignored(server, tiny_encoder):
+    """Only the HTTP door may say whose a request is: a client that names someone else's tenant on
+    the client port does not share (and use up) that one's limits."""
+    worker_pid = status(server)["workers"][0]["pid"]
+    with raw_dealer(server.port) as hog, raw_dealer(server.port) as other:
+        for dealer in (hog, other):  # connected before the worker is paused
+            dealer.send_multipart(request(0, cmd="status"))
+            receive(dealer)
+        with paused(worker_pid):
+            for i in range(LIMIT):
+                hog.send_multipart(request(i, ["x"], tenant="alice"))
+            other.send_multipart(request(1, ["y"], tenant="alice"))
+            assert not other.poll(500)   # queued, not refused as alice's 201st request
+        answer, _ = receive(other)
+        assert answer["ok"] is True and answer["id"] == 1, answer
+        assert all(receive(hog)[0]["ok"] for _ in range(LIMIT))
+
+
 # ---------------------------------------------------------------- slow readers
 
 
