@@ -281,9 +281,10 @@ def test_replies_a_client_never_reads_are_capped_and_counted(server, tiny_encode
         state = wait_for(lambda: (s := status(server))["requests"] - before["requests"] >= n and s, 120,
                          "every unread request computed")
         rss_after = rss_kb(broker)
-    # Unbounded, the broker would hold 200 x 256 kB = 51 MB of replies.
-    assert rss_after - rss_before < 25_000, (rss_before, rss_after)
+    # Unbounded, the broker would hold 200 x 256 kB = 51 MB of replies (+53 MB measured before the
+    # cap); with it, 16 MB held back, 1 MB in the pipe and allocator slack (+22 MB measured).
+    assert rss_after - rss_before < 35_000, (rss_before, rss_after)
     dropped = state["replies_dropped_unread"] - before["replies_dropped_unread"]
-    assert dropped >= n // 4, state   # the rest fit in the pipe, the broker's 16 MB outbox and the kernel's buffers
+    assert dropped >= n // 2, state   # the rest fit in the pipe, the broker's 16 MB outbox and the kernel's buffers
     assert "dropped a reply to" in server.log()
     assert_serving(server, tiny_encoder)
