@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 8192          # a real header is under 200 bytes
 INLINE_PARSE_BYTES = 16 * 1024   # texts frames parsed in the loop: at worst ~10 ms (4,000 one-letter strings)
+RESTART_INTERVAL = 1.0           # seconds between starts of an intake process that keeps dying
 INTAKE_BACKLOG_REQUESTS = 2      # x -max_request_bytes: bytes waiting for the intake process before "busy"
 STAND_IN_TEXTS = b'["-"]'
 STAND_IN_TOKENS = b'[["-"]]'
@@ -198,11 +200,13 @@ class IntakeProcess:
         self.backlog = 0
         self.keys = iter(range(1, 1 << 62))
         self.restarts = 0
+        self.started = 0.0
 
     def start(self) -> None:
         self.generation += 1
         self.identity = f"intake.{self.generation}.{os.getpid()}".encode()
         self.ready = False
+        self.started = time.monotonic()
         self.process = self.mp.Process(target=intake_main, name="intake", daemon=True,
                                        args=(self.address, self.identity, os.getpid(), self.verbose))
         self.process.start()
@@ -244,6 +248,8 @@ class IntakeProcess:
         """Replace a process that died; what it held fails (a request that kills the parser is not retried)."""
         if self.process is None or self.process.exitcode is None:
             return
+        if time.monotonic() - self.started < RESTART_INTERVAL:
+            return  # one that cannot even start is not restarted in a tight loop
         log.error("the intake process (pid %s) exited with code %s; %d requests fail, restarting it",
                   self.process.pid, self.process.exitcode, len(self.pending))
         pending, self.pending, self.backlog, self.waiting = list(self.pending.values()), {}, 0, []
