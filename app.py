@@ -134,6 +134,16 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     net.add_argument("-max_client_batch_size", type=int_at_least(1), default=32768, help="largest request, in sentences")
     net.add_argument("-max_request_bytes", type=int_at_least(1024), default=64 * 1024 * 1024, help="largest request, in bytes")
     net.add_argument("-max_queue", type=int_at_least(1), default=200_000, help="sentences waiting for a worker before new requests get a 'busy' error")
+    net.add_argument("-max_queue_tokens", type=int_at_least(1), default=20_000_000,
+                     help="estimated tokens waiting for a worker before new requests get a 'busy' error")
+    net.add_argument("-max_client_tokens", type=int_at_least(1), default=2_000_000,
+                     help="estimated tokens one client (or HTTP user) may have queued; a first request is always let in")
+    net.add_argument("-max_client_requests", type=int_at_least(1), default=64,
+                     help="unfinished requests one client (or HTTP user) may have")
+    net.add_argument("-max_timeout", type=int_at_least(1), default=300,
+                     help="seconds a request may wait, in all: for requests without a timeout, and the cap of longer ones")
+    net.add_argument("-max_unread_replies", type=int_at_least(1), default=8,
+                     help="replies held for a client that does not read them; more are dropped and counted")
     net.add_argument("-auth_dir", default=None, help="CurveZMQ: encrypt and admit only the client keys in AUTH_DIR/clients")
     net.add_argument("-keygen", metavar="DIR", default=None, help="create CurveZMQ keys in DIR (server pair once, plus one client pair) and exit")
     net.add_argument("-client_name", default="client", help="name of the client key pair -keygen creates")
@@ -172,6 +182,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         encoder=encoder, num_worker=args.num_worker, host=args.host, port=args.port,
         max_batch_size=args.max_batch_size, max_client_batch_size=args.max_client_batch_size,
         max_request_bytes=args.max_request_bytes, max_queue=args.max_queue, cpu=args.cpu,
+        max_queue_tokens=args.max_queue_tokens, max_client_tokens=args.max_client_tokens,
+        max_client_requests=args.max_client_requests, max_timeout=float(args.max_timeout),
+        max_unread_replies=args.max_unread_replies,
         device_map=tuple(args.device_map), cpu_threads=args.cpu_threads, output_dtype=args.output_dtype,
         auth_dir=args.auth_dir, verbose=args.verbose, http_port=args.http_port, http_host=args.http_host,
         v1_port=args.v1_port, v1_port_out=args.v1_port_out, api_key=api_key(args), stall_timeout=args.stall_timeout,

@@ -17,14 +17,12 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger(__name__)
 
@@ -121,41 +119,28 @@ def start_authenticator(context: zmq.Context, socket: zmq.Socket, auth_dir: str 
     socket.curve_publickey = public
     socket.curve_server = True
     log.info("CurveZMQ on: %d allowed client keys in %s", len(list(clients.glob("*.key"))), clients)
-    return Gatekeeper(authenticator, RefusalLog(context, socket))
+    return Gatekeeper(authenticator, RefusalLog())
 
 
 class RefusalLog:
     """Logs connections whose CurveZMQ handshake failed (no keys, a key not allowed, the wrong server
     key): the first at once, then at most one line per REFUSALS_LOG_INTERVAL with the count, since a
-    refused client retries every 100 ms. Reads the socket's monitor events in its own thread."""
+    refused client retries every 100 ms. The broker owns the socket's one monitor and hands the events
+    over (`on_event`), and calls `log_if_due` now and then."""
 
-    def __init__(self, context: zmq.Context, socket: zmq.Socket) -> None:
-        self.socket = socket
-        self.address = f"inproc://handshakes-{id(self)}"
-        socket.monitor(self.address, HANDSHAKE_FAILURES)
-        self.events = context.socket(zmq.PAIR)
-        self.events.connect(self.address)
+    def __init__(self) -> None:
         self.refused = 0                      # in all, since start
         self._unlogged, self._last_reason = 0, ""
         self._logged_at = -REFUSALS_LOG_INTERVAL
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="refusals", daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if self.events.poll(200):
-                    event = recv_monitor_message(self.events)
-                    if event["event"] & HANDSHAKE_FAILURES:
-                        self.refused += 1
-                        self._unlogged += 1
-                        self._last_reason = refusal_reason(event["event"], event["value"])
-                self._log_if_due(time.monotonic())
-        finally:
-            self.events.close(linger=0)
+    def on_event(self, event: int, value: int, now: float) -> None:
+        if event & HANDSHAKE_FAILURES:
+            self.refused += 1
+            self._unlogged += 1
+            self._last_reason = refusal_reason(event, value)
+            self.log_if_due(now)
 
-    def _log_if_due(self, now: float, force: bool = False) -> None:
+    def log_if_due(self, now: float, force: bool = False) -> None:
         if self._unlogged and (force or now - self._logged_at >= REFUSALS_LOG_INTERVAL):
             log.warning("refused %d unauthenticated connection attempt%s on the client port (last: %s); "
                         "%d since start", self._unlogged, "s" if self._unlogged > 1 else "", self._last_reason,
@@ -163,13 +148,7 @@ class RefusalLog:
             self._unlogged, self._logged_at = 0, now
 
     def stop(self) -> None:
-        try:
-            self.socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._log_if_due(time.monotonic(), force=True)  # the count since the last line, not lost at shutdown
+        self.log_if_due(time.monotonic(), force=True)  # the count since the last line, not lost at shutdown
 
 
 def refusal_reason(event: int, value: int) -> str:

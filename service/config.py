@@ -19,6 +19,13 @@ class ServerConfig:
     - `max_client_batch_size`: a request over this many sentences is refused.
     - `max_request_bytes`: a request over this many bytes is refused.
     - `max_queue`: sentences waiting for a worker; past it new requests get a "busy" error at once.
+    - `max_queue_tokens`: the same bound in estimated tokens (see `service/scheduler.py`).
+    - `max_client_tokens`: estimated tokens one client (or door user) may have queued.
+    - `max_client_requests`: unfinished requests one client (or door user) may have.
+    - `max_timeout`: seconds a request may wait in all: the deadline of requests that set no
+      timeout, and the cap of those that set a longer one.
+    - `max_unread_replies`: replies the server holds for a client that does not read them (the
+      client port's send high-water mark); more are dropped, counted and logged.
     - `cpu`: run on CPU even where a GPU is visible.
     - `device_map`: GPU ids the workers are spread over, round-robin (empty: all visible GPUs).
     - `cpu_threads`: torch threads per CPU worker (None: the machine's cores divided between workers).
@@ -52,6 +59,11 @@ class ServerConfig:
     max_client_batch_size: int = 32768
     max_request_bytes: int = 64 * 1024 * 1024
     max_queue: int = 200_000
+    max_queue_tokens: int = 20_000_000
+    max_client_tokens: int = 2_000_000
+    max_client_requests: int = 64
+    max_timeout: float = 300.0
+    max_unread_replies: int = 8
     cpu: bool = False
     device_map: tuple[int, ...] = ()
     cpu_threads: int | None = None
@@ -86,6 +98,11 @@ class ServerConfig:
             (self.max_request_bytes >= 1024, "max_request_bytes must be at least 1024"),
             (self.max_queue >= 1, "max_queue must be at least 1"),
             (self.stall_timeout >= 1, f"stall_timeout must be at least 1 second, got {self.stall_timeout}"),
+            (self.max_queue_tokens >= 1, "max_queue_tokens must be at least 1"),
+            (self.max_client_tokens >= 1, "max_client_tokens must be at least 1"),
+            (self.max_client_requests >= 1, "max_client_requests must be at least 1"),
+            (self.max_timeout > 0, "max_timeout must be a positive number of seconds"),
+            (self.max_unread_replies >= 1, "max_unread_replies must be at least 1"),
             (self.output_dtype in ("float32", "float16"), f"output_dtype must be float32 or float16, got {self.output_dtype!r}"),
             (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be at least 1"),
             (self.http_port is None or 0 < self.http_port < 65536,
@@ -130,6 +147,9 @@ class ServerConfig:
             "device_map": list(self.device_map), "cpu_threads": self.threads_per_worker,
             "max_batch_size": self.max_batch_size, "max_client_batch_size": self.max_client_batch_size,
             "max_request_bytes": self.max_request_bytes, "max_queue": self.max_queue,
+            "max_queue_tokens": self.max_queue_tokens, "max_client_tokens": self.max_client_tokens,
+            "max_client_requests": self.max_client_requests, "max_timeout": self.max_timeout,
+            "max_unread_replies": self.max_unread_replies,
             "output_dtype": self.output_dtype, "authentication": self.auth_dir is not None,
             "verbose": self.verbose, "http_port": self.http_port, "http_host": self.http_host,
             "http_api_key": self.api_key is not None, "stall_timeout": self.stall_timeout,

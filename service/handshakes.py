@@ -16,10 +16,8 @@ probe must not fill the log.
 from __future__ import annotations
 
 import logging
-import time
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +43,15 @@ def wrong_protocol_hint(port: int, v1_ports: tuple[int, int] | None) -> str:
 
 
 class HandshakeWatch:
-    """A monitor on the client port's socket; `drain()` reads its events (from the broker's loop)."""
+    """Reads the client port's monitor events (handed over by the broker, which owns the socket's one
+    monitor) and logs peers turned away during the handshake."""
 
-    def __init__(self, socket: zmq.Socket, port: int, v1_ports: tuple[int, int] | None = None) -> None:
-        self.socket = socket
-        self.monitor = socket.get_monitor_socket(EVENTS)
+    def __init__(self, port: int, v1_ports: tuple[int, int] | None = None) -> None:
         self.hint = wrong_protocol_hint(port, v1_ports)
         self.open: dict[int, bool] = {}          # fd -> handshake done, per accepted connection
         self.count = 0                           # peers turned away since the last line
         self.total = 0                           # peers turned away since start (server_status)
         self.logged = -LOG_INTERVAL
-
-    def drain(self, limit: int = 1000) -> None:
-        for _ in range(limit):
-            try:
-                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            event = parse_monitor_message(frames)
-            self.on_event(int(event["event"]), int(event["value"]), time.monotonic())
 
     def on_event(self, event: int, value: int, now: float) -> None:
         """`value` is the connection's fd, except for failed handshakes (an error code)."""
@@ -86,10 +74,3 @@ class HandshakeWatch:
             times = f" ({self.count} peers since this was last logged)" if self.count > 1 else ""
             log.warning("%s%s", self.hint, times)
             self.logged, self.count = now, 0
-
-    def close(self) -> None:
-        try:
-            self.socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)

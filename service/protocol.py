@@ -11,7 +11,7 @@ starts with a command frame:
                        HB                                                  heartbeat
                        RESULT    json {job, ok, dtype, shape, n_tokens, compute_ms, tokens?}  data
                                  json {job, ok: false, error, message}    a job failed
-    broker -> worker   JOB       json {job, deadline, is_tokenized, show_tokens}  texts (JSON array:
+    broker -> worker   JOB       json {job, seconds_left, is_tokenized, show_tokens}  texts (JSON array:
                                  strings and sentence pairs [A, B], or token lists when is_tokenized)
                        HB                                                  heartbeat
                        STOP                                                finish and exit

@@ -69,7 +69,7 @@ class Job:
     error: str | None = None
 
     def expired(self) -> bool:
-        return self.deadline is not None and time.time() > self.deadline
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 class FatalDeviceError(RuntimeError):
@@ -254,7 +254,9 @@ class Worker:
                     header = P.loads(frames[1])
                     if in_flight == 0:
                         self.mark_progress()  # an idle worker's stall clock starts with its first job
-                    self.accept(Job(header["job"], header.get("deadline"), header.get("is_tokenized", False),
+                    left = header.get("seconds_left")  # relative: a worker on another host needs no common clock
+                    deadline = None if left is None else now + left
+                    self.accept(Job(header["job"], deadline, header.get("is_tokenized", False),
                                     header.get("show_tokens", False), frames[2]))
                     in_flight += 1
                 elif frames[0] == P.STOP:
