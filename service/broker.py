@@ -350,7 +350,9 @@ class Broker:
             self.handle_request(socket, client, frames[1:])
         except Exception as e:  # a safety net: no message may take the broker down with it
             log.exception("unexpected error on a request from %s", client[:12].hex())
-            self.reply(socket, client, pack_error(None, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"))
+            # The request's id, so the client gets this error at once rather than a timeout.
+            request_id = peek_id(frames[1].bytes) if len(frames) > 1 and len(frames[1]) <= MAX_HEADER_BYTES else None
+            self.reply(socket, client, pack_error(request_id, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"))
 
     def handle_request(self, socket: zmq.Socket, client: bytes, body: list[zmq.Frame]) -> None:
         """Check sizes, then the small header; answer config and status; open and queue an encode

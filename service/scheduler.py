@@ -97,15 +97,19 @@ class Tenant:
 
 def estimate_tokens(item: str | Sequence[str], is_tokenized: bool, max_seq_len: int) -> int:
     """Tokens the model will see for one item, without tokenizing: [CLS] and [SEP] plus about one
-    token per 4 characters of ASCII text, one per character otherwise, one per given token; at
-    most `max_seq_len` (the worker cuts there)."""
+    token per 4 characters of ASCII text, one per character otherwise, one per given token; both
+    texts of a sentence pair [A, B] and one more [SEP]; at most `max_seq_len` (the worker cuts there)."""
     if is_tokenized:
         n = len(item)
-    elif item.isascii():
-        n = -(-len(item) // CHARS_PER_TOKEN)
-    else:
-        n = len(item)
+    elif isinstance(item, str):
+        n = _text_tokens(item)
+    else:  # a sentence pair
+        n = sum(_text_tokens(text) for text in item) + 1
     return min(n + 2, max_seq_len)
+
+
+def _text_tokens(text: str) -> int:
+    return -(-len(text) // CHARS_PER_TOKEN) if text.isascii() else len(text)
 
 
 def split(items: Sequence, max_batch_size: int) -> list[Sequence]:

@@ -39,6 +39,7 @@ def test_estimate_tokens_counts_cls_sep_and_is_capped_at_max_seq_len():
     assert estimate_tokens("hello world!", False, 512) == 3 + 2   # 12 ASCII characters: about 3 tokens
     assert estimate_tokens("你好世界", False, 512) == 4 + 2          # one a character in other scripts
     assert estimate_tokens(["hel", "##lo"], True, 512) == 2 + 2
+    assert estimate_tokens(["hello world!", "hi there"], False, 512) == 3 + 2 + 1 + 2  # a pair: one more [SEP]
     assert estimate_tokens("x" * 1_000_000, False, 128) == 128
 
 
