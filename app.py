@@ -3,6 +3,8 @@
     python app.py                                  # the bundled all-MiniLM-L6-v2, one worker, port 5555
     python app.py -num_worker=4 -model_dir /tmp/uncased_L-12_H-768_A-12/
     python app.py -keygen keys/                    # CurveZMQ key pairs for -auth_dir
+    python app.py -worker_port 5556 -num_worker 0  # a head that routes to worker hosts...
+    python app.py -join tcp://HEAD:5556            # ...and a worker host (see README "Scaling out")
 
 Installed (`pip install .`), the same command line is `bert-serving-start` (or `python -m service`).
 """
@@ -26,6 +28,7 @@ from service.logs import configure_logging
 log = logging.getLogger("app")
 
 API_KEY_ENV = "BERT_SERVING_API_KEY"  # -api_key from the environment, so the key stays out of `ps`
+FAULT_DIR_ENV = "BERT_SERVING_FAULT_DIR"  # fault injection for drills and tests (service/worker.py)
 
 
 def str_to_bool(text: str) -> bool:
@@ -51,6 +54,20 @@ def int_at_least(low: int, high: int | None = None):
     return parse
 
 
+def seconds_at_least(low: float):
+    """An argparse type: a number of seconds, at least `low`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if not value >= low or value == float("inf"):  # `not >=` also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {low:g} s, got {text}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows a flag's default unless its help already explains it or there is nothing to show."""
 
@@ -61,8 +78,19 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Also refuses flags that only make sense together, in argparse's words (exit 2)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        if parsed.num_worker == 0 and parsed.worker_port is None:
+            self.error("argument -num_worker: must be at least 1, got 0 (0 only with -worker_port: a head that "
+                       "only routes to worker hosts)")
+        return parsed
+
+
 def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog, description="Serve sentence vectors from a BERT-family model over ZeroMQ.",
         formatter_class=HelpFormatter,
         epilog="Clients: from service.client import BertClient; BertClient(ip=..., port=...).encode([...])")
@@ -81,7 +109,8 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     model.add_argument("-do_lower_case", type=str_to_bool, nargs="?", const=True, default=None,
                        help="lower-case input (default: follows the folder, e.g. uncased_* vs cased_*)")
     compute = p.add_argument_group("compute")
-    compute.add_argument("-num_worker", type=int_at_least(1), default=1, help="worker processes (each owns a GPU or a share of the CPU cores)")
+    compute.add_argument("-num_worker", type=int_at_least(0), default=1,
+                         help="worker processes (each owns a GPU or a share of the CPU cores); 0 only with -worker_port")
     compute.add_argument("-cpu", action="store_true", help="run on CPU even if a GPU is visible")
     compute.add_argument("-device_map", type=int_at_least(0), nargs="+", default=[], help="GPU ids to spread workers over, round-robin (default: all visible)")
     compute.add_argument("-dtype", choices=DTYPES, default="auto",
@@ -91,6 +120,11 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     compute.add_argument("-bf16", dest="dtype", action="store_const", const="bf16", help="same as -dtype bf16")
     compute.add_argument("-cpu_threads", type=int_at_least(1), default=None, help="torch threads per CPU worker (default: cores / num_worker)")
     compute.add_argument("-max_batch_size", type=int_at_least(1), default=256, help="a request is split into mini-batches of this many sentences, spread over workers")
+    compute.add_argument("-stall_timeout", type=seconds_at_least(1), default=300.0,
+                         help="seconds a worker may hold jobs that make no progress (no job tokenized, no "
+                              "forward-pass window started or done) before it stops heartbeating and the "
+                              "broker replaces it and re-sends them; keep it above your longest window "
+                              "(up to 4 x -max_batch_size sentences)")
     compute.add_argument("-max_batch_tokens", type=int_at_least(1), default=None,
                          help="padded tokens per forward pass (default: 1024 on CPU, 65536 on GPU)")
     compute.add_argument("-cpu_engine", choices=CPU_ENGINES, default="onnx",
@@ -105,9 +139,27 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     net.add_argument("-max_client_batch_size", type=int_at_least(1), default=32768, help="largest request, in sentences")
     net.add_argument("-max_request_bytes", type=int_at_least(1024), default=64 * 1024 * 1024, help="largest request, in bytes")
     net.add_argument("-max_queue", type=int_at_least(1), default=200_000, help="sentences waiting for a worker before new requests get a 'busy' error")
+    net.add_argument("-max_queue_tokens", type=int_at_least(1), default=20_000_000,
+                     help="estimated tokens waiting for a worker before new requests get a 'busy' error")
+    net.add_argument("-max_client_tokens", type=int_at_least(1), default=2_000_000,
+                     help="estimated tokens one client (or HTTP user) may have queued; a first request is always let in")
+    net.add_argument("-max_client_requests", type=int_at_least(1), default=64,
+                     help="unfinished requests one client (or HTTP user) may have")
+    net.add_argument("-max_timeout", type=int_at_least(1), default=300,
+                     help="seconds a request may wait, in all: for requests without a timeout, and the cap of longer ones")
+    net.add_argument("-max_unread_replies", type=int_at_least(1), default=8,
+                     help="replies held for a client that does not read them; more are dropped and counted")
     net.add_argument("-auth_dir", default=None, help="CurveZMQ: encrypt and admit only the client keys in AUTH_DIR/clients")
     net.add_argument("-keygen", metavar="DIR", default=None, help="create CurveZMQ keys in DIR (server pair once, plus one client pair) and exit")
     net.add_argument("-client_name", default="client", help="name of the client key pair -keygen creates")
+    net.add_argument("-worker_name", default=None, help="with -keygen: make a worker host's key pair NAME in DIR/workers; "
+                     "with -join -auth_dir: the key pair this host uses (default: worker)")
+    scale = p.add_argument_group("scaling out (README: Scaling out)")
+    scale.add_argument("-worker_port", type=int_at_least(1, 65535), default=None,
+                       help="head: also take workers of other hosts on this port of -host (default: local workers only)")
+    scale.add_argument("-join", metavar="tcp://HEAD:PORT", default=None,
+                       help="worker host: serve that head's queue with -num_worker workers here; the head decides "
+                            "every option that changes a vector")
     http = p.add_argument_group("HTTP (OpenAI /v1/embeddings, TEI routes, /health, /metrics)")
     http.add_argument("-http_port", type=int_at_least(1, 65535), default=None,
                       help="serve HTTP on this port too (default: no HTTP)")
@@ -116,6 +168,11 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
                       help=f"Bearer token the HTTP embedding routes require; /health and /metrics stay open "
                            f"(default: ${API_KEY_ENV} when -http_port is set, else none; the variable keeps "
                            "the key out of `ps`)")
+    v1 = p.add_argument_group("the 2019 protocol (unmodified bert-serving-client 1.10)")
+    v1.add_argument("-v1_port", type=int_at_least(1, 65535), default=None,
+                    help="port bert-serving-client 1.10 pushes requests to: its BertClient(port=...) (default: off)")
+    v1.add_argument("-v1_port_out", type=int_at_least(1, 65535), default=None,
+                    help="port it reads replies from: its BertClient(port_out=...) (default: off; needs -v1_port)")
     p.add_argument("-verbose", action="store_true", help="debug logging")
     return p
 
@@ -131,9 +188,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         encoder=encoder, num_worker=args.num_worker, host=args.host, port=args.port,
         max_batch_size=args.max_batch_size, max_client_batch_size=args.max_client_batch_size,
         max_request_bytes=args.max_request_bytes, max_queue=args.max_queue, cpu=args.cpu,
+        max_queue_tokens=args.max_queue_tokens, max_client_tokens=args.max_client_tokens,
+        max_client_requests=args.max_client_requests, max_timeout=float(args.max_timeout),
+        max_unread_replies=args.max_unread_replies,
         device_map=tuple(args.device_map), cpu_threads=args.cpu_threads, output_dtype=args.output_dtype,
         auth_dir=args.auth_dir, verbose=args.verbose, http_port=args.http_port, http_host=args.http_host,
-        api_key=api_key(args))
+        v1_port=args.v1_port, v1_port_out=args.v1_port_out, api_key=api_key(args), stall_timeout=args.stall_timeout,
+        fault_dir=os.environ.get(FAULT_DIR_ENV) or None, worker_port=args.worker_port, join=args.join,
+        worker_name=args.worker_name or "worker")
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -144,15 +206,66 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 
 def keygen(folder: str, client_name: str) -> int:
-    from service.auth import make_keys
+    from service.auth import KeygenError, make_keys
 
-    paths = make_keys(folder, client_name)
+    try:
+        paths = make_keys(folder, client_name)
+    except (KeygenError, OSError) as e:
+        log.error("-keygen: %s", e)
+        return 1
     print(f"server public key:  {paths['server_public']}   (give this to clients)")
     print(f"server secret key:  {paths['server_secret']}   (keep on the server)")
     print(f"client key pair:    {paths['client_secret']}   (give this to the client '{client_name}')")
     print(f"client allowed via: {paths['client_public']}")
     print(f"start the server with: {program_name()} -auth_dir {folder}")
     return 0
+
+
+def worker_keygen(folder: str, worker_name: str) -> int:
+    from service.auth import KeygenError, make_worker_keys
+
+    try:
+        paths = make_worker_keys(folder, worker_name)
+    except (KeygenError, OSError) as e:
+        log.error("-keygen: %s", e)
+        return 1
+    print(f"server public key:  {paths['server_public']}   (copy to the worker host)")
+    print(f"worker key pair:    {paths['worker_secret']}   (copy to the worker host '{worker_name}' only)")
+    print(f"worker allowed via: {paths['worker_public']}")
+    print(f"head: {program_name()} -auth_dir {folder} -worker_port PORT ...;  worker host: {program_name()} "
+          f"-join tcp://HEAD:PORT -auth_dir {folder} -worker_name {worker_name}")
+    return 0
+
+
+# Options a worker host takes from its head; given to `-join` they would be silently overridden.
+HEAD_DECIDES = ("pooling_strategy", "pooling_layer", "mask_cls_sep", "normalize", "max_seq_len", "do_lower_case",
+                "output_dtype")
+
+
+def join(config: ServerConfig, args: argparse.Namespace) -> int:
+    """Run a worker host (`-join`): until SIGTERM/SIGINT, or exit 1 when the head refuses it."""
+    from service.errors import StartupError
+    from service.join import JoinHost
+
+    defaults = build_parser().parse_args([])
+    overridden = [f"-{name}" for name in HEAD_DECIDES if getattr(args, name) != getattr(defaults, name)]
+    if args.dtype != defaults.dtype:
+        overridden.append("-dtype")
+    if overridden:
+        log.warning("%s ignored with -join: the head decides every option that changes a vector", ", ".join(overridden))
+    host = JoinHost(config)
+
+    def request_stop(signum: int, _frame) -> None:
+        log.info("%s received", signal.Signals(signum).name)
+        host.stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        return host.run()
+    except (StartupError, CheckpointError) as e:
+        log.error("cannot start: %s", e)
+        return 1
 
 
 def client_call(config: ServerConfig) -> str:
@@ -179,11 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(program_name()).parse_args(argv)
     configure_logging(args.verbose)
     if args.keygen:
-        return keygen(args.keygen, args.client_name)
+        return worker_keygen(args.keygen, args.worker_name) if args.worker_name else keygen(args.keygen, args.client_name)
     if args.client_name != "client":
         log.warning("-client_name only names the key pair -keygen creates; without -keygen it is ignored")
     try:
         config = config_from_args(args)
+        if config.join:
+            return join(config, args)
         # The model's files (not its weights) decide the settings left open: refuse a bad folder or an
         # impossible -max_seq_len/-pooling_layer now, before the port opens or a worker starts.
         resolved = resolve_encoder(config.encoder)
@@ -196,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("lower-casing %s (%s)", "on" if resolved.tokenizer.lowercases else "off",
              "-do_lower_case" if config.encoder.do_lower_case is not None else "the folder's own")
     log.info("config: %s", ", ".join(f"{k}={v}" for k, v in config.public().items()))
+    if config.fault_dir:
+        log.warning("fault injection is on (%s=%s): files named tokenize, compute or stall there break a "
+                    "worker on purpose", FAULT_DIR_ENV, config.fault_dir)
     for warning in settings_warnings(config, resolved):
         log.warning("%s", warning)
 
@@ -220,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def log_ready(broker, config: ServerConfig) -> None:
     """The lines a user (and the test harness) waits for: what is served, and where."""
+    if config.num_worker == 0:
+        log.info("routing to the workers of other hosts that join on %s (none on this host)", broker.worker_port.address)
+        log.info("ready on tcp://%s:%d: clients use %s", config.host, config.port, client_call(config))
+        return
     info = broker.encoder_info
     devices = {s.info.get("device", "?") for s in broker.slots}
     for warning in device_warnings(config, devices, info.get("dtype", "")):

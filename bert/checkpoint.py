@@ -332,3 +332,12 @@ def _load_google(folder: Path) -> dict[str, torch.Tensor]:
         array = np.ascontiguousarray(array.T if transpose else array, dtype=np.float32)
         weights[hf_name] = torch.from_numpy(array)
     return weights
+
+
+def weight_files(folder: ModelFolder) -> list[Path]:
+    """Every file the weights are read from (a Google checkpoint's index and data shards), for a
+    fingerprint of the model."""
+    if folder.kind == "google":
+        prefix = _google_checkpoint_prefix(folder.weights_dir)
+        return sorted(prefix.parent.glob(prefix.name + ".*"))
+    return _huggingface_weight_files(folder.weights_dir)

@@ -115,7 +115,8 @@ class Encoder:
 
     # ------------------------------------------------------------ encoding
 
-    def tokenize(self, texts: Sequence[str], is_tokenized: bool = False) -> TokenBatch:
+    def tokenize(self, texts: Sequence, is_tokenized: bool = False) -> TokenBatch:
+        """Sentences (an item may be a pair [A, B]), or with `is_tokenized` lists of WordPieces."""
         if is_tokenized:
             return self.tokenizer.encode_pretokenized(texts)  # type: ignore[arg-type]
         return self.tokenizer.encode(texts)
@@ -130,7 +131,9 @@ class Encoder:
         input_ids, mask = batch.padded(self.tokenizer.pad_id)
         ids_t = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
         mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
-        hidden = self.model(ids_t, mask_t, keep=self.layers)
+        type_ids = batch.padded_type_ids()  # None unless a sentence pair is in the batch
+        types_t = None if type_ids is None else torch.from_numpy(type_ids).to(self.device, non_blocking=True)
+        hidden = self.model(ids_t, mask_t, keep=self.layers, token_type_ids=types_t)
         return pool(hidden, mask_t, self.pooling)
 
     def encode_tokens(self, batch: TokenBatch) -> np.ndarray:
@@ -192,8 +195,9 @@ class Encoder:
                       real, 100 * (padded - real) / real, 1000 * (time.perf_counter() - start))
         return out
 
-    def encode(self, texts: Sequence[str], is_tokenized: bool = False) -> np.ndarray:
-        """Sentence vectors as float32, shape (len(texts), dim); (n, T, dim) for pooling NONE."""
+    def encode(self, texts: Sequence, is_tokenized: bool = False) -> np.ndarray:
+        """Sentence vectors as float32, shape (len(texts), dim); (n, T, dim) for pooling NONE.
+        An item may be a sentence pair [A, B]: [CLS] A [SEP] B [SEP], token type 1 for B."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings, not a single string")
         return self.encode_tokens(self.tokenize(texts, is_tokenized))

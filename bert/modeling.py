@@ -71,10 +71,11 @@ class Embeddings(nn.Module):
         self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
-        # Single-segment input: every token has token type 0, so its embedding is one broadcast row.
-        x = self.word(input_ids) + self.position.weight[:T] + self.token_type.weight[0]
+        # Without sentence pairs every token has token type 0, so its embedding is one broadcast row.
+        types = self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids)
+        x = self.word(input_ids) + self.position.weight[:T] + types
         return self.norm(x)  # (B, T, H)
 
 
@@ -89,13 +90,14 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(Layer(config) for _ in range(self.num_layers))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                keep: tuple[int, ...]) -> list[torch.Tensor]:
+                keep: tuple[int, ...], token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Return the hidden states at indices `keep` (0 = embeddings, i = after layer i).
 
         input_ids, attention_mask: (B, T); attention_mask is True (or 1) on real tokens.
+        token_type_ids: (B, T), 1 on the second sentence of a pair; None: all 0.
         """
         attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
         kept = {0: x} if 0 in keep else {}
         for i, layer in enumerate(self.layers[:max(keep)], start=1):
             x = layer(x, attn_mask)

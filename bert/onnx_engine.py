@@ -38,7 +38,7 @@ DEFAULT_CACHE_DIR = "~/.cache/bert-as-service/onnx"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
 # Bump when ExportedEncoder or the export call changes: cached graphs of older versions are not reused.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 # A graph whose probe vectors differ from PyTorch's by more than this is treated as damaged.
 # (ONNX Runtime's fused kernels differ by ~2e-7 on normalised MiniLM vectors.)
 PROBE_TOLERANCE = 1e-4
@@ -54,17 +54,9 @@ class ExportedEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor) -> torch.Tensor:
-        # BertModel's embeddings assume one segment; the graph takes token types as an input so that
-        # sentence pairs run through the same cached graph.
-        emb = self.model.embeddings
-        T = input_ids.shape[1]
-        x = emb.norm(emb.word(input_ids) + emb.position.weight[:T] + emb.token_type(token_type_ids))  # (B, T, H)
-        attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-        kept = {0: x}
-        for i, layer in enumerate(self.model.layers[:max(self.layers)], start=1):
-            x = layer(x, attn_mask)
-            kept[i] = x
-        return pool([kept[i] for i in self.layers], attention_mask, self.pooling)
+        # Token types are always an input of the graph, so sentence pairs run through the same cached graph.
+        hidden = self.model(input_ids, attention_mask, keep=self.layers, token_type_ids=token_type_ids)
+        return pool(hidden, attention_mask, self.pooling)
 
 
 def fingerprint(model: BertModel, layers: tuple[int, ...], pooling: PoolingConfig) -> str:
@@ -169,8 +161,9 @@ class OnnxEngine:
 
 
 def token_types(batch: TokenBatch, ids: np.ndarray) -> np.ndarray:
-    """Segment ids for the padded batch: all 0 (one sentence per row)."""
-    return np.zeros_like(ids)
+    """Token types for the padded batch: 1 on the second sentence of a pair, else 0."""
+    types = batch.padded_type_ids()
+    return np.zeros_like(ids) if types is None else types
 
 
 def new_session(graph: bytes, threads: int) -> Any:

@@ -28,10 +28,14 @@ SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[UNK]", "[PAD]")
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """Token ids of n sentences: `ids` is flat, sentence i is ids[offsets[i]:offsets[i+1]]."""
+    """Token ids of n sentences: `ids` is flat, sentence i is ids[offsets[i]:offsets[i+1]].
+
+    `type_ids` (BERT's token types, flat like `ids`) exists only when a sentence pair is in the
+    batch; None means every token has type 0, which the model adds as one broadcast row."""
 
     ids: np.ndarray      # (total,) int64
     lengths: np.ndarray  # (n,) int64
+    type_ids: np.ndarray | None = None  # (total,) int64, 1 on the second sentence of a pair
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -48,7 +52,7 @@ class TokenBatch:
         # Gather each selected sentence's id range without a Python loop.
         index = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
         index += np.arange(int(lengths.sum()))
-        return TokenBatch(self.ids[index], lengths)
+        return TokenBatch(self.ids[index], lengths, None if self.type_ids is None else self.type_ids[index])
 
     def padded(self, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), each (n, max_length), padded on the right."""
@@ -58,16 +62,31 @@ class TokenBatch:
         input_ids[mask] = self.ids
         return input_ids, mask
 
+    def padded_type_ids(self) -> np.ndarray | None:
+        """Token types (n, max_length), padded with 0 like `padded`; None when there is no pair."""
+        if self.type_ids is None:
+            return None
+        width = int(self.lengths.max()) if len(self.lengths) else 0
+        type_ids = np.zeros((len(self.lengths), width), dtype=np.int64)
+        type_ids[np.arange(width)[None, :] < self.lengths[:, None]] = self.type_ids
+        return type_ids
+
     @staticmethod
     def concat(batches: Sequence["TokenBatch"]) -> "TokenBatch":
+        type_ids = None
+        if any(b.type_ids is not None for b in batches):
+            type_ids = np.concatenate([np.zeros_like(b.ids) if b.type_ids is None else b.type_ids for b in batches])
         return TokenBatch(np.concatenate([b.ids for b in batches]),
-                          np.concatenate([b.lengths for b in batches]))
+                          np.concatenate([b.lengths for b in batches]), type_ids)
 
 
-def _from_id_lists(id_lists: Sequence[Sequence[int]]) -> TokenBatch:
+def _from_id_lists(id_lists: Sequence[Sequence[int]], type_id_lists: Sequence[Sequence[int]] | None = None) -> TokenBatch:
     lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
     ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
-    return TokenBatch(ids, lengths)
+    type_ids = None
+    if type_id_lists is not None:
+        type_ids = np.fromiter(itertools.chain.from_iterable(type_id_lists), dtype=np.int64, count=int(lengths.sum()))
+    return TokenBatch(ids, lengths, type_ids)
 
 
 class BertTokenizer:
@@ -123,9 +142,15 @@ class BertTokenizer:
     def vocab_is_uncased(self) -> bool:
         return is_uncased_vocabulary(self._tokenizer.get_vocab())
 
-    def encode(self, texts: Sequence[str]) -> TokenBatch:
-        encodings = self._tokenizer.encode_batch_fast(self._model_input(texts), add_special_tokens=True)
-        return _from_id_lists([e.ids for e in encodings])
+    def encode(self, texts: Sequence[str | Sequence[str]]) -> TokenBatch:
+        """Sentences, or sentence pairs [A, B] among them: [CLS] A [SEP] B [SEP], token type 1 for B,
+        truncated longest-first to `max_seq_len` (as BERT's and Hugging Face's tokenizers do)."""
+        if all(isinstance(t, str) for t in texts):
+            encodings = self._tokenizer.encode_batch_fast(self._model_input(texts), add_special_tokens=True)
+            return _from_id_lists([e.ids for e in encodings])
+        inputs = [self._model_input([t])[0] if isinstance(t, str) else tuple(self._model_input(t)) for t in texts]
+        encodings = self._tokenizer.encode_batch_fast(inputs, add_special_tokens=True)
+        return _from_id_lists([e.ids for e in encodings], [e.type_ids for e in encodings])
 
     def encodings(self, texts: Sequence[str], add_special_tokens: bool = True) -> list["Encoding"]:
         """The `tokenizers` encodings of `texts` (ids, tokens, character offsets, `overflowing`

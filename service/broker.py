@@ -1,20 +1,29 @@
 """The broker: clients' requests in, mini-batches out to worker processes, replies back in order.
 
-One thread, one poll loop over three ROUTER sockets:
+One thread, one poll loop over four ROUTER sockets:
 
     clients (DEALER) --> front end ROUTER ----[split into jobs]--> back end ROUTER --> workers (DEALER)
-    doors (HTTP, ...) --> door ROUTER (ipc) --/
+    doors (HTTP, ...) --> door ROUTER (ipc) --/        |
+                              intake ROUTER (ipc) <-> intake process (reads big requests)
 
 - The loop serves from the start: the client port and the doors open before the workers have
   loaded the model, requests wait in the queue meanwhile, and `server_status()` says how many
   workers are ready. The "ready" callback runs once every worker has loaded the model; a worker
   that cannot load it stops the server.
 
-- A request is validated (it came from the network), split into jobs of at most `max_batch_size`
-  sentences, and queued; the queue is bounded (`max_queue` sentences) and a request that does not
-  fit is refused at once with a "busy" error.
+- No message can stall the loop: frame sizes are checked before any content is read, the header
+  is small, and a texts frame over a few KB is parsed, checked and split by the intake process
+  (`service/intake.py`). Reading a socket is bounded in messages and in time.
+- Admission, queue order, expiry and retries are `service/scheduler.py` (plain code, no sockets):
+  per-client limits, the queue bounded in sentences and estimated tokens, fair turns by tokens
+  across clients (a door's requests by the user it names), deadlines on the monotonic clock.
 - A job goes to the ready worker with the least work in hand, each holding at most
   `WORKER_PREFETCH_JOBS`, so a worker always has the next job while it computes the current one.
+- Replies wait for a client that does not read them only up to `-max_unread_replies` in its pipe
+  (the client port's send high-water mark) plus OUTBOX_BYTES held back in the broker (so a burst
+  of replies to a client that does read is not lost); the rest are dropped, counted in
+  `server_status()` and logged.
+  A client that disconnects (seen by the socket monitor) has its queued work dropped.
 - Workers' replies are kept as raw frames and forwarded to the client once every job of its request
   is back: the broker never decodes a vector.
 - A worker that exits or stops sending heartbeats is replaced; its jobs go back to the head of the
@@ -26,7 +35,9 @@ import json
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
+import socket as socketlib
 import tempfile
 import time
 from collections import deque
@@ -34,51 +45,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as P
 from .client import (ERR_BAD_REQUEST, ERR_BUSY, ERR_SERVER, ERR_TIMEOUT, ERR_UNAVAILABLE, BadRequestError,
-                     pack_error, pack_result, pack_vectors, unpack_request)
+                     pack_error, pack_result, pack_vectors)
 from .config import ServerConfig
+from .backend import LogLimiter, WorkerPort, capacity_of, ready_is_from_spawned
 from .doors import Doors
 from .errors import StartupError
+from .handshakes import EVENTS as HANDSHAKE_EVENTS, HandshakeWatch
+from .intake import INLINE_PARSE_BYTES, MAX_HEADER_BYTES, IntakeProcess, check_sizes, peek_id, prepare, read_header
 from .metrics import RequestMetrics
+from .scheduler import DEFAULT_MAX_SEQ_LEN, Job, Limits, Request, Scheduler
 from .worker import worker_main
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish on SIGINT/SIGTERM
+POLL_MS = 250          # the loop wakes at least this often
+DRAIN_MESSAGES = 1000  # read at most this many messages from one socket per turn...
+DRAIN_SECONDS = 0.05   # ...and for at most this long, so no socket starves the others
+EXPIRE_INTERVAL = 0.5  # seconds between sweeps of the queue for requests past their deadline
+DROP_LOG_INTERVAL = 10.0  # seconds between log lines about dropped replies
+OUTBOX_BYTES = 16 * 1024 * 1024  # replies held in the broker for one client whose pipe is full
+OUTBOX_POLL_MS = 20    # how often replies held back are retried
 
 __all__ = ["Broker", "StartupError"]
 
 
 @dataclass(eq=False)
-class Request:
-    socket: zmq.Socket           # where the request came from, and its reply goes: front end or door socket
-    client: bytes
-    request_id: int
-    n_jobs: int
-    deadline: float | None       # unix time after which the client no longer waits
-    show_tokens: bool
-    sentences: int
-    parts: list = field(default_factory=list)     # per job: [shape, data frame, tokens]
-    done: int = 0
-    finished: bool = False
-    received: float = field(default_factory=time.monotonic)
-    # http (metrics): when its first job went to a worker, and what the workers reported
-    dispatched: float | None = None
-    n_tokens: int = 0
-    compute_ms: float = 0.0
+class Outbox:
+    """Replies to one client that its pipe had no room for yet, in order."""
 
-
-@dataclass(eq=False)
-class Job:
-    job_id: int
-    request: Request
-    part: int
-    payload: bytes
-    size: int
-    is_tokenized: bool
-    attempts: int = 0
+    replies: deque = field(default_factory=deque)
+    size: int = 0
 
 
 @dataclass(eq=False)
@@ -89,6 +90,10 @@ class WorkerSlot:
     generation: int = 0
     process: Any = None
     identity: bytes = b""
+    socket: Any = None        # the back end it is reached on: the local ipc one, or the worker port
+    host: str = ""            # where it runs; workers of other hosts also have `remote` set
+    remote: bool = False
+    capacity: int = P.WORKER_PREFETCH_JOBS   # jobs it asked to hold at once (READY)
     ready: bool = False
     last_seen: float = 0.0
     started: float = 0.0
@@ -104,29 +109,49 @@ class WorkerSlot:
     def load(self) -> int:
         return sum(job.size for job in self.in_flight.values())
 
+    @property
+    def name(self) -> str:
+        """How logs name it: its index here, host/index for a worker of another host."""
+        return f"{self.host}/{self.index}" if self.remote else str(self.index)
+
+    @property
+    def pid(self) -> int | None:
+        return self.info.get("pid") if self.remote else (self.process.pid if self.process else None)
+
 
 class Broker:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.context = zmq.Context()
+        # Sockets only this user can reach live in a folder of mode 0700 (mkdtemp's).
+        self.runtime_dir = tempfile.mkdtemp(prefix="bert-serving-")
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend_address = self._bind_backend()
+        self.strangers = LogLimiter(log)  # messages from identities this broker did not spawn
         self.frontend: zmq.Socket | None = None
-        # Sockets only this user can reach live in a folder of mode 0700 (mkdtemp's).
-        self.runtime_dir = tempfile.mkdtemp(prefix="bert-serving-")
+        self.handshakes: HandshakeWatch | None = None
         self.door_address = f"ipc://{self.runtime_dir}/doors"
         self.door_socket: zmq.Socket | None = None
         self.doors = Doors(config, self.door_address)
         self.authenticator = None
         self.slots = [WorkerSlot(index=i) for i in range(config.num_worker)]
+        self.worker_port: WorkerPort | None = None   # workers of other hosts, with -worker_port
+        self.remote_slots: list[WorkerSlot] = []
+        self.hostname = socketlib.gethostname()
         self.by_identity: dict[bytes, WorkerSlot] = {}
-        self.pending: deque[Job] = deque()
-        self.pending_sentences = 0
-        self.job_ids = iter(range(1, 1 << 62))
+        self.scheduler = Scheduler(Limits.from_config(config))
+        self.intake: IntakeProcess | None = None
+        self.monitor: zmq.Socket | None = None
+        self.peers: dict[int, bytes] = {}     # front-end connection fd -> the client's routing id
+        self.owed_disconnects: dict[int, int] = {}  # fds whose closing was seen before the monitor said so
+        self.next_expiry = 0.0
+        self.last_drop_log = 0.0
+        self.outboxes: dict[tuple[zmq.Socket, bytes], Outbox] = {}
         self.encoder_info: dict = {}
         self.stats = {"requests": 0, "sentences": 0, "errors": 0, "busy": 0, "bad_requests": 0,
-                      "worker_restarts": 0, "timeouts_dropped": 0}
+                      "worker_restarts": 0, "timeouts_dropped": 0, "replies_dropped_unread": 0,
+                      "disconnected_dropped": 0, "loop_max_ms": 0.0}
         self.metrics = RequestMetrics()  # latency histograms and tokens, observed in complete()
         self.started = time.time()
         self.stop_requested = False
@@ -136,8 +161,11 @@ class Broker:
         self._mp = multiprocessing.get_context("spawn")
 
     def _bind_backend(self) -> str:
-        port = self.backend.bind_to_random_port("tcp://127.0.0.1")
-        return f"tcp://127.0.0.1:{port}"
+        """The local workers' socket: `ipc://` in the 0700 runtime folder, so no other user can
+        connect (a TCP port on 127.0.0.1 is open to every local process)."""
+        address = f"ipc://{self.runtime_dir}/workers"
+        self.backend.bind(address)
+        return address
 
     # ------------------------------------------------------------ start-up
 
@@ -145,7 +173,12 @@ class Broker:
         """Open the client port and the door socket, start the doors, then the workers. Returns at
         once: the workers load the model while `serve_forever` already answers clients."""
         self.open_frontend()
+        if self.config.worker_port is not None:
+            self.worker_port = WorkerPort(self.context, self.config, self.authenticator)
         self.open_door_socket()
+        self.intake = IntakeProcess(self.context, self.runtime_dir, self.config.max_request_bytes, self.config.verbose,
+                                    self._mp, self.on_intake_done)
+        self.intake.start()
         self.doors.start()
         for slot in self.slots:
             self.spawn(slot)
@@ -153,7 +186,10 @@ class Broker:
 
     def spawn(self, slot: WorkerSlot) -> None:
         slot.generation += 1
-        slot.identity = f"w{slot.index}.{slot.generation}".encode()
+        # Drawn at random and handed only to the process spawned: a peer that finds the socket
+        # cannot guess which identity the broker will accept READY from.
+        slot.identity = secrets.token_hex(16).encode()
+        slot.socket, slot.host = self.backend, self.hostname
         slot.ready, slot.in_flight, slot.info, slot.respawn_at = False, {}, {}, None
         slot.started = slot.last_seen = time.monotonic()
         slot.process = self._mp.Process(
@@ -181,6 +217,7 @@ class Broker:
 
     def mark_ready(self, slot: WorkerSlot, info: dict) -> None:
         slot.ready, slot.info, slot.last_seen = True, info, time.monotonic()
+        slot.capacity = capacity_of(info)
         self.encoder_info = self.encoder_info or info.get("encoder", {})
 
     def open_door_socket(self) -> None:
@@ -192,8 +229,19 @@ class Broker:
     def open_frontend(self) -> None:
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
-        # A hard cap far above the polite limit: bigger messages drop the connection before using memory.
+        # A hard cap on one frame above the polite limit (up to which the client gets a clear error):
+        # a bigger frame drops the connection before it uses memory. ZeroMQ has no cap on a whole
+        # message: the sum of its frames is checked on receipt, before any content is read.
         self.frontend.setsockopt(zmq.MAXMSGSIZE, 4 * self.config.max_request_bytes)
+        # Replies a client does not read wait in its pipe up to this many; then sends fail at once
+        # (ROUTER_MANDATORY) instead of piling up, and the broker counts the drop.
+        self.frontend.setsockopt(zmq.SNDHWM, self.config.max_unread_replies)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A socket has one monitor, read here for three things: a closed connection is the only sign
+        # that a client left (ROUTER_NOTIFY is a draft API: the monitor tells its fd, and each message's
+        # fd tells whose it was); handshakes refused for a wrong protocol (service/handshakes.py); and,
+        # with -auth_dir, for missing or unlisted keys (service/auth.py's RefusalLog).
+        self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS)
         if self.config.auth_dir:
             from .auth import start_authenticator
             self.authenticator = start_authenticator(self.context, self.frontend, self.config.auth_dir)
@@ -202,6 +250,11 @@ class Broker:
             self.frontend.bind(address)
         except zmq.ZMQError as e:
             raise StartupError(f"cannot listen on {address}: {e}") from None
+        # With -auth_dir a failed handshake is the authenticator's to report (the 2019 client's shows as
+        # "a client without CurveZMQ keys"); without, it is a wrong protocol.
+        if self.authenticator is None:
+            v1_ports = (self.config.v1_port, self.config.v1_port_out) if self.config.v1_port else None
+            self.handshakes = HandshakeWatch(self.config.port, v1_ports)
 
     # ------------------------------------------------------------ the loop
 
@@ -209,19 +262,24 @@ class Broker:
         """Serve until `stop_requested` is set (by a signal handler, or a failed start), then shut
         down cleanly. `on_ready()` is called once, when every worker has loaded the model."""
         poller = zmq.Poller()
-        for socket in (self.backend, self.frontend, self.door_socket):
+        for socket in (self.backend, self.frontend, self.door_socket, self.intake.socket, self.monitor):
             poller.register(socket, zmq.POLLIN)
+        if self.worker_port is not None:
+            poller.register(self.worker_port.socket, zmq.POLLIN)
         next_heartbeat = 0.0
         while not self.stop_requested:
-            events = dict(poller.poll(250))
-            if self.backend in events:
-                self.drain(self.backend, self.on_worker_message)
-            for socket in (self.frontend, self.door_socket):
-                if socket in events:
-                    self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
+            before_poll = time.monotonic()
+            events = dict(poller.poll(OUTBOX_POLL_MS if self.outboxes else POLL_MS))
+            woke = time.monotonic()
+            self.forgive_own_stall(woke - before_poll - POLL_MS / 1000)  # the poll itself came back late
+            self.flush_outboxes()
+            self.read_sockets(events)
             now = time.monotonic()
+            self.forgive_own_stall(now - woke)
             if now >= next_heartbeat:
                 self.send_heartbeats()
+                if self.authenticator is not None:
+                    self.authenticator.refusals.log_if_due(now)
                 next_heartbeat = now + P.HEARTBEAT_INTERVAL
             if self.starting:
                 if self.check_startup(now):
@@ -231,37 +289,81 @@ class Broker:
             elif not self.stop_requested:  # a signal during the poll: workers may have had it too
                 self.check_workers(now)
                 self.doors.check(now)
+            self.intake.check()
+            if now >= self.next_expiry:
+                self.expire(now)
+                self.next_expiry = now + EXPIRE_INTERVAL
             self.dispatch()
+            end = time.monotonic()
+            self.forgive_own_stall(end - now)
+            self.note_turn(end - woke)
         self.shutdown()
 
+    def read_sockets(self, events: dict) -> None:
+        # Disconnections first: a fd they free may already carry a new client's messages.
+        if self.monitor in events:
+            self.drain(self.monitor, self.on_monitor_event)
+        if self.backend in events:
+            self.drain(self.backend, self.on_worker_message)
+        if self.worker_port is not None and self.worker_port.socket in events:
+            self.drain(self.worker_port.socket, self.on_remote_message)
+        if self.intake.socket in events:
+            self.drain(self.intake.socket, self.intake.on_message)
+        for socket in (self.frontend, self.door_socket):
+            if socket in events:
+                self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
+
     @staticmethod
-    def drain(socket: zmq.Socket, handler, limit: int = 1000) -> None:
-        """Handle what is waiting on `socket` without blocking (bounded, so neither side starves)."""
+    def drain(socket: zmq.Socket, handler, limit: int = DRAIN_MESSAGES, seconds: float = DRAIN_SECONDS) -> None:
+        """Handle what is waiting on `socket` without blocking, bounded in messages and in time so
+        that no socket starves the others."""
+        stop = time.monotonic() + seconds
         for _ in range(limit):
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             handler(frames)
+            if time.monotonic() > stop:
+                return
+
+    def forgive_own_stall(self, seconds: float) -> None:
+        """Liveness is judged on messages read: for a span in which the broker itself was not
+        reading (starved of CPU, stopped, or busy), its workers' silence is not theirs, so their
+        clocks move on by as much. Their heartbeats sent meanwhile are read before the next check."""
+        if seconds > P.HEARTBEAT_INTERVAL / 2:
+            for slot in self.workers():
+                slot.last_seen += seconds
+
+    def note_turn(self, seconds: float) -> None:
+        """The longest the loop went without polling (server_status()["loop_max_ms"])."""
+        if seconds * 1000 > self.stats["loop_max_ms"]:
+            self.stats["loop_max_ms"] = round(seconds * 1000, 1)
 
     # ------------------------------------------------------------ clients
 
     def on_client_message(self, socket: zmq.Socket, frames: list) -> None:
-        client, body = frames[0].bytes, [f.bytes for f in frames[1:]]
-        request_id = _peek_id(body)
+        client = frames[0].bytes
+        if socket is self.frontend:
+            self.note_peer(frames[-1], client)
         try:
-            self.handle_request(socket, client, request_id, body)
+            self.handle_request(socket, client, frames[1:])
         except Exception as e:  # a safety net: no message may take the broker down with it
             log.exception("unexpected error on a request from %s", client[:12].hex())
+            # The request's id, so the client gets this error at once rather than a timeout.
+            request_id = peek_id(frames[1].bytes) if len(frames) > 1 and len(frames[1]) <= MAX_HEADER_BYTES else None
             self.reply(socket, client, pack_error(request_id, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"))
 
-    def handle_request(self, socket: zmq.Socket, client: bytes, request_id: Any, body: list[bytes]) -> None:
+    def handle_request(self, socket: zmq.Socket, client: bytes, body: list[zmq.Frame]) -> None:
+        """Check sizes, then the small header; answer config and status; open and queue an encode
+        request (its texts parsed here when small, by the intake process otherwise)."""
+        sizes = [len(frame) for frame in body]
+        request_id = peek_id(body[0].bytes) if body and sizes[0] <= MAX_HEADER_BYTES else None
         try:
-            header, texts = unpack_request(body, self.config.max_client_batch_size, self.config.max_request_bytes)
+            check_sizes(sizes, self.config.max_request_bytes)
+            header = read_header(body[0].bytes, len(body))
         except BadRequestError as e:
-            self.stats["bad_requests"] += 1
-            log.warning("bad request from %s: %s", client[:12].hex(), e)
-            self.reply(socket, client, pack_error(request_id, ERR_BAD_REQUEST, str(e)))
+            self.refuse(socket, client, request_id, e)
             return
         if self.stop_requested:
             self.reply(socket, client, pack_error(request_id, ERR_UNAVAILABLE, "the server is shutting down"))
@@ -270,75 +372,209 @@ class Broker:
         elif header["cmd"] == "status":
             self.reply(socket, client, pack_result(request_id, self.status()))
         else:
-            self.accept(socket, client, header, texts)
+            self.accept(socket, client, header, body[1])
 
-    def accept(self, socket: zmq.Socket, client: bytes, header: dict, texts: list) -> None:
-        if self.pending_sentences + len(texts) > self.config.max_queue:
-            self.stats["busy"] += 1
-            log.warning("busy: refused %d sentences, %d already queued (-max_queue %d)",
-                        len(texts), self.pending_sentences, self.config.max_queue)
-            self.reply(socket, client, pack_error(header["id"], ERR_BUSY,
-                                          f"server busy: {self.pending_sentences} sentences queued "
-                                          f"(limit {self.config.max_queue}); retry later"))
+    def accept(self, socket: zmq.Socket, client: bytes, header: dict, texts: zmq.Frame) -> None:
+        received = time.monotonic()
+        request = Request(socket, client, self.tenant_of(socket, client, header), header["id"],
+                          self.scheduler.deadline(header.get("timeout"), received),
+                          bool(header.get("show_tokens")), bool(header.get("is_tokenized")), received=received)
+        refusal = self.scheduler.open(request)
+        if refusal is None and len(texts) > INLINE_PARSE_BYTES and not self.intake.has_room(len(texts)):
+            self.scheduler.release(request)
+            refusal = "server busy: too many large requests are being read; retry later"
+        if refusal:
+            self.busy(request, refusal)
             return
-        size = self.config.max_batch_size
-        chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
-        timeout = header.get("timeout")
-        request = Request(socket, client, header["id"], len(chunks), time.time() + timeout if timeout else None,
-                          bool(header.get("show_tokens")), len(texts), parts=[None] * len(chunks))
-        for part, chunk in enumerate(chunks):
-            payload = json.dumps(chunk, ensure_ascii=False).encode("utf-8")
-            self.pending.append(Job(next(self.job_ids), request, part, payload, len(chunk),
-                                    bool(header.get("is_tokenized"))))
-        self.pending_sentences += len(texts)
-        log.debug("request %d from %s: %d sentences in %d jobs", request.request_id, client[:12].hex(),
-                  len(texts), len(chunks))
-
-    @staticmethod
-    def reply(socket: zmq.Socket, client: bytes, frames: list) -> None:
+        options = {"is_tokenized": request.is_tokenized, "max_sentences": self.config.max_client_batch_size,
+                   "max_batch_size": self.config.max_batch_size,
+                   "max_seq_len": self.encoder_info.get("max_seq_len") or DEFAULT_MAX_SEQ_LEN}
+        if len(texts) > INLINE_PARSE_BYTES:
+            self.intake.submit(request, texts, options)
+            return
         try:
-            socket.send_multipart([client, *frames], copy=False)
-        except zmq.ZMQError as e:  # the client went away; nothing else to do
+            chunks = prepare(texts.buffer, options)
+        except BadRequestError as e:
+            self.scheduler.release(request)
+            self.refuse(socket, client, request.request_id, e)
+            return
+        self.queue(request, chunks)
+
+    def on_intake_done(self, request: Request, chunks: list | None, error: str | None) -> None:
+        """A request back from the intake process: queued, or refused with the reason."""
+        if chunks is not None:
+            self.queue(request, chunks)
+        elif error is not None:
+            self.scheduler.release(request)
+            self.refuse(request.socket, request.client, request.request_id, BadRequestError(error))
+        else:
+            self.fail(request, ERR_SERVER, "the server could not read this request (its intake process died)")
+
+    def queue(self, request: Request, chunks: list) -> None:
+        if request.finished:  # its client left while it was being read
+            self.scheduler.release(request)
+            return
+        refusal = self.scheduler.enqueue(request, chunks)
+        if refusal:
+            self.busy(request, refusal)
+            return
+        log.debug("request %d from %s: %d sentences (about %d tokens) in %d jobs", request.request_id,
+                  request.client[:12].hex(), request.sentences, request.tokens, request.n_jobs)
+
+    def tenant_of(self, socket: zmq.Socket, client: bytes, header: dict) -> tuple:
+        """Whom fairness is owed to: the connection, or on the door socket only, the user the door
+        names (anyone could put a tenant in a header sent to the client port)."""
+        tenant = header.get("tenant")
+        if socket is self.door_socket and isinstance(tenant, str) and tenant:
+            return ("door", tenant[:200])
+        return ("door" if socket is self.door_socket else "client", client)
+
+    def refuse(self, socket: zmq.Socket, client: bytes, request_id: Any, error: BadRequestError) -> None:
+        self.stats["bad_requests"] += 1
+        log.warning("bad request from %s: %s", client[:12].hex(), error)
+        self.reply(socket, client, pack_error(request_id, ERR_BAD_REQUEST, str(error)))
+
+    def busy(self, request: Request, message: str) -> None:
+        request.finished = True
+        self.stats["busy"] += 1
+        log.warning("busy: refused request %s of %s: %s", request.request_id, request.client[:12].hex(), message)
+        self.reply(request.socket, request.client, pack_error(request.request_id, ERR_BUSY, message))
+
+    def reply(self, socket: zmq.Socket, client: bytes, frames: list) -> None:
+        """Send without ever blocking. A reply the client's pipe has no room for (it holds
+        -max_unread_replies) waits in the client's outbox, which holds at most OUTBOX_BYTES
+        (and always one reply): past that the client is not reading, and the reply is dropped."""
+        box = self.outboxes.get((socket, client))
+        if box is None:
+            if self.send(socket, client, frames):
+                return
+            box = self.outboxes[(socket, client)] = Outbox()
+        size = sum(len(frame) for frame in frames)
+        if box.replies and box.size + size > OUTBOX_BYTES:
+            self.count_drop(client)
+            return
+        box.replies.append(frames)
+        box.size += size
+
+    def flush_outboxes(self) -> None:
+        for key, box in list(self.outboxes.items()):
+            while box.replies and self.send(*key, box.replies[0]):
+                box.size -= sum(len(frame) for frame in box.replies.popleft())
+            if not box.replies:
+                del self.outboxes[key]
+
+    def send(self, socket: zmq.Socket, client: bytes, frames: list) -> bool:
+        """Send one reply; False when the client's pipe is full. A client that has gone counts as sent."""
+        try:
+            socket.send_multipart([client, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as e:  # the client went away (EHOSTUNREACH); nothing else to do
             log.debug("reply to %s dropped: %s", client[:12].hex(), e)
+        return True
+
+    def count_drop(self, client: bytes) -> None:
+        self.stats["replies_dropped_unread"] += 1
+        now = time.monotonic()
+        if now - self.last_drop_log > DROP_LOG_INTERVAL:
+            self.last_drop_log = now
+            log.warning("dropped a reply to %s, which does not read its replies (%d unread and %d MB held); "
+                        "%d dropped so far", client[:12].hex(), self.config.max_unread_replies,
+                        OUTBOX_BYTES >> 20, self.stats["replies_dropped_unread"])
 
     def fail(self, request: Request, code: str, message: str) -> None:
+        self.scheduler.release(request)
         if request.finished:
             return
         request.finished = True
         self.stats["errors"] += 1
         self.reply(request.socket, request.client, pack_error(request.request_id, code, message))
 
+    def expire(self, now: float) -> None:
+        for request in self.scheduler.expire(now):
+            self.time_out(request)
+
+    def time_out(self, request: Request) -> None:
+        self.stats["timeouts_dropped"] += 1
+        self.fail(request, ERR_TIMEOUT, "the request's timeout passed while it was queued")
+
+    # ------------------------------------------------------------ clients that leave
+
+    def note_peer(self, frame: zmq.Frame, client: bytes) -> None:
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return
+        previous = self.peers.get(fd)
+        if previous is not None and previous != client:
+            # The fd was closed and reused before the monitor's event came: that client is gone,
+            # and the event, when it comes, is about it, not about this one.
+            self.owed_disconnects[fd] = self.owed_disconnects.get(fd, 0) + 1
+            self.drop_client(previous)
+        self.peers[fd] = client
+
+    def on_monitor_event(self, frames: list) -> None:
+        event = parse_monitor_message([f.bytes for f in frames])
+        kind, value = int(event["event"]), int(event["value"])
+        if self.handshakes is not None:
+            self.handshakes.on_event(kind, value, time.monotonic())
+        elif self.authenticator is not None:
+            self.authenticator.refusals.on_event(kind, value, time.monotonic())
+        if kind == zmq.EVENT_DISCONNECTED:
+            self.on_disconnected(value)
+
+    def on_disconnected(self, fd: int) -> None:
+        if self.owed_disconnects.get(fd):
+            self.owed_disconnects[fd] -= 1
+            return
+        client = self.peers.pop(fd, None)
+        if client is not None:
+            self.drop_client(client)
+
+    def drop_client(self, client: bytes) -> None:
+        """Its queued work is dropped (no one would read the replies); jobs on workers finish."""
+        self.outboxes.pop((self.frontend, client), None)
+        dropped = self.scheduler.drop_client(self.frontend, client)
+        for request in dropped:
+            request.finished = True
+            self.scheduler.release(request)
+        in_intake = [p.request for p in self.intake.pending.values()
+                     if p.request.socket is self.frontend and p.request.client == client]
+        for request in in_intake:
+            request.finished = True  # released when the intake process hands it back
+        if dropped or in_intake:
+            self.stats["disconnected_dropped"] += len(dropped) + len(in_intake)
+            log.info("client %s disconnected: %d queued requests dropped", client[:12].hex(),
+                     len(dropped) + len(in_intake))
+
     # ------------------------------------------------------------ workers
 
     def dispatch(self) -> None:
-        """Give queued jobs to ready workers, least loaded first; drop jobs nobody waits for."""
-        while self.pending:
-            job = self.pending[0]
-            if job.request.finished or self.expired(job.request):
-                self.pending.popleft()
-                self.pending_sentences -= job.size
-                if not job.request.finished:
-                    self.stats["timeouts_dropped"] += 1
-                    self.fail(job.request, ERR_TIMEOUT, "the client's timeout passed while the request was queued")
-                continue
+        """Give queued jobs to ready workers, least loaded first, in the scheduler's fair order."""
+        while True:
             slot = self.least_loaded()
             if slot is None:
                 return
-            self.pending.popleft()
-            self.pending_sentences -= job.size
+            job, expired = self.scheduler.next_job(time.monotonic())
+            for request in expired:
+                self.time_out(request)
+            if job is None:
+                return
             slot.in_flight[job.job_id] = job
-            job.request.dispatched = job.request.dispatched or time.monotonic()
-            header = {"job": job.job_id, "deadline": job.request.deadline, "is_tokenized": job.is_tokenized,
+            # The time left, not a time of day: workers on other hosts share no clock with the broker.
+            left = None if job.request.deadline is None else round(job.request.deadline - time.monotonic(), 3)
+            header = {"job": job.job_id, "seconds_left": left, "is_tokenized": job.is_tokenized,
                       "show_tokens": job.request.show_tokens}
-            self.backend.send_multipart([slot.identity, P.JOB, P.dumps(header), job.payload], copy=False)
+            slot.socket.send_multipart([slot.identity, P.JOB, P.dumps(header), job.payload], copy=False)
 
     def least_loaded(self) -> WorkerSlot | None:
-        free = [s for s in self.slots if s.ready and len(s.in_flight) < P.WORKER_PREFETCH_JOBS]
-        return min(free, key=lambda s: (s.load, len(s.in_flight)), default=None)
+        """The ready worker with the least work for the jobs it asked to hold (READY's capacity)."""
+        free = [s for s in self.workers() if s.ready and len(s.in_flight) < s.capacity]
+        return min(free, key=lambda s: (len(s.in_flight) / s.capacity, s.load), default=None)
 
-    @staticmethod
-    def expired(request: Request) -> bool:
-        return request.deadline is not None and time.time() > request.deadline
+    def workers(self) -> list[WorkerSlot]:
+        """Every worker: this host's, then those of other hosts that joined."""
+        return self.slots + self.remote_slots
 
     def on_worker_message(self, frames: list) -> None:
         try:
@@ -349,13 +585,24 @@ class Broker:
     def handle_worker_message(self, frames: list) -> None:
         identity, command = frames[0].bytes, frames[1].bytes
         slot = self.by_identity.get(identity)
-        if slot is None or slot.identity != identity:
-            return  # a message from a worker already declared dead
+        if slot is None or slot.identity != identity or slot.remote:  # remote ones speak on the worker port
+            # A worker already declared dead says anything; a stranger's READY is worth a warning.
+            if command == P.READY:
+                self.strangers.warning("ignored READY from identity %r: not a worker this broker spawned",
+                                       identity[:40])
+            return
+        if command == P.READY:
+            info = P.loads(frames[2].bytes)
+            if not ready_is_from_spawned(info, slot.process.pid):
+                self.strangers.warning("ignored READY for worker %d from pid %r: the broker spawned pid %s",
+                                       slot.index, info.get("pid") if isinstance(info, dict) else None,
+                                       slot.process.pid)
+                return
         slot.last_seen = time.monotonic()
         if command == P.RESULT:
             self.on_result(slot, P.loads(frames[2].bytes), frames[3] if len(frames) > 3 else None)
         elif command == P.READY:
-            self.mark_ready(slot, P.loads(frames[2].bytes))
+            self.mark_ready(slot, info)
             slot.quick_deaths = 0
             if slot.restarts:
                 log.info("worker %d is back (pid %s)", slot.index, slot.info.get("pid"))
@@ -363,6 +610,66 @@ class Broker:
             message = P.loads(frames[2].bytes).get("message", "worker failed to start")
             slot.info["failure"] = message  # the reason start-up stops with, when it is the first load
             log.error("worker %d could not load the model: %s", slot.index, message)
+
+    def on_remote_message(self, frames: list) -> None:
+        try:
+            self.handle_remote_message(frames)
+        except Exception:  # whatever a peer on the network sends, serving goes on
+            log.exception("unexpected error on a message from the worker port")
+
+    def handle_remote_message(self, frames: list) -> None:
+        """A worker of another host: HELLO is answered WELCOME or REFUSED, then it is served like a
+        local worker. A routing id the head does not know (it restarted, or gave that worker up for
+        silent) is told STOP, after which its worker says HELLO again."""
+        if len(frames) < 2:
+            return
+        identity, command = frames[0].bytes, frames[1].bytes
+        slot = self.by_identity.get(identity)
+        if slot is not None and not slot.remote:  # a local worker's identity, said over the network
+            slot = None
+        if command == P.HELLO:
+            if identity in self.by_identity and slot is None:
+                return  # a local worker's identity: not to be taken over from the network
+            if slot is not None:
+                self.bury(slot, "said HELLO again (its connection to the head restarted)", time.monotonic())
+            self.on_hello(identity, frames)
+        elif slot is None:
+            self.worker_port.socket.send_multipart([identity, P.STOP])
+        elif command == P.READY:
+            info = _json_object(frames[2].bytes if len(frames) > 2 else b"")
+            # pid and address as the head first saw them: a worker does not rename itself later
+            self.mark_ready(slot, {**info, "pid": slot.info.get("pid"), "address": slot.info.get("address")})
+            log.info("worker %s (pid %s) of another host joined: %s, %d jobs in hand", slot.name, slot.pid,
+                     slot.info.get("device"), slot.capacity)
+        elif command == P.FAILED:
+            message = _json_object(frames[2].bytes if len(frames) > 2 else b"").get("message")
+            self.bury(slot, f"could not load the model: {message}", time.monotonic())
+        else:
+            slot.last_seen = time.monotonic()
+            if command == P.RESULT and len(frames) > 2:
+                self.on_result(slot, _json_object(frames[2].bytes), frames[3] if len(frames) > 3 else None)
+
+    def on_hello(self, identity: bytes, frames: list) -> None:
+        hello = _json_object(frames[2].bytes if len(frames) > 2 else b"")
+        host = str(hello.get("host", "?"))[:64]
+        command, body = self.worker_port.answer_hello(hello)
+        if command == P.WELCOME and len(self.remote_slots) >= P.MAX_REMOTE_WORKERS:
+            command, body = P.REFUSED, {"message": f"this head takes at most {P.MAX_REMOTE_WORKERS} workers of other hosts"}
+        if command == P.REFUSED:
+            self.worker_port.refusals.warning("refused a worker of host %r: %s", host, body["message"])
+            self.worker_port.socket.send_multipart([identity, P.REFUSED, P.dumps(body)])
+            return
+        now = time.monotonic()
+        index, restarts, pid = (hello.get(k) for k in ("index", "restarts", "pid"))
+        slot = WorkerSlot(index=index if isinstance(index, int) else 0, identity=identity, socket=self.worker_port.socket,
+                          host=host, remote=True, started=now, last_seen=now,
+                          restarts=restarts if isinstance(restarts, int) else 0,
+                          info={"pid": pid if isinstance(pid, int) else None, "address": _peer_address(frames[1])})
+        self.remote_slots.append(slot)
+        self.by_identity[identity] = slot
+        self.worker_port.socket.send_multipart([identity, P.WELCOME, P.dumps(body)])
+        log.info("worker %s (pid %s) of another host from %s: same model, loading it", slot.name, slot.pid,
+                 slot.info["address"])
 
     def on_result(self, slot: WorkerSlot, header: dict, data: zmq.Frame | None) -> None:
         job = slot.in_flight.pop(header.get("job"), None)
@@ -385,6 +692,7 @@ class Broker:
 
     def complete(self, request: Request, dtype: str) -> None:
         request.finished = True
+        self.scheduler.release(request)
         shapes = [part[0] for part in request.parts]
         buffers = [part[1] for part in request.parts]
         tokens = [t for part in request.parts for t in part[2]] if request.show_tokens else None
@@ -397,9 +705,9 @@ class Broker:
                   (time.monotonic() - request.received) * 1000)
 
     def send_heartbeats(self) -> None:
-        for slot in self.slots:
+        for slot in self.workers():
             if slot.ready:
-                self.backend.send_multipart([slot.identity, P.HEARTBEAT])
+                slot.socket.send_multipart([slot.identity, P.HEARTBEAT])
 
     def check_workers(self, now: float) -> None:
         """Replace workers that exited or fell silent; re-queue what they held."""
@@ -416,25 +724,28 @@ class Broker:
             reason = f"exited with code {exitcode}" if exitcode is not None else \
                 f"sent no heartbeat for {now - slot.last_seen:.1f} s"
             self.bury(slot, reason, now)
+        for slot in list(self.remote_slots):  # they heartbeat while loading the model too
+            if now - slot.last_seen > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS:
+                self.bury(slot, f"sent no heartbeat for {now - slot.last_seen:.1f} s", now)
 
     def bury(self, slot: WorkerSlot, reason: str, now: float) -> None:
-        log.error("worker %d (pid %s) %s; %d jobs go back to the queue", slot.index, slot.process.pid,
+        log.error("worker %s (pid %s) %s; %d jobs go back to the queue", slot.name, slot.pid,
                   reason, len(slot.in_flight))
-        if slot.process.exitcode is None:
+        if slot.process is not None and slot.process.exitcode is None:
             slot.process.kill()
-        slot.process.join(timeout=5)
+        if slot.process is not None:
+            slot.process.join(timeout=5)
         self.by_identity.pop(slot.identity, None)
         for job in sorted(slot.in_flight.values(), key=lambda j: j.job_id, reverse=True):
-            job.attempts += 1
-            if job.attempts >= P.MAX_JOB_ATTEMPTS:
+            if not self.scheduler.retry(job):
                 self.fail(job.request, ERR_SERVER,
                           f"this request was on {job.attempts} workers that died while encoding it; "
                           "it is not retried again")
-            elif not job.request.finished:
-                self.pending.appendleft(job)
-                self.pending_sentences += job.size
         slot.in_flight = {}
         slot.ready = False
+        if slot.remote:  # its host restarts it, or it says HELLO again: a new slot then
+            self.remote_slots.remove(slot)
+            return
         slot.restarts += 1
         self.stats["worker_restarts"] += 1
         quick = now - slot.started < 30
@@ -451,35 +762,56 @@ class Broker:
                 "server_pid": os.getpid(), "started": self.started}
 
     def status(self) -> dict:
-        workers = [{"index": s.index, "pid": s.process.pid if s.process else None, "ready": s.ready,
-                    "device": s.info.get("device"), "jobs_in_flight": len(s.in_flight), "restarts": s.restarts,
-                    "jobs_done": s.jobs_done, "sentences_done": s.sentences_done}
-                   for s in self.slots]
+        workers = [{"index": s.index, "host": s.host, "remote": s.remote, "address": s.info.get("address"),
+                    "pid": s.pid, "ready": s.ready,
+                    "device": s.info.get("device"), "capacity": s.capacity, "jobs_in_flight": len(s.in_flight),
+                    "restarts": s.restarts, "jobs_done": s.jobs_done, "sentences_done": s.sentences_done}
+                   for s in self.workers()]
+        ready = sum(s.ready for s in self.workers())
         return {"uptime": time.time() - self.started, "workers": workers, "starting": self.starting,
-                "workers_ready": sum(s.ready for s in self.slots), "queued_sentences": self.pending_sentences,
-                "queued_jobs": len(self.pending), "doors": self.doors.status(), **self.stats,
+                "workers_ready": ready, "not_ready_because": None if ready else self.why_no_worker(),
+                **self.scheduler.status(),
+                "intake": {"pid": self.intake.process.pid, "requests": len(self.intake.pending),
+                           "bytes": self.intake.backlog, "restarts": self.intake.restarts} if self.intake else None,
+                "doors": self.doors.status(), **self.stats,
+                "peers_turned_away": self.handshakes.total if self.handshakes else 0,
+                "connections_refused": self.authenticator.refusals.refused if self.authenticator else 0,
                 "metrics": self.metrics.snapshot()}
+
+    def why_no_worker(self) -> str:
+        """Why no worker is ready, for `server_status()` (and `/health`)."""
+        if self.slots and self.starting:
+            return "the workers are loading the model"
+        if self.worker_port is not None and not self.slots:
+            joining = len(self.remote_slots)
+            return (f"no worker host has joined on {self.worker_port.address} yet" if not joining else
+                    f"{joining} workers of other hosts are loading the model")
+        return "every worker died; replacements are starting"
 
     # ------------------------------------------------------------ shutdown
 
     def shutdown(self) -> None:
         """Fail queued work at once, give jobs on workers a bounded grace to finish (answering new
         requests with "shutting down" meanwhile), fail what is left, and stop every worker."""
-        log.info("shutting down: %d jobs in flight, %d queued", sum(len(s.in_flight) for s in self.slots),
-                 len(self.pending))
+        log.info("shutting down: %d jobs in flight, %d queued", sum(len(s.in_flight) for s in self.workers()),
+                 self.scheduler.queued_jobs)
         if self.frontend is not None:
-            self.fail_jobs(list(self.pending), "the server shut down before this request was encoded")
-            self.pending.clear()
-            self.pending_sentences = 0
+            for request in self.scheduler.drop_all() + [p.request for p in self.intake.pending.values()]:
+                self.fail(request, ERR_UNAVAILABLE, "the server shut down before this request was encoded")
             poller = zmq.Poller()
             for socket in (self.backend, self.frontend, self.door_socket):
                 if socket is not None:
                     poller.register(socket, zmq.POLLIN)
+            remote = self.worker_port.socket if self.worker_port else None
+            if remote is not None:
+                poller.register(remote, zmq.POLLIN)
             deadline = time.monotonic() + SHUTDOWN_GRACE
-            while any(s.in_flight for s in self.slots) and time.monotonic() < deadline:
+            while any(s.in_flight for s in self.workers()) and time.monotonic() < deadline:
                 events = dict(poller.poll(100))
                 if self.backend in events:
                     self.drain(self.backend, self.on_worker_message)
+                if remote is not None and remote in events:
+                    self.drain(remote, self.on_remote_message)
                 for socket in (self.frontend, self.door_socket):
                     if socket in events:
                         self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
@@ -487,13 +819,19 @@ class Broker:
                     if slot.in_flight and slot.process.exitcode is not None:  # died: no replacement now
                         self.fail_jobs(list(slot.in_flight.values()), "a worker died while the server shut down")
                         slot.in_flight = {}
-            self.fail_jobs([j for s in self.slots for j in s.in_flight.values()],
+            self.fail_jobs([j for s in self.workers() for j in s.in_flight.values()],
                            f"the server shut down; encoding did not finish within {SHUTDOWN_GRACE:.0f} s")
         self.doors.stop()
+        if self.intake is not None:
+            self.intake.stop()
         self.stop_workers()
+        if self.worker_port is not None:
+            self.worker_port.close()
         if self.authenticator is not None:
             self.authenticator.stop()
-        for socket in (self.frontend, self.door_socket, self.backend):
+        if self.monitor is not None:
+            self.frontend.disable_monitor()
+        for socket in (self.monitor, self.frontend, self.door_socket, self.backend):
             if socket is not None:
                 socket.close(linger=0)
         self.context.term()
@@ -505,6 +843,9 @@ class Broker:
             self.fail(job.request, ERR_UNAVAILABLE, message)
 
     def stop_workers(self) -> None:
+        """Stop this host's workers; those of other hosts are told STOP too, and wait for a head."""
+        for slot in self.remote_slots:
+            slot.socket.send_multipart([slot.identity, P.STOP])
         for slot in self.slots:
             if slot.process is not None and slot.process.exitcode is None and slot.ready:
                 self.backend.send_multipart([slot.identity, P.STOP])
@@ -521,10 +862,18 @@ class Broker:
                 slot.process.join(timeout=2)
 
 
-def _peek_id(frames: list[bytes]) -> Any:
-    """The request id, if the header is readable at all, so even an error reply can be matched."""
+def _json_object(frame: bytes) -> dict:
+    """A JSON object from a peer on the network; {} for anything else."""
     try:
-        value = json.loads(frames[0]).get("id")
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-    except Exception:
+        value = json.loads(frame)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The TCP peer's address, as libzmq saw the connection."""
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError):
         return None

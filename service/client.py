@@ -12,7 +12,8 @@ Wire protocol (version 1), over a ZeroMQ DEALER (client) to ROUTER (server) conn
                                     "timeout": seconds | null, "is_tokenized": bool, "show_tokens": bool,
                                     "tenant": str?}   (tenant: a door's user, for fair sharing)
              frame 1  JSON array of strings (or of arrays of WordPiece strings when is_tokenized);
-                      "encode" only
+                      "encode" only. Without is_tokenized an item may also be a pair [A, B] of
+                      strings: one input, [CLS] A [SEP] B [SEP], token type 1 for B
     reply    frame 0  JSON header  {"v": 1, "id": int, "ok": true, "dtype": "float32" | "float16",
                                     "shapes": [[n1, dim], [n2, dim], ...], "tokens": [[...], ...]?,
                                     "n_tokens": int?}   (n_tokens: tokens the model saw, in all)
@@ -108,14 +109,22 @@ def check_texts(texts: Any, is_tokenized: bool = False) -> list:
                 raise BadRequestError(f"with is_tokenized=True every item must be a list of token strings; "
                                       f"item {i} is {_describe(item)}")
             strings = item
+        elif is_pair(item):
+            strings = item
         elif not isinstance(item, str):
-            hint = " (did you mean is_tokenized=True?)" if isinstance(item, (list, tuple)) else ""
-            raise BadRequestError(f"every item must be a str; item {i} is {_describe(item)}{hint}")
+            hint = " (a sentence pair is a list of 2 strings; for tokens, did you mean is_tokenized=True?)" \
+                if isinstance(item, (list, tuple)) else ""
+            raise BadRequestError(f"every item must be a str or a pair [str, str]; item {i} is {_describe(item)}{hint}")
         else:
             strings = (item,)
         if not all(_is_utf8_encodable(s) for s in strings):
             raise BadRequestError(f"item {i} is not valid Unicode: it holds a lone surrogate (such as '\\ud800')")
     return list(texts)
+
+
+def is_pair(item: Any) -> bool:
+    """A sentence pair: 2 strings in a list or tuple, encoded as BERT's [CLS] A [SEP] B [SEP]."""
+    return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item)
 
 
 def from_numpy(texts: Any) -> Any:
@@ -288,6 +297,20 @@ def join_arrays(parts: list) -> np.ndarray:
 # ---------------------------------------------------------------- the client
 
 
+def _load_curve_keys(server_public_key: str, client_key: str | None) -> tuple[bytes, bytes, bytes]:
+    """(server public, client public, client secret) keys for CurveZMQ, from z85 text or key files."""
+    if client_key is None:
+        raise ValueError("a CurveZMQ client needs client_key, the path of its *.key_secret file")
+    import zmq.auth
+    if os.path.isfile(server_public_key):
+        server_public_key = zmq.auth.load_certificate(server_public_key)[0]
+    public, secret = zmq.auth.load_certificate(client_key)
+    if secret is None:
+        raise ValueError(f"{client_key} holds no secret key (use the .key_secret file)")
+    server = server_public_key if isinstance(server_public_key, bytes) else server_public_key.encode()
+    return server, public, secret
+
+
 def _progress(total: int, enabled: bool):
     """A progress bar: tqdm when installed, else a plain line rewritten on stderr."""
     if not enabled:
@@ -318,8 +341,10 @@ class BertClient:
 
     Args:
         ip, port: where the server listens (its start-up log prints the address).
-        timeout: seconds to wait for each reply; None waits forever. On timeout a
-            `BertTimeoutError` is raised, the late reply is dropped when it comes, and the
+        timeout: seconds to wait for each reply; None waits forever. It is sent with each request,
+            as seconds (not a date), so the server gives up on it too. On timeout a `BertTimeoutError`
+            is raised and the client opens a fresh connection: the timed-out request (and any other
+            still in flight) is abandoned, never delivered late, and its reply is never read. The
             client stays usable (also across server restarts).
         output_fmt: 'ndarray' (float32 numpy array) or 'list' (List[List[float]], as in 2018).
         server_public_key: the server's CurveZMQ public key (z85 text, or a path to a key file made
@@ -338,30 +363,31 @@ class BertClient:
         self.timeout = timeout
         self.output_fmt = output_fmt
         self._ids = itertools.count(1)
+        self._curve_keys = None if server_public_key is None else _load_curve_keys(server_public_key, client_key)
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        # A random identity lets the server tell two clients in one process apart.
-        self._socket.setsockopt(zmq.IDENTITY, b"c-" + uuid.uuid4().hex.encode())
-        if server_public_key is not None:
-            self._set_curve_keys(server_public_key, client_key)
-        self._socket.connect(self.address)
+        self._socket = self._connect()
         self._early: dict[int, list] = {}  # replies that arrived while waiting for another id
         self._closed = False
 
-    def _set_curve_keys(self, server_public_key: str, client_key: str | None) -> None:
-        if client_key is None:
-            raise ValueError("a CurveZMQ client needs client_key, the path of its *.key_secret file")
-        import zmq.auth
-        if os.path.isfile(server_public_key):
-            server_public_key = zmq.auth.load_certificate(server_public_key)[0]
-        public, secret = zmq.auth.load_certificate(client_key)
-        if secret is None:
-            raise ValueError(f"{client_key} holds no secret key (use the .key_secret file)")
-        self._socket.curve_serverkey = server_public_key if isinstance(server_public_key, bytes) \
-            else server_public_key.encode()
-        self._socket.curve_publickey = public
-        self._socket.curve_secretkey = secret
+    def _connect(self) -> zmq.Socket:
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        # A random identity lets the server tell two clients in one process apart; a new one per
+        # socket means the late reply to a request abandoned with the old socket is never routed here.
+        socket.setsockopt(zmq.IDENTITY, b"c-" + uuid.uuid4().hex.encode())
+        if self._curve_keys is not None:
+            socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = self._curve_keys
+        socket.connect(self.address)
+        return socket
+
+    def _reconnect(self) -> None:
+        """After a timeout, a fresh socket (the ZeroMQ guide's Lazy Pirate): requests the old one still
+        queued (to a server that is down, say) are thrown away rather than delivered, stale, when the
+        server comes back, and sends never pile up against the queue's limit. Every request in flight
+        on this client is abandoned with it."""
+        self._socket.close(linger=0)
+        self._early.clear()
+        self._socket = self._connect()
 
     # ------------------------------------------------------------ public API
 
@@ -369,7 +395,8 @@ class BertClient:
                show_progress: bool = False, batch_size: int = 1024) -> Any:
         """Vectors for `texts`: a float32 ndarray (n, dim), or List[List[float]] with output_fmt='list'.
 
-        texts: a list, tuple or numpy array of strings.
+        texts: a list, tuple or numpy array of strings; an item may also be a sentence pair, a
+            list of 2 strings [A, B], encoded as BERT's [CLS] A [SEP] B [SEP] (token type 1 for B).
         is_tokenized: `texts` are lists of WordPiece tokens (the server adds [CLS]/[SEP]).
         show_tokens: return `(vectors, tokens)`, the tokens being what the model saw after truncation.
         show_progress: send in requests of `batch_size` sentences, pipelined, and show progress after
@@ -475,6 +502,7 @@ class BertClient:
                 raise BertClientError(f"cannot send to {self.address}: {e}") from None
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
+                self._reconnect()
                 raise BertTimeoutError(f"cannot send to {self.address} within {self.timeout} s: no connection "
                                        "(the server is down or unreachable, or refused this client's keys)")
             if self._socket.poll(100 if wait is None else min(100, int(wait * 1000) + 1), zmq.POLLOUT):
@@ -486,6 +514,7 @@ class BertClient:
         while request_id not in self._early:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if wait is not None and wait == 0.0 or not self._socket.poll(None if wait is None else int(wait * 1000) + 1):
+                self._reconnect()
                 raise BertTimeoutError(f"no reply from {self.address} within {self.timeout} s: the server is "
                                        "down, unreachable, or still encoding (for large requests to a slow "
                                        "server, raise BertClient(timeout=...))")

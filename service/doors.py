@@ -49,6 +49,8 @@ def door_specs(config: ServerConfig) -> list[DoorSpec]:
     specs: list[DoorSpec] = []
     if config.http_port is not None:
         specs.append(DoorSpec("http", "service.http:serve"))
+    if config.v1_port is not None:
+        specs.append(DoorSpec("v1", "service.v1door:serve"))
     return specs
 
 

@@ -34,6 +34,8 @@ def free_port() -> int:
 class RunningServer:
     """A real `python app.py` process listening on 127.0.0.1 at a free port."""
 
+    ready_marker = "ready on tcp://"  # the log line `wait_until_ready` waits for
+
     def __init__(self, args: list[str] | None = None, port: int | None = None, ready_timeout: float = 120.0,
                  wait_ready: bool = True, device: str = "cpu", env: dict[str, str] | None = None) -> None:
         """`device`: "cpu" adds `-cpu`, so a test means the same on a machine with a GPU;
@@ -51,6 +53,8 @@ class RunningServer:
         self.process: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="app-", suffix=".log", delete=False)
 
+    ready_count = 1
+
     @property
     def command(self) -> list[str]:
         return [sys.executable, str(ROOT / "app.py"), "-host", "127.0.0.1", "-port", str(self.port), *self.args]
@@ -64,7 +68,7 @@ class RunningServer:
 
     def wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
-        while "ready on tcp://" not in self.log():
+        while self.log().count(self.ready_marker) < self.ready_count:
             if self.process.poll() is not None:
                 raise RuntimeError(f"app.py exited with code {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
@@ -99,6 +103,24 @@ class RunningServer:
     def __exit__(self, *exc) -> None:
         self.stop()
         os.unlink(self._log.name)
+
+
+class RunningWorkerHost(RunningServer):
+    """A real `python app.py -join tcp://...` worker host, ready once each of its workers has joined.
+
+    with RunningServer(["-num_worker", "0", "-worker_port", str(wp)]) as head, \
+            RunningWorkerHost(f"tcp://127.0.0.1:{wp}", ["-num_worker", "2"]) as host: ...
+    """
+
+    ready_marker = "joined the head at"
+
+    def __init__(self, head: str, args: list[str] | None = None, workers: int = 1, **options) -> None:
+        super().__init__(["-join", head, "-num_worker", str(workers), *(args or [])], **options)
+        self.ready_count = workers
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, str(ROOT / "app.py"), *self.args]
 
 
 def group_pids(pgid: int) -> list[int]:

@@ -1,17 +1,34 @@
 """The broker <-> worker protocol, and the timing constants of both sides.
 
 The client <-> server protocol lives in `service/client.py` (the one file clients copy).
-Workers connect a DEALER to the broker's back-end ROUTER on loopback; every message starts with
-a command frame:
+Local workers connect a DEALER to the broker's back-end ROUTER over `ipc://` in the broker's 0700
+runtime folder, with an identity the broker drew at random and passed to the process it spawned;
+the broker takes READY only from such an identity, carrying that process's pid. Every message
+starts with a command frame:
 
     worker -> broker   READY     json {pid, device, encoder: {...}}       model loaded, ready for jobs
                        FAILED    json {message}                           could not load the model; exiting
                        HB                                                  heartbeat
                        RESULT    json {job, ok, dtype, shape, n_tokens, compute_ms, tokens?}  data
                                  json {job, ok: false, error, message}    a job failed
-    broker -> worker   JOB       json {job, deadline, is_tokenized, show_tokens}  texts (JSON array)
+    broker -> worker   JOB       json {job, seconds_left, is_tokenized, show_tokens}  texts (JSON array:
+                                 strings and sentence pairs [A, B], or token lists when is_tokenized)
                        HB                                                  heartbeat
                        STOP                                                finish and exit
+
+Workers of other hosts (`app.py -join tcp://HEAD:PORT`) connect to the head's worker port (TCP,
+CurveZMQ with `-auth_dir`); their routing id is the one the head's ROUTER gives the connection.
+Before READY they introduce themselves, and the head hands them every option that changes a vector:
+
+    worker -> head     HELLO     json {protocol, pid, host, index, restarts, fingerprint: {config, vocab, weights}}
+    head -> worker     WELCOME   json {encoder: {pooling_strategy, pooling_layer, ...}, output_dtype}
+                       REFUSED   json {message}                           e.g. another model: exit, do not retry
+                       HB                                                  while it loads the model
+    worker -> head     READY     json {pid, device, encoder, threads, capacity, host, index, restarts}
+
+then as above. READY's `capacity` is how many jobs the worker wants in hand (every worker sends it).
+A head that hears from a routing id it does not know (it restarted, or it gave the worker up for
+silent) answers STOP: the worker finishes what it holds and says HELLO again on a fresh socket.
 """
 from __future__ import annotations
 
@@ -20,12 +37,17 @@ from typing import Any
 
 READY, FAILED, HEARTBEAT, RESULT = b"READY", b"FAILED", b"HB", b"RESULT"
 JOB, STOP = b"JOB", b"STOP"
+HELLO, WELCOME, REFUSED = b"HELLO", b"WELCOME", b"REFUSED"
+REMOTE_PROTOCOL = 1
 
 HEARTBEAT_INTERVAL = 1.0   # seconds between heartbeats, both ways
 HEARTBEAT_LIVENESS = 5     # silent intervals before the other side is taken for dead
 MAX_JOB_ATTEMPTS = 3       # a job on a worker that died this many times is failed, not retried again
 WORKER_PREFETCH_JOBS = 4   # jobs a worker holds at once, so it can merge them into one forward pass
 RESPAWN_BACKOFF_MAX = 30.0  # seconds; replacements of a worker that keeps dying start ever later
+MAX_REMOTE_WORKERS = 1024  # workers of other hosts a head takes; more are refused
+MAX_WORKER_CAPACITY = 64   # jobs in hand a worker may ask for in READY; more is cut to this
+REJOIN_BACKOFF_MAX = 8.0   # seconds; a worker host that finds no head tries again ever later, up to this
 
 
 def dumps(value: Any) -> bytes:

@@ -9,6 +9,11 @@ jobs on, sends results back, and exchanges heartbeats. Tokenizing the next jobs 
 pass of the current ones, and everything tokenized while the model was busy is merged into one
 length-sorted set of forward passes. A batch that fails fails every job in it; the worker lives on,
 except after a CUDA error, which poisons the process: it exits and the broker re-sends its jobs.
+
+A stage thread that dies (a CUDA error, or any exception its loop does not handle) ends the process
+too, for the same reason. Heartbeats say that work moves, not only that the I/O thread is alive:
+while a job is in hand and no stage has moved any job on for `-stall_timeout` seconds, the I/O
+thread stops sending them, and the broker replaces the worker and re-sends its jobs.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from .backend import jobs_wanted
 from .client import ERR_SERVER, ERR_TIMEOUT
 from .config import ServerConfig
 from .logs import configure_logging
@@ -34,6 +40,12 @@ from .logs import configure_logging
 log = logging.getLogger(__name__)
 
 CUDA_ERROR_EXIT_CODE = 70
+STAGE_DIED_EXIT_CODE = 71
+# Texts are cut to this many characters per token of max_seq_len before tokenizing: memory then
+# follows what the model can use, not what the client sent (a 10 MB sentence took a worker from 351 MB
+# to 1.34 GB). WordPiece tokens of real text average 4 to 6 characters, and a word over 100 becomes
+# one [UNK]; no sentence with max_seq_len tokens in its first 100 x max_seq_len characters changes.
+CHARS_PER_TOKEN_KEPT = 100
 # A job this small (about 10 sentences of 20 words) is encoded on the I/O thread when the worker is idle.
 INLINE_MAX_BYTES = 2048
 # Batches of ever-changing shapes fragment glibc's heap: without giving freed memory back, a CPU
@@ -59,7 +71,35 @@ class Job:
     error: str | None = None
 
     def expired(self) -> bool:
-        return self.deadline is not None and time.time() > self.deadline
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+class FatalDeviceError(RuntimeError):
+    """A device error after which this process cannot compute again (raised out of the compute loop)."""
+
+
+class InjectedFault(RuntimeError):
+    """A fault armed on purpose (see `Worker.injected_fault`), to drill or test recovery."""
+
+
+def cut_texts(texts: Any, max_chars: int) -> Any:
+    """`texts` with every string cut to `max_chars` characters, at any depth (a text, a pair of texts,
+    a list of WordPiece tokens), so that one huge string cannot make tokenizing cost memory and time
+    in proportion to its size, when at most max_seq_len tokens of it are used."""
+    if isinstance(texts, str):
+        return texts[:max_chars]
+    if isinstance(texts, list):
+        return [cut_texts(item, max_chars) for item in texts]
+    return texts
+
+
+def _take(path: str) -> bool:
+    """Remove the file at `path`; True only for the one caller that removed it."""
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
 
 
 class DirectReply:
@@ -108,7 +148,8 @@ def worker_main(config: ServerConfig, index: int, identity: bytes, backend: str,
         socket.close()
         context.term()
         raise SystemExit(2)
-    info = {"pid": os.getpid(), "device": str(encoder.device), "encoder": encoder.describe(), "threads": threads}
+    info = {"pid": os.getpid(), "device": str(encoder.device), "encoder": encoder.describe(), "threads": threads,
+            "capacity": jobs_wanted(str(encoder.device))}
     socket.send_multipart([P.READY, P.dumps(info)])
     log.info("worker %d ready on %s (%s)", index, encoder.device, str(encoder.dtype).removeprefix("torch."))
     try:
@@ -155,6 +196,12 @@ class Worker:
         # (2,000 sentences in 256-sentence jobs: 5.5% padding instead of 10%, and 1,000-sentence windows).
         self.window_waits_for_tokenizer = encoder.device.type == "cpu"
         self.results_address = f"inproc://results-{id(self)}"
+        self.max_chars = CHARS_PER_TOKEN_KEPT * encoder.max_seq_len
+        # Set once by a stage thread that died, read by the I/O thread: the exit code to end with.
+        self.stage_exit_code: int | None = None
+        # When a stage last moved a job on (monotonic clock); written by the stage threads and read by
+        # the I/O thread: a float assignment is atomic under the GIL, and a late read only delays.
+        self.progress_at = time.monotonic()
         # Small jobs on an idle CPU worker skip the stages (see `runs_inline`). A GPU keeps the
         # pipeline: there a small job is cheap to overlap, and a CUDA error must end the process.
         self.inline_allowed = encoder.device.type == "cpu"
@@ -164,10 +211,7 @@ class Worker:
     def run(self) -> None:
         results = self.context.socket(zmq.PAIR)
         results.bind(self.results_address)
-        stages = [threading.Thread(target=self.tokenize_loop, name="tokenize", daemon=True),
-                  threading.Thread(target=self.compute_loop, name="compute", daemon=True)]
-        for stage in stages:
-            stage.start()
+        stages = [self.start_stage("tokenize", self.tokenize_loop), self.start_stage("compute", self.compute_loop)]
         try:
             self.io_loop(results)
         finally:
@@ -175,6 +219,37 @@ class Worker:
             for stage in stages:
                 stage.join(timeout=30)
             results.close(linger=0)
+
+    def start_stage(self, name: str, loop: Callable[[], None]) -> threading.Thread:
+        thread = threading.Thread(target=self.run_stage, args=(name, loop), name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def run_stage(self, name: str, loop: Callable[[], None]) -> None:
+        """Run a stage's loop; if it dies, tell the I/O thread to end the process: the jobs this
+        stage held would otherwise wait forever on a worker that still answers heartbeats."""
+        try:
+            loop()
+        except BaseException as e:  # whatever it was, this stage is gone and the process is not whole
+            log.critical("the %s thread died (%s: %s); the worker exits so the broker re-sends its jobs",
+                         name, type(e).__name__, e, exc_info=not isinstance(e, (FatalDeviceError, InjectedFault)))
+            self.stage_exit_code = CUDA_ERROR_EXIT_CODE if isinstance(e, FatalDeviceError) else STAGE_DIED_EXIT_CODE
+
+    def mark_progress(self) -> None:
+        self.progress_at = time.monotonic()
+
+    def injected_fault(self, stage: str) -> None:
+        """Fault injection, for drills and tests: with $BERT_SERVING_FAULT_DIR set (`fault_dir`), a file
+        named `tokenize` or `compute` in that folder makes that stage's thread raise on its next job
+        (the worker then exits), and one named `stall` makes the compute thread hang (the worker stops
+        heartbeating after -stall_timeout). Each file is removed by the one worker it trips."""
+        if self.config.fault_dir is None:
+            return
+        if _take(os.path.join(self.config.fault_dir, stage)):
+            raise InjectedFault(f"fault injected in the {stage} thread ({self.config.fault_dir}/{stage})")
+        if stage == "compute" and _take(os.path.join(self.config.fault_dir, "stall")):
+            log.warning("fault injected: the compute thread hangs (%s/stall)", self.config.fault_dir)
+            threading.Event().wait()  # like a device call that never returns
 
     # ------------------------------------------------------------ I/O thread
 
@@ -184,16 +259,22 @@ class Worker:
         poller.register(results, zmq.POLLIN)
         broker_seen = next_heartbeat = time.monotonic()
         in_flight = 0
-        stopping = False
+        stopping = stalled = False
         while True:
             events = dict(poller.poll(int(P.HEARTBEAT_INTERVAL * 250)))
             now = time.monotonic()
+            if self.stage_exit_code is not None:
+                os._exit(self.stage_exit_code)  # the threads of a broken process are not joined
             if self.socket in events:
                 frames = self.socket.recv_multipart(copy=True)
                 broker_seen = now
                 if frames[0] == P.JOB:
                     header = P.loads(frames[1])
-                    job = Job(header["job"], header.get("deadline"), header.get("is_tokenized", False),
+                    if in_flight == 0:
+                        self.mark_progress()  # an idle worker's stall clock starts with its first job
+                    left = header.get("seconds_left")  # relative: a worker on another host needs no common clock
+                    deadline = None if left is None else now + left
+                    job = Job(header["job"], deadline, header.get("is_tokenized", False),
                               header.get("show_tokens", False), frames[2])
                     if in_flight == 0 and self.runs_inline(job):
                         self.run_inline(job)
@@ -205,18 +286,29 @@ class Worker:
                     stopping = True
             if results in events:
                 frames = results.recv_multipart(copy=False)
-                if frames[0].bytes == b"EXIT":
-                    os._exit(CUDA_ERROR_EXIT_CODE)
                 self.socket.send_multipart([P.RESULT, *frames], copy=False)
                 in_flight -= 1
             if stopping and in_flight == 0:
                 return
-            if now >= next_heartbeat:
+            stalled = self.check_stall(in_flight, now, stalled)
+            if now >= next_heartbeat and not stalled:
                 self.socket.send_multipart([P.HEARTBEAT])
                 next_heartbeat = now + P.HEARTBEAT_INTERVAL
             if now - broker_seen > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS * 3 or os.getppid() != self.parent_pid:
                 log.warning("broker is gone; worker exits")
                 return
+
+    def check_stall(self, in_flight: int, now: float, was_stalled: bool) -> bool:
+        """Whether the jobs in hand have not moved for -stall_timeout seconds (logged when it changes):
+        a stalled worker sends no heartbeats, so the broker replaces it and re-sends its jobs."""
+        idle = now - self.progress_at
+        stalled = in_flight > 0 and idle > self.config.stall_timeout
+        if stalled and not was_stalled:
+            log.error("no progress on %d jobs for %.0f s (-stall_timeout %g): heartbeats stop so the broker "
+                      "replaces this worker", in_flight, idle, self.config.stall_timeout)
+        elif was_stalled and not stalled:
+            log.warning("progress again after a stall; heartbeats resume")
+        return stalled
 
     def runs_inline(self, job: Job) -> bool:
         """A small job that arrives while the pipeline is idle (the I/O thread's caller checks that)
@@ -241,9 +333,11 @@ class Worker:
 
     def tokenize_loop(self) -> None:
         while (job := self.jobs.get()) is not None:
+            self.injected_fault("tokenize")
             self.tokenize_job(job)
             self.tokenized.put(job)
             self.jobs_tokenized += 1
+            self.mark_progress()
         self.tokenized.put(None)
 
     def tokenize_job(self, job: Job) -> None:
@@ -252,7 +346,7 @@ class Worker:
             job.error = ERR_TIMEOUT
         else:
             try:
-                texts = json.loads(job.payload.decode("utf-8"))
+                texts = cut_texts(json.loads(job.payload.decode("utf-8")), self.max_chars)
                 job.tokens = self.encoder.tokenize(texts, is_tokenized=job.is_tokenized)
             except Exception as e:  # the broker validated the texts; this is a bug, not bad input
                 log.exception("tokenizing job %d failed", job.job_id)
@@ -267,7 +361,10 @@ class Worker:
         trim, last_trim = _malloc_trim(), time.monotonic()
         try:
             while (window := self.next_window()) is not None:
+                self.injected_fault("compute")
+                self.mark_progress()
                 self.process_window(window, sender)
+                self.mark_progress()
                 if time.monotonic() - last_trim > MALLOC_TRIM_INTERVAL:
                     trim(0)
                     last_trim = time.monotonic()
@@ -314,9 +411,7 @@ class Worker:
             vectors = self.encoder.encode_tokens(batch)
         except Exception as e:
             if is_fatal_device_error(e):
-                log.critical("device error, worker exits so the broker re-sends its jobs: %s", e)
-                sender.send_multipart([b"EXIT"])
-                time.sleep(60)  # the I/O thread ends the process
+                raise FatalDeviceError(f"device error: {e}") from e  # ends the compute thread, then the process
             log.exception("forward pass over %d jobs failed", len(live))
             for job in live:
                 job.error = f"encoding failed: {type(e).__name__}: {e}"

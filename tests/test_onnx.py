@@ -59,6 +59,13 @@ def test_a_sentence_gets_the_same_vector_alone_and_padded_beside_a_longer_one(on
     np.testing.assert_allclose(together, alone, atol=TOLERANCE, rtol=0)
 
 
+def test_sentence_pairs_get_their_token_types_on_onnx_runtime(onnx_encoder, bundled_encoder):
+    texts = [["how old are you?", "I am six."], "how old are you? I am six.", ["a", "b"]]
+    got = onnx_encoder.encode(texts)
+    np.testing.assert_allclose(got, bundled_encoder.encode(texts), atol=TOLERANCE, rtol=0)
+    assert np.abs(got[0] - got[1]).max() > 1e-3  # the pair's token types changed its vector
+
+
 def test_many_passes_give_the_vectors_of_one(cache_dir, sentences, onnx_encoder):
     narrow = Encoder.from_dir(device="cpu", cpu_engine="onnx", onnx_cache_dir=str(cache_dir), max_batch_tokens=64)
     np.testing.assert_allclose(narrow.encode(sentences), onnx_encoder.encode(sentences), atol=TOLERANCE, rtol=0)

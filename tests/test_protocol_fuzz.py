@@ -112,8 +112,8 @@ def assert_valid_request(frames: list[bytes], header: dict, texts: list | None) 
     for item in texts:
         if header.get("is_tokenized", False):
             assert isinstance(item, list) and all(isinstance(t, str) for t in item)
-        else:
-            assert isinstance(item, str)
+        else:  # a sentence, or a sentence pair
+            assert isinstance(item, str) or isinstance(item, list) and len(item) == 2 and all(isinstance(t, str) for t in item)
     json.dumps(texts, ensure_ascii=False).encode("utf-8")  # exactly what the broker does with each job
 
 

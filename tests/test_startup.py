@@ -70,6 +70,9 @@ def client_from_call(call: str, **extra) -> BertClient:
     (["-max_client_batch_size", "0"], "argument -max_client_batch_size: must be at least 1, got 0"),
     (["-max_request_bytes", "100"], "argument -max_request_bytes: must be at least 1024, got 100"),
     (["-max_queue", "0"], "argument -max_queue: must be at least 1, got 0"),
+    (["-stall_timeout", "0.5"], "argument -stall_timeout: must be at least 1 s, got 0.5"),
+    (["-stall_timeout", "nan"], "argument -stall_timeout: must be at least 1 s, got nan"),
+    (["-stall_timeout", "soon"], "argument -stall_timeout: expected a number of seconds, got 'soon'"),
     (["-dtype", "fp8"], "argument -dtype: invalid choice: 'fp8'"),
     (["-normalize", "maybe"], "argument -normalize: expected true or false, got 'maybe'"),
 ])

@@ -135,3 +135,44 @@ def test_random_unicode_tokens_equal_bert_tokenizer_fast(property_tokenizers, ca
     encoder, reference = property_tokenizers[casing]
     expected = reference(texts, truncation=True, max_length=40)["input_ids"]
     assert id_lists(encoder.tokenize(texts)) == expected
+
+
+# ---------------------------------------------------------------- sentence pairs
+
+
+def type_id_lists(batch) -> list[list[int]]:
+    offsets = batch.offsets
+    return [batch.type_ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(batch))]
+
+
+@pytest.mark.parametrize("max_len", [512, 20])
+@pytest.mark.parametrize("casing", ["uncased", "cased", "bundled"])
+def test_pairs_equal_bert_tokenizer_fast_with_token_types(vocab_folders, bundled_dir, casing, max_len):
+    """[CLS] A [SEP] B [SEP], type 1 on B, truncated longest-first; sentences between pairs stay type 0."""
+    from transformers import BertTokenizerFast
+
+    if casing == "bundled":
+        folder, vocab, lower = None, bundled_dir / "vocab.txt", True
+    else:
+        (folder, vocab), lower = vocab_folders[casing], casing == "uncased"
+    encoder = Encoder.from_dir(str(folder) if folder else None, do_lower_case=lower, max_seq_len=max_len)
+    firsts, seconds = TEXTS[::2], TEXTS[1::2][:len(TEXTS[::2])]
+    pairs = [[a, b] for a, b in zip(firsts, seconds)]
+    expected = BertTokenizerFast(str(vocab), do_lower_case=lower)(firsts[:len(pairs)], seconds, truncation=True,
+                                                                   max_length=max_len)
+    batch = encoder.tokenize(pairs + ["a plain sentence"])
+    assert id_lists(batch)[:-1] == expected["input_ids"]
+    assert type_id_lists(batch)[:-1] == expected["token_type_ids"]
+    assert type_id_lists(batch)[-1] == [0] * len(id_lists(batch)[-1])
+    assert any(1 in types for types in expected["token_type_ids"])
+
+
+def test_token_types_follow_take_concat_and_padding(bundled_encoder):
+    with_pairs = bundled_encoder.tokenize([["a b", "c"], "d e f"])
+    plain = bundled_encoder.tokenize(["g", "h i j k"])
+    assert plain.type_ids is None and plain.padded_type_ids() is None  # no pair: the model's fast path
+    joined = type(plain).concat([plain, with_pairs])
+    assert type_id_lists(joined) == [[0, 0, 0], [0] * 6, [0, 0, 0, 0, 1, 1], [0] * 5]
+    taken = joined.take([2, 0])
+    assert type_id_lists(taken) == [[0, 0, 0, 0, 1, 1], [0, 0, 0]]
+    assert taken.padded_type_ids().tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0]]

@@ -1,0 +1,237 @@
+"""The broker's back end: no process but the workers the broker spawned can join it.
+
+A real `python app.py` (tiny random BERT, 2 workers) on 127.0.0.1; the hostile peers are raw ZeroMQ
+sockets and plain Unix sockets that find the back end the way an attacker would, from /proc.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from helpers import real_sentences
+from service import protocol as P
+from service.backend import LogLimiter, ready_is_from_spawned
+from service.client import BertClient
+from service.harness import RunningServer
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(random_bert) -> Path:
+    return random_bert("backend_tiny", **TINY)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_dir):
+    from bert import Encoder
+
+    return Encoder.from_dir(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    with RunningServer(["-model_dir", str(tiny_dir), "-num_worker", "2"]) as server:
+        yield server
+
+
+# ---------------------------------------------------------------- finding the back end, as an attacker would
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def unix_socket_paths(pid: int) -> list[str]:
+    """Paths of the Unix sockets `pid` has bound (from /proc/net/unix)."""
+    inodes = socket_inodes(pid)
+    paths = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes:
+            paths.append(fields[7])
+    return paths
+
+
+def listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports `pid` listens on (state 0A in /proc/net/tcp and tcp6)."""
+    inodes = socket_inodes(pid)
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def backend_path(server: RunningServer) -> str:
+    paths = {p for p in unix_socket_paths(server.process.pid) if p.endswith("/workers")}  # + accepted ones
+    assert len(paths) == 1, unix_socket_paths(server.process.pid)
+    return paths.pop()
+
+
+def status(server: RunningServer) -> dict:
+    with BertClient(port=server.port, timeout=15) as client:
+        return client.server_status()
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_the_back_end_is_an_ipc_socket_in_a_private_folder_not_a_tcp_port(server):
+    path = backend_path(server)
+    folder = os.stat(os.path.dirname(path))
+    assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
+    # The client port is the only TCP port the broker listens on.
+    assert listening_tcp_ports(server.process.pid) == {server.port}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_another_local_user_cannot_connect_to_the_back_end(server):
+    path = backend_path(server)
+    child = os.fork()  # the child only drops to user "nobody" and connects: no exec, no threads used
+    if child == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            socket.socket(socket.AF_UNIX).connect(path)
+            code = 0
+        except PermissionError:
+            code = 13
+        finally:
+            os._exit(code)
+    _, wait_status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 13  # EACCES: the 0700 folder keeps it out
+
+
+def test_a_forged_ready_is_ignored_logged_and_given_no_job(server, tiny_encoder):
+    """A same-user process that finds the socket connects under the identity the old broker would
+    have used and under a random one, says READY with a real worker's pid, and heartbeats on."""
+    path = backend_path(server)
+    real_pid = status(server)["workers"][0]["pid"]
+    context = zmq.Context()
+    forgers = []
+    try:
+        for identity in (b"w0.1", b"w1.1", b"w0.2", os.urandom(16).hex().encode()):
+            dealer = context.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.IDENTITY, identity)
+            dealer.connect(f"ipc://{path}")
+            ready = {"pid": real_pid, "device": "cpu", "encoder": {}, "threads": 1}
+            dealer.send_multipart([P.READY, json.dumps(ready).encode()])
+            forgers.append(dealer)
+        deadline = time.monotonic() + 3  # the forged READYs are read before the requests below
+        while "ignored READY from identity" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        texts = real_sentences(40, seed=3)
+        expected = tiny_encoder.encode(texts)
+        with BertClient(port=server.port, timeout=30) as client:
+            for i in range(20):
+                batch = texts[i:i + 20]
+                np.testing.assert_allclose(client.encode(batch), expected[i:i + 20], atol=ATOL)
+                for dealer in forgers:
+                    dealer.send_multipart([P.HEARTBEAT])
+        for dealer in forgers:
+            assert not dealer.poll(200), f"{dealer.getsockopt(zmq.IDENTITY)!r} was sent {dealer.recv_multipart()!r}"
+    finally:
+        for dealer in forgers:
+            dealer.close(linger=0)
+        context.term()
+    # One line for the first forgery (which one arrives first is up to the kernel), the rest held back.
+    assert len(re.findall(r"ignored READY from identity b'[0-9a-fw.]+': not a worker this broker spawned",
+                          server.log())) == 1, server.log()
+    state = status(server)
+    assert state["workers_ready"] == 2 and [w["restarts"] for w in state["workers"]] == [0, 0], state
+    assert sum(w["jobs_done"] for w in state["workers"]) >= 20
+
+
+def test_ready_is_taken_only_with_the_pid_the_broker_spawned():
+    assert ready_is_from_spawned({"pid": 1234, "device": "cpu"}, 1234)
+    assert not ready_is_from_spawned({"pid": 4321}, 1234)
+    assert not ready_is_from_spawned({"pid": "1234"}, 1234)
+    assert not ready_is_from_spawned({}, 1234)
+    assert not ready_is_from_spawned([1234], 1234)
+    assert not ready_is_from_spawned({"pid": 1234}, None)
+
+
+def test_the_log_about_strangers_is_rate_limited(caplog):
+    import logging
+
+    limiter = LogLimiter(logging.getLogger("test_backend"), interval=3600)
+    with caplog.at_level(logging.WARNING, logger="test_backend"):
+        for i in range(100):
+            limiter.warning("stranger %d", i)
+    assert [r.getMessage() for r in caplog.records] == ["stranger 0"]
+    limiter.next_at = 0.0  # the interval has passed
+    with caplog.at_level(logging.WARNING, logger="test_backend"):
+        limiter.warning("stranger %d", 100)
+    assert caplog.records[-1].getMessage() == "stranger 100 (99 more like it in the last 3600 s not logged)"
+
+
+# ---------------------------------------------------------------- workers of other hosts: the pure parts
+
+
+def test_a_model_fingerprint_ignores_the_path_and_names_the_part_that_differs(random_bert, tiny_dir, tmp_path):
+    import shutil
+
+    from bert.checkpoint import inspect_folder
+    from service.backend import fingerprint_mismatch, model_fingerprint
+
+    ours = model_fingerprint(inspect_folder(tiny_dir))
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_dir, copy)
+    assert model_fingerprint(inspect_folder(copy)) == ours and fingerprint_mismatch(ours, ours) is None
+    reseeded = model_fingerprint(inspect_folder(random_bert("backend_reseeded", seed=9, **TINY)[0]))
+    assert reseeded["config"] == ours["config"] and reseeded["vocab"] == ours["vocab"]
+    assert "differs from the head's in its weights (" in fingerprint_mismatch(ours, reseeded)
+    wider = model_fingerprint(inspect_folder(random_bert("backend_wider", **{**TINY, "hidden_size": 64})[0]))
+    assert "in its config and weights" in fingerprint_mismatch(ours, wider)
+    assert fingerprint_mismatch(ours, None) == "the worker sent no model fingerprint"
+
+
+def test_capacity_is_what_a_worker_asks_for_within_bounds():
+    from service.backend import capacity_of, jobs_wanted
+
+    assert jobs_wanted("cuda:1") == 2 * jobs_wanted("cpu") == 2 * P.WORKER_PREFETCH_JOBS
+    assert capacity_of({"capacity": 8}) == 8
+    assert capacity_of({"capacity": 10**9}) == P.MAX_WORKER_CAPACITY
+    assert capacity_of({"capacity": 0}) == capacity_of({"capacity": -5}) == 1
+    assert capacity_of({}) == capacity_of({"capacity": "8"}) == capacity_of({"capacity": True}) == P.WORKER_PREFETCH_JOBS
+
+
+def test_worker_keys_are_kept_apart_from_client_keys_and_never_replaced(tmp_path):
+    from service.auth import make_worker_keys
+
+    paths = make_worker_keys(tmp_path, "gpu-a")
+    assert paths["worker_public"] == tmp_path / "workers" / "gpu-a.key" and paths["worker_public"].is_file()
+    assert paths["worker_secret"] == tmp_path / "workers" / "gpu-a.key_secret" and not (tmp_path / "clients").exists()
+    before = paths["worker_secret"].read_bytes()
+    with pytest.raises(ValueError, match="exists: -keygen never replaces a key"):
+        make_worker_keys(tmp_path, "gpu-a")
+    assert paths["worker_secret"].read_bytes() == before
+    assert oct(paths["worker_secret"].stat().st_mode & 0o777) == "0o600"
+    for name in ("", "../gpu-b", ".hidden"):
+        with pytest.raises(ValueError, match="must be 1 to 64 letters"):
+            make_worker_keys(tmp_path, name)

@@ -1,0 +1,290 @@
+"""Hostile peers against a real server (issue 8, items 2-4): messages that would stall the broker, a
+client that floods the queue, a client that never reads its replies.
+
+One module-scoped `python app.py` on a tiny random BERT (the model does not matter here; its vectors
+are checked against `Encoder` in this process), one worker, small limits so that floods are cheap:
+mini-batches of 8 sentences, at most 1,000 sentences and 2 MB a request, 4 unread replies a client.
+Hostile peers are raw ZeroMQ DEALER sockets; memory is read from /proc. No assertion depends on
+speed: a worker or the intake process is paused with SIGSTOP where an order must be forced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import zmq
+
+from service.client import ERR_BAD_REQUEST, BertClient
+from service.harness import RunningServer, rss_kb
+
+ATOL = 1e-5
+HIDDEN = 256
+TINY = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
+MAX_SENTENCES = 1000
+MAX_BYTES = 2_000_000
+BATCH = 8
+UNREAD = 4
+LIMIT = 200          # unfinished requests a client may have
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(random_bert):
+    return random_bert("hostile_tiny", **TINY)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_dir):
+    from bert import Encoder
+
+    return Encoder.from_dir(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    with RunningServer(["-model_dir", str(tiny_dir), "-max_client_batch_size", str(MAX_SENTENCES),
+                        "-max_request_bytes", str(MAX_BYTES), "-max_batch_size", str(BATCH),
+                        "-max_unread_replies", str(UNREAD), "-max_client_requests", str(LIMIT)]) as running:
+        yield running
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextmanager
+def raw_dealer(port: int, **options):
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        dealer.setsockopt(getattr(zmq, name), value)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        yield dealer
+    finally:
+        dealer.close(linger=0)
+        context.term()
+
+
+def request(request_id: int, texts: list | None = None, cmd: str = "encode", **fields) -> list[bytes]:
+    header = {"v": 1, "id": request_id, "cmd": cmd, "timeout": None, "is_tokenized": False, "show_tokens": False,
+              **fields}
+    frames = [json.dumps(header).encode()]
+    return frames if texts is None else frames + [json.dumps(texts).encode()]
+
+
+def receive(dealer: zmq.Socket, timeout: float = 30) -> tuple[dict, list[bytes]]:
+    assert dealer.poll(int(timeout * 1000)), "no reply from the server"
+    frames = dealer.recv_multipart()
+    return json.loads(frames[0]), frames[1:]
+
+
+def status(server: RunningServer) -> dict:
+    with BertClient(port=server.port, timeout=15) as client:
+        return client.server_status()
+
+
+@contextmanager
+def status_probe(server: RunningServer):
+    """`probe()` -> server_status() over one open connection: quick enough to poll while a worker is
+    paused for less than the 5 s after which a silent worker is replaced."""
+    with raw_dealer(server.port) as dealer:
+        def probe() -> dict:
+            dealer.send_multipart(request(0, cmd="status"))
+            return receive(dealer, timeout=5)[0]["result"]
+        yield probe
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r:.300})")
+
+
+def jobs_held(state: dict) -> int:
+    """Jobs the broker holds: queued, or on a worker."""
+    return state["queued_jobs"] + sum(w["jobs_in_flight"] for w in state["workers"])
+
+
+@contextmanager
+def paused(pid: int):
+    """SIGSTOP a process of the server for the block; SIGCONT whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def assert_serving(server: RunningServer, encoder) -> dict:
+    """A normal client is answered correctly, and no worker was restarted."""
+    with BertClient(port=server.port, timeout=30) as client:
+        np.testing.assert_allclose(client.encode(["still serving"]), encoder.encode(["still serving"]), atol=ATOL)
+        state = client.server_status()
+    assert server.process.poll() is None
+    assert [w["restarts"] for w in state["workers"]] == [0] and state["workers_ready"] == 1, state
+    return state
+
+
+# ---------------------------------------------------------------- sizes before contents
+
+BIG_HEADER = json.dumps({"v": 1, "id": 7, "cmd": "status", "pad": "x" * (1 << 20)}).encode()
+OVERSIZED = {  # name: (frames, what the error says, the id the reply carries)
+    "a 1 MB header that is valid JSON": (
+        [BIG_HEADER], f"header frame of {len(BIG_HEADER)} bytes is over the limit of 8192 bytes", None),
+    "three frames over -max_request_bytes together": (
+        request(8) + [b"x" * 900_000] * 3, f"is over the server's limit of {MAX_BYTES} bytes", 8),
+    "300,000 one-letter strings": (
+        request(9, ["a"] * 300_000), f"more than {MAX_SENTENCES} sentences is over the server's limit", 9),
+}
+
+
+@pytest.mark.parametrize("name", list(OVERSIZED))
+def test_oversized_messages_are_refused_by_size_and_the_server_serves_on(name, server, tiny_encoder):
+    frames, message, request_id = OVERSIZED[name]
+    with raw_dealer(server.port) as dealer:
+        dealer.send_multipart(frames)
+        answer, rest = receive(dealer)
+    assert answer["ok"] is False and answer["error"] == ERR_BAD_REQUEST and not rest, answer
+    assert message in answer["message"] and answer["id"] == request_id, answer
+    assert_serving(server, tiny_encoder)
+
+
+def test_a_big_request_is_read_off_the_broker_loop(server, tiny_encoder):
+    """While the intake process reads a big request (paused here, as if it took minutes), the broker
+    answers everyone else; the big request is answered once it has been read."""
+    big = [f"sentence number {i} " * 6 for i in range(MAX_SENTENCES)]   # about 120 KB: read by the intake process
+    intake_pid = status(server)["intake"]["pid"]
+    with raw_dealer(server.port) as dealer:
+        with paused(intake_pid):
+            dealer.send_multipart(request(1, big))
+            wait_for(lambda: status(server)["intake"]["requests"] == 1, 15, "the big request in the intake process")
+            assert_serving(server, tiny_encoder)   # small requests are read in the loop: not held up
+            assert not dealer.poll(0)
+        answer, data = receive(dealer, timeout=60)
+    assert answer["ok"] is True and sum(shape[0] for shape in answer["shapes"]) == MAX_SENTENCES, answer
+    vectors = np.concatenate([np.frombuffer(d, np.float32) for d in data]).reshape(MAX_SENTENCES, HIDDEN)
+    np.testing.assert_allclose(vectors[[0, 500, 999]], tiny_encoder.encode([big[0], big[500], big[999]]), atol=ATOL)
+
+
+def test_an_intake_process_that_dies_fails_what_it_held_and_is_replaced(server, tiny_encoder):
+    big = [f"sentence number {i} " * 6 for i in range(MAX_SENTENCES)]
+    intake = status(server)["intake"]
+    with raw_dealer(server.port) as dealer:
+        with paused(intake["pid"]):
+            dealer.send_multipart(request(5, big))
+            wait_for(lambda: status(server)["intake"]["requests"] == 1, 15, "the big request in the intake process")
+            os.kill(intake["pid"], signal.SIGKILL)
+        answer, _ = receive(dealer)
+    assert answer["ok"] is False and answer["error"] == "server_error" and answer["id"] == 5, answer
+    assert "intake process died" in answer["message"]
+    state = wait_for(lambda: (s := status(server))["intake"]["restarts"] == intake["restarts"] + 1 and s, 15,
+                     "the intake process replaced")
+    assert state["intake"]["pid"] != intake["pid"]
+    with BertClient(port=server.port, timeout=60) as client:   # a big request is read again
+        np.testing.assert_allclose(client.encode(big)[[0, 999]], tiny_encoder.encode([big[0], big[999]]), atol=ATOL)
+    assert_serving(server, tiny_encoder)
+
+
+# ---------------------------------------------------------------- fair sharing
+
+
+def test_a_flood_does_not_lock_out_a_second_client_and_is_dropped_when_it_leaves(server, tiny_encoder):
+    """20 requests of 200 sentences (500 mini-batches) queued while the worker is paused, then one
+    sentence from another client: it is answered next, while most of the flood still waits; the
+    flood's queued work is dropped when its client disconnects."""
+    n_flood, size = 20, 200
+    flood_jobs = n_flood * size // BATCH
+    worker_pid = status(server)["workers"][0]["pid"]
+    before = status(server)
+    floods = [request(i, [f"flood {i} {j}" for j in range(size)]) for i in range(n_flood)]
+    with raw_dealer(server.port) as flood, raw_dealer(server.port) as second, status_probe(server) as probe:
+        for dealer in (flood, second):  # connected before the clock starts
+            dealer.send_multipart(request(0, cmd="status"))
+            receive(dealer)
+        with paused(worker_pid):  # for well under the 5 s a silent worker is given
+            for frames in floods:
+                flood.send_multipart(frames)
+            wait_for(lambda: jobs_held(probe()) == flood_jobs, 2, "the flood queued")
+            second.send_multipart(request(99, ["one sentence"]))
+            wait_for(lambda: jobs_held(probe()) == flood_jobs + 1, 1.5, "the second request queued")
+        answer, data = receive(second, timeout=60)
+        state = probe()
+        flood_answered = 0
+        while flood.poll(0):
+            flood.recv_multipart()
+            flood_answered += 1
+        assert answer["ok"] is True and answer["id"] == 99, answer
+        np.testing.assert_allclose(np.frombuffer(data[0], np.float32).reshape(1, HIDDEN),
+                                   tiny_encoder.encode(["one sentence"]), atol=ATOL)
+        assert flood_answered < n_flood and state["queued_jobs"] > flood_jobs // 2, (flood_answered, state)
+    # The flooder left: its queued work is dropped, not computed for no one.
+    after = wait_for(lambda: (s := status(server))["queued_jobs"] == 0 and s, 30, "the flood dropped")
+    assert after["disconnected_dropped"] > before["disconnected_dropped"], after
+    assert after["sentences"] - before["sentences"] < n_flood * size, after
+    assert_serving(server, tiny_encoder)
+
+
+def test_per_client_request_limit_answers_busy(server, tiny_encoder):
+    worker_pid = status(server)["workers"][0]["pid"]
+    with raw_dealer(server.port) as dealer:
+        with paused(worker_pid):
+            for i in range(LIMIT + 1):
+                dealer.send_multipart(request(i, ["x"]))
+            answer, _ = receive(dealer, timeout=3)
+        assert answer["ok"] is False and answer["error"] == "busy" and answer["id"] == LIMIT, answer
+        assert "-max_client_requests" in answer["message"]
+        answers = [receive(dealer)[0] for _ in range(LIMIT)]
+    assert all(a["ok"] for a in answers) and sorted(a["id"] for a in answers) == list(range(LIMIT))
+    assert_serving(server, tiny_encoder)
+
+
+def test_a_tenant_named_on_the_client_port_is_ignored(server, tiny_encoder):
+    """Only the HTTP door may say whose a request is: a client that names someone else's tenant on
+    the client port does not share (and use up) that one's limits."""
+    worker_pid = status(server)["workers"][0]["pid"]
+    with raw_dealer(server.port) as hog, raw_dealer(server.port) as other:
+        for dealer in (hog, other):  # connected before the worker is paused
+            dealer.send_multipart(request(0, cmd="status"))
+            receive(dealer)
+        with paused(worker_pid):
+            for i in range(LIMIT):
+                hog.send_multipart(request(i, ["x"], tenant="alice"))
+            other.send_multipart(request(1, ["y"], tenant="alice"))
+            assert not other.poll(500)   # queued, not refused as alice's 201st request
+        answer, _ = receive(other)
+        assert answer["ok"] is True and answer["id"] == 1, answer
+        assert all(receive(hog)[0]["ok"] for _ in range(LIMIT))
+
+
+# ---------------------------------------------------------------- slow readers
+
+
+def test_replies_a_client_never_reads_are_capped_and_counted(server, tiny_encoder):
+    """200 replies of 250 vectors (256 kB each) to a client that reads none: the broker keeps a few
+    (-max_unread_replies in the pipe, 16 MB held back, what the kernel buffers), drops the rest and
+    counts them."""
+    n, size = LIMIT, 250
+    broker = server.process.pid
+    before, rss_before = status(server), rss_kb(broker)
+    with raw_dealer(server.port, RCVHWM=1, RCVBUF=64 * 1024) as dealer:
+        for i in range(n):
+            dealer.send_multipart(request(i, [f"unread {i} {j}" for j in range(size)]))
+        state = wait_for(lambda: (s := status(server))["requests"] - before["requests"] >= n and s, 120,
+                         "every unread request computed")
+        rss_after = rss_kb(broker)
+    # Unbounded, the broker would hold 200 x 256 kB = 51 MB of replies (+53 MB measured before the
+    # cap); with it, 16 MB held back, 1 MB in the pipe and allocator slack (+22 MB measured).
+    assert rss_after - rss_before < 35_000, (rss_before, rss_after)
+    dropped = state["replies_dropped_unread"] - before["replies_dropped_unread"]
+    assert dropped >= n // 2, state   # the rest fit in the pipe, the broker's 16 MB outbox and the kernel's buffers
+    assert "dropped a reply to" in server.log()
+    assert_serving(server, tiny_encoder)
