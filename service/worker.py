@@ -313,8 +313,9 @@ class Worker:
     def runs_inline(self, job: Job) -> bool:
         """A small job that arrives while the pipeline is idle (the I/O thread's caller checks that)
         is encoded by the I/O thread itself: on a CPU, handing one sentence to the tokenize and then
-        the compute thread and its result back cost more than the tokenizing (issue 13)."""
-        return self.inline_allowed and len(job.payload) <= INLINE_MAX_BYTES
+        the compute thread and its result back cost more than the tokenizing (issue 13). With fault
+        injection on, every job goes through the stages, where the drills' faults are armed."""
+        return self.inline_allowed and len(job.payload) <= INLINE_MAX_BYTES and self.config.fault_dir is None
 
     def run_inline(self, job: Job) -> None:
         """Tokenize, encode and answer `job` on this (the I/O) thread; the stages are idle meanwhile."""
