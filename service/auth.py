@@ -60,15 +60,24 @@ def make_keys(auth_dir: str | Path, client_name: str = "client") -> dict[str, Pa
     clients.mkdir(parents=True, exist_ok=True)
     public, secret = server_key_paths(folder)
     client_secret, allowed = folder / f"{client_name}.key_secret", clients / f"{client_name}.key"
-    for path in (client_secret, allowed):
+    _make_pair(folder, client_name, client_secret, allowed,
+               f"To make a new pair for '{client_name}', remove {client_secret} and {allowed} first; or choose "
+               "another -client_name")
+    return {"server_public": public, "server_secret": secret, "client_public": allowed,
+            "client_secret": client_secret}
+
+
+def _make_pair(folder: Path, name: str, secret_path: Path, public_path: Path, replace_hint: str) -> None:
+    """The server's key pair in `folder` (once) and `name`'s at the given paths. Raise KeygenError
+    rather than replace any key file that exists."""
+    for path in (secret_path, public_path):
         if path.exists():
-            raise KeygenError(f"{path} exists: -keygen never replaces a key. To make a new pair for "
-                              f"'{client_name}', remove {client_secret} and {allowed} first; or choose another "
-                              "-client_name")
+            raise KeygenError(f"{path} exists: -keygen never replaces a key. {replace_hint}")
+    public, secret = server_key_paths(folder)
     if public.exists() != secret.exists():
         present, missing = (public, secret) if public.exists() else (secret, public)
         raise KeygenError(f"{present} exists without {missing}: restore it, or remove both to make a new "
-                          "server key pair (every client then needs the new server.key)")
+                          "server key pair (every client and worker host then needs the new server.key)")
     # Made in a private (0700) folder, then linked into place: a secret is never readable by others,
     # and a link fails rather than replace a file that appeared in the meantime.
     with tempfile.TemporaryDirectory(dir=folder, prefix=".keygen-") as scratch:
@@ -76,11 +85,9 @@ def make_keys(auth_dir: str | Path, client_name: str = "client") -> dict[str, Pa
             made_public, made_secret = zmq.auth.create_certificates(scratch, "server")
             _install(made_secret, secret, mode=0o600)
             _install(made_public, public, mode=0o644)
-        made_public, made_secret = zmq.auth.create_certificates(scratch, client_name)
-        _install(made_secret, client_secret, mode=0o600)
-        _install(made_public, allowed, mode=0o644)
-    return {"server_public": public, "server_secret": secret, "client_public": allowed,
-            "client_secret": client_secret}
+        made_public, made_secret = zmq.auth.create_certificates(scratch, name)
+        _install(made_secret, secret_path, mode=0o600)
+        _install(made_public, public_path, mode=0o644)
 
 
 def _install(source: str | Path, target: Path, mode: int) -> None:
@@ -176,20 +183,7 @@ def make_worker_keys(auth_dir: str | Path, worker_name: str) -> dict[str, Path]:
     workers.mkdir(parents=True, exist_ok=True)
     public, secret = server_key_paths(folder)
     worker_public, worker_secret = workers / f"{worker_name}.key", workers / f"{worker_name}.key_secret"
-    for path in (worker_public, worker_secret):
-        if path.exists():
-            raise KeygenError(f"{path} exists: -keygen never replaces a key (the host that has it could no longer "
-                              "join). Remove both files of the pair first, or choose another -worker_name")
-    if public.exists() != secret.exists():
-        present, missing = (public, secret) if public.exists() else (secret, public)
-        raise KeygenError(f"{present} exists without {missing}: restore it, or remove both to make a new "
-                          "server key pair")
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".keygen-") as scratch:
-        if not secret.exists():
-            made_public, made_secret = zmq.auth.create_certificates(scratch, "server")
-            _install(made_secret, secret, mode=0o600)
-            _install(made_public, public, mode=0o644)
-        made_public, made_secret = zmq.auth.create_certificates(scratch, worker_name)
-        _install(made_secret, worker_secret, mode=0o600)
-        _install(made_public, worker_public, mode=0o644)
+    _make_pair(folder, worker_name, worker_secret, worker_public,
+               "The host that has it could no longer join: remove both files of the pair first, or choose "
+               "another -worker_name")
     return {"server_public": public, "worker_public": worker_public, "worker_secret": worker_secret}

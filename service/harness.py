@@ -151,3 +151,14 @@ def rss_kb(pid: int) -> int | None:
     except OSError:
         return None
     return int(found[1]) if found else None
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
+    """Poll `condition()` until it returns something truthy (returned); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -214,7 +214,7 @@ def test_a_model_fingerprint_ignores_the_path_and_names_the_part_that_differs(ra
 def test_capacity_is_what_a_worker_asks_for_within_bounds():
     from service.backend import capacity_of, jobs_wanted
 
-    assert jobs_wanted("cuda:1") == 2 * jobs_wanted("cpu") == 2 * P.WORKER_PREFETCH_JOBS
+    assert jobs_wanted("cuda:1") == 2 * P.WORKER_PREFETCH_JOBS > jobs_wanted("cpu") >= 2
     assert capacity_of({"capacity": 8}) == 8
     assert capacity_of({"capacity": 10**9}) == P.MAX_WORKER_CAPACITY
     assert capacity_of({"capacity": 0}) == capacity_of({"capacity": -5}) == 1

@@ -14,30 +14,18 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.client import BertClient, BertTimeoutError
-from service.harness import ROOT, RunningServer, free_port, rss_kb
+from service.harness import ROOT, RunningServer, free_port, rss_kb, wait_for
 
 ATOL = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 STALL_TIMEOUT = 3  # seconds; the tiny model's windows take milliseconds, even on a loaded machine
 MB = 1024 * 1024
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    """Poll `condition()` until it returns something truthy (returned); fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def status(port: int) -> dict:

@@ -33,7 +33,7 @@ from helpers import real_sentences
 from service import protocol as P
 from service.client import (ERR_BAD_REQUEST, BadRequestError, BertClient, BertTimeoutError,
                             ServerBusyError, ServerError)
-from service.harness import ROOT, RunningServer, free_port, group_pids, rss_kb
+from service.harness import ROOT, RunningServer, free_port, group_pids, rss_kb, wait_for
 
 ATOL = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -43,17 +43,6 @@ BAD_REQUEST_LOG = "bad request from"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    """Poll `condition()` until it returns something truthy (returned); fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def status(server: RunningServer) -> dict:

@@ -24,7 +24,7 @@ from helpers import real_sentences
 from service import protocol as P
 from service.config import ServerConfig
 from service.client import BertClient, BertTimeoutError, pack_request, unpack_reply_header, unpack_vectors
-from service.harness import ROOT, RunningServer, RunningWorkerHost, free_port
+from service.harness import ROOT, RunningServer, RunningWorkerHost, free_port, wait_for
 
 
 def ip(*args: str) -> None:
@@ -98,16 +98,6 @@ VECTOR_FLAGS = ["-pooling_strategy", "REDUCE_MAX", "-pooling_layer", "-1", "-max
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 HEAD_ARGS = ["-num_worker", "0", "-max_batch_size", "8", *VECTOR_FLAGS]
 DETECTION = P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS  # seconds before the head gives a silent host up
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def make_host(name: str, subnet: str) -> tuple[str, str]:

@@ -484,10 +484,10 @@ def test_sigterm_during_a_large_request(case, corpus, reference):
     """SIGTERM: jobs already on a worker finish (within a grace period) and a request made only of
     them is answered; a request with jobs still queued gets the server's 'shut down' error. Never a
     hang; the server exits 0 leaving no process of its group behind."""
-    # mostly_queued: 1,000 sentences in 63 jobs of 16, a worker holds 4; all_in_flight: 4 jobs of 64.
-    # The worker is paused until the server has the signal, so what is queued and what is on the
-    # worker at that moment does not depend on the machine's speed.
-    batch_size, n = (16, 1000) if case == "mostly_queued" else (64, 256)
+    # mostly_queued: 1,000 sentences in 63 jobs of 16, a worker holds a few (its READY capacity);
+    # all_in_flight: as many jobs of 64 as it holds. The worker is paused until the server has the
+    # signal, so what is queued and what is on the worker then does not depend on the machine's speed.
+    batch_size = 16 if case == "mostly_queued" else 64
     with RunningServer(["-num_worker", "1", "-max_batch_size", str(batch_size)]) as server:
         outcome: dict = {}
 
@@ -501,11 +501,13 @@ def test_sigterm_during_a_large_request(case, corpus, reference):
         pid = server.process.pid
         names = {p: process_name(p) for p in group_pids(pid)}  # broker, worker, multiprocessing's tracker
         with client_for(server) as watcher:
-            worker = watcher.server_status()["workers"][0]["pid"]
+            worker = watcher.server_status()["workers"][0]
+        capacity = worker["capacity"]
+        n = 1000 if case == "mostly_queued" else capacity * batch_size
         thread = threading.Thread(target=request, daemon=True)
-        with stopped(worker):
+        with stopped(worker["pid"]):
             thread.start()
-            wait_for_jobs_in_flight(server, 4, thread)
+            wait_for_jobs_in_flight(server, capacity, thread)
             server.process.send_signal(signal.SIGTERM)
             wait_for_log(server, "shutting down")
         code = server.process.wait(timeout=60)
