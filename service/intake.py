@@ -144,7 +144,10 @@ def intake_main(address: str, identity: bytes, parent_pid: int, verbose: bool) -
     from .logs import configure_logging
 
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the broker decides
+    # Ctrl-C, or a service manager's SIGTERM, reaches the whole group: the broker decides, and stops
+    # this process with STOP (or its death does, through PDEATHSIG).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(verbose)
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
