@@ -984,13 +984,7 @@ def run_latency_comparison(args: argparse.Namespace, model_dir: str | None, mode
         rows.append(Row(f"latency/{name}", length, "fp32", args.num_worker[0], 1, 1, n, runs=runs))
     write_csv(args.out / "results.csv", rows, {"hardware": hardware, "device": "cpu", "model": model_name,
                                                 "max_in_flight": 1})
-    if args.preset:
-        checks = BARS[args.preset](rows)
-        print(f"\nbars of {args.preset} on {hardware}:")
-        for check in checks:
-            print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
-        return 0 if all(c.passed for c in checks) else 1
-    return 0
+    return report_bars(args.preset, rows, hardware)
 
 
 def ratio_lines(rows: Sequence[Row]) -> list[str]:
@@ -1012,6 +1006,17 @@ def resolve_model(args: argparse.Namespace) -> tuple[str | None, str]:
         return args.model_dir, args.model_dir
     from bert.checkpoint import bundled_model_dir
     return None, f"bundled all-MiniLM-L6-v2 ({bundled_model_dir()})"
+
+
+def report_bars(preset: str | None, rows: list, hardware: str) -> int:
+    """Print the preset's pass/fail lines; the exit code: 0 when every bar passes (or no preset)."""
+    if not preset:
+        return 0
+    checks = BARS[preset](rows)
+    print(f"\nbars of {preset} on {hardware}:")
+    for check in checks:
+        print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+    return 0 if all(c.passed for c in checks) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1054,13 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nhttp (openai client) / zmq (BertClient):")
         for line in http_lines(rows):
             print("  " + line)
-    if args.preset:
-        checks = BARS[args.preset](rows)
-        print(f"\nbars of {args.preset} on {hardware}:")
-        for check in checks:
-            print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
-        return 0 if all(c.passed for c in checks) else 1
-    return 0
+    return report_bars(args.preset, rows, hardware)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,13 @@ def check_client_name(name: str) -> None:
     """Refuse a -client_name that would clash with the server's keys or is not a plain file name."""
     if name.lower() in RESERVED_NAMES:
         raise KeygenError(f"-client_name {name!r} is reserved for the server's own key pair; choose another name")
+    check_key_name(name, "-client_name")
+
+
+def check_key_name(name: str, flag: str) -> None:
+    """Refuse a key pair's name that is not a plain file name."""
     if not CLIENT_NAME.fullmatch(name):
-        raise KeygenError(f"-client_name {name!r} must be 1 to 64 letters, digits, '_', '-' or '.', "
+        raise KeygenError(f"{flag} {name!r} must be 1 to 64 letters, digits, '_', '-' or '.', "
                           "starting with a letter or digit")
 
 
@@ -175,9 +180,7 @@ def make_worker_keys(auth_dir: str | Path, worker_name: str) -> dict[str, Path]:
     """Create the server's key pair (once) and a key pair for worker host `worker_name` in
     `auth_dir/workers`, the worker port's allow-list, apart from the clients'. Raise KeygenError
     rather than replace a key file: re-running would lock out the host that has the old pair."""
-    if not CLIENT_NAME.fullmatch(worker_name):
-        raise KeygenError(f"-worker_name {worker_name!r} must be 1 to 64 letters, digits, '_', '-' or '.', "
-                          "starting with a letter or digit")
+    check_key_name(worker_name, "-worker_name")
     folder = Path(auth_dir)
     workers = folder / "workers"
     workers.mkdir(parents=True, exist_ok=True)

@@ -41,3 +41,20 @@ def random_bert(tmp_path_factory, bundled_dir):
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(random_bert) -> Path:
+    """The small random BERT most service tests run on, built once per session (a module may define
+    its own `tiny_dir` for another shape)."""
+    from helpers import TINY
+
+    return random_bert("service_tiny", **TINY)[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_dir):
+    """The in-process reference for `tiny_dir`'s vectors."""
+    from bert import Encoder
+
+    return Encoder.from_dir(str(tiny_dir))

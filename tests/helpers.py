@@ -15,6 +15,8 @@ from service.corpus import distinct_sentences
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HF_TINY = FIXTURES / "hf_tiny"
+# The random BERT most service tests run on (conftest.py `tiny_dir`): small enough to build in a second.
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 GOOGLE_TINY = FIXTURES / "google_tiny_uncased"
 
 # Text that tokenizers get wrong: accents, CJK, emoji, control and zero-width characters, tabs and

@@ -17,26 +17,13 @@ import numpy as np
 import pytest
 import zmq
 
-from helpers import real_sentences
+from helpers import TINY, real_sentences
 from service import protocol as P
 from service.backend import LogLimiter, ready_is_from_spawned
 from service.client import BertClient
 from service.harness import RunningServer
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(random_bert) -> Path:
-    return random_bert("backend_tiny", **TINY)[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tiny_dir):
-    from bert import Encoder
-
-    return Encoder.from_dir(str(tiny_dir))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from service.client import BertClient, BertTimeoutError
 from service.harness import ROOT, RunningServer, free_port, rss_kb, wait_for
 
 ATOL = 1e-5
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 STALL_TIMEOUT = 3  # seconds; the tiny model's windows take milliseconds, even on a loaded machine
 MB = 1024 * 1024
 
@@ -49,18 +48,6 @@ def peak_rss_kb(pid: int) -> int:
 def keygen(folder: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "app.py"), "-keygen", str(folder), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(random_bert) -> Path:
-    return random_bert("service_tiny", **TINY)[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tiny_dir):
-    from bert import Encoder
-
-    return Encoder.from_dir(str(tiny_dir))
 
 
 # ---------------------------------------------------------------- a huge sentence (item 5)

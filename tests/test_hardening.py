@@ -36,7 +36,6 @@ from service.client import (ERR_BAD_REQUEST, BadRequestError, BertClient, BertTi
 from service.harness import ROOT, RunningServer, free_port, group_pids, rss_kb, wait_for
 
 ATOL = 1e-5
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 MAX_SENTENCES = 100
 MAX_BYTES = 2_000_000    # over 1 MB, so that 1 MB of garbage still gets a reply
 BAD_REQUEST_LOG = "bad request from"
@@ -112,18 +111,6 @@ class CreatesFile:
 
 
 # ---------------------------------------------------------------- servers and references
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(random_bert) -> Path:
-    return random_bert("service_tiny", **TINY)[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tiny_dir):
-    from bert import Encoder
-
-    return Encoder.from_dir(str(tiny_dir))
 
 
 @pytest.fixture(scope="module")
