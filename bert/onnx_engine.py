@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import PoolingConfig
-from .modeling import BertModel
+from .modeling import BertModel, SelfAttention
 from .pooling import pool
 from .tokenization import TokenBatch
 
@@ -38,25 +39,64 @@ DEFAULT_CACHE_DIR = "~/.cache/bert-as-service/onnx"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
 # Bump when ExportedEncoder or the export call changes: cached graphs of older versions are not reused.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 # A graph whose probe vectors differ from PyTorch's by more than this is treated as damaged.
 # (ONNX Runtime's fused kernels differ by ~2e-7 on normalised MiniLM vectors.)
 PROBE_TOLERANCE = 1e-4
 
 
+class EagerAttention(nn.Module):
+    """`SelfAttention` written out for export: separate q, k and v projections, scores, an additive
+    mask, softmax. Same weights and the same vectors; it exists because this is the form ONNX
+    Runtime's transformer optimizer recognises and fuses into its Attention kernel, while the
+    exported form of `scaled_dot_product_attention` is left as ~20 small operators per layer
+    (one sentence on 2 cores: 3.9 -> 3.4 ms per forward pass)."""
+
+    def __init__(self, attention: SelfAttention) -> None:
+        super().__init__()
+        hidden = attention.qkv.in_features
+        self.num_heads, self.head_size = attention.num_heads, hidden // attention.num_heads
+        weight, bias = attention.qkv.weight.detach(), attention.qkv.bias.detach()
+        self.q, self.k, self.v = (nn.Linear(hidden, hidden) for _ in range(3))
+        for i, linear in enumerate((self.q, self.k, self.v)):
+            linear.weight.data.copy_(weight[i * hidden:(i + 1) * hidden])
+            linear.bias.data.copy_(bias[i * hidden:(i + 1) * hidden])
+        self.out, self.norm = attention.out, attention.norm
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_size).permute(0, 2, 1, 3)
+
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_size)
+        y = torch.matmul(torch.softmax(scores + additive_mask, dim=-1), v).permute(0, 2, 1, 3).contiguous()
+        y = y.view(y.shape[0], y.shape[1], self.num_heads * self.head_size)
+        return self.norm(x + self.out(y))
+
+
 class ExportedEncoder(nn.Module):
     """What the ONNX graph computes: BERT up to its deepest kept layer, then pooling, in one graph
-    (one ONNX Runtime call per forward pass, and no PyTorch at run time)."""
+    (one ONNX Runtime call per forward pass, and no PyTorch at run time). The embeddings, feed-forward
+    blocks and pooling are `bert/modeling.py`'s and `bert/pooling.py`'s; attention is `EagerAttention`."""
 
     def __init__(self, model: BertModel, layers: tuple[int, ...], pooling: PoolingConfig) -> None:
         super().__init__()
         self.model, self.layers, self.pooling = model, layers, pooling
+        self.attention = nn.ModuleList(EagerAttention(layer.attention) for layer in model.layers[:max(layers)])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor) -> torch.Tensor:
         # Token types are always an input of the graph, so sentence pairs run through the same cached graph.
-        hidden = self.model(input_ids, attention_mask, keep=self.layers, token_type_ids=token_type_ids)
-        return pool(hidden, attention_mask, self.pooling)
+        # The mask as Hugging Face's BERT builds it, once: the pattern the optimizer's mask fusion expects.
+        additive_mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+        x = self.model.embeddings(input_ids, token_type_ids)
+        kept = {0: x} if 0 in self.layers else {}
+        for i, (attention, layer) in enumerate(zip(self.attention, self.model.layers), start=1):
+            x = layer.ffn(attention(x, additive_mask))
+            if i in self.layers:
+                kept[i] = x
+        return pool([kept[i] for i in self.layers], attention_mask, self.pooling)
 
 
 def fingerprint(model: BertModel, layers: tuple[int, ...], pooling: PoolingConfig) -> str:
@@ -87,7 +127,30 @@ def export_graph(model: BertModel, layers: tuple[int, ...], pooling: PoolingConf
         # dynamo=False: the TorchScript exporter needs no onnxscript and exports this model exactly.
         torch.onnx.export(wrapper, (ids, mask, types), buffer, input_names=list(INPUT_NAMES),
                           output_names=["vectors"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    return buffer.getvalue()
+    return fuse_transformer_ops(buffer.getvalue(), model)
+
+
+def fuse_transformer_ops(graph: bytes, model: BertModel) -> bytes:
+    """`graph` with attention, LayerNorm-after-residual and bias+GELU fused into ONNX Runtime's kernels
+    by its transformer optimizer (pure graph rewriting, no hardware-specific steps, so the cached file
+    suits any CPU). Unfused when the optimizer is missing or fails: slower, the same vectors."""
+    try:
+        import onnx
+        from onnxruntime.transformers import optimizer
+
+        for name in list(logging.root.manager.loggerDict):  # its modules log every fusion at INFO
+            if name.startswith(("onnx_model", "fusion")):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        fused = optimizer.optimize_model(onnx.load_from_string(graph), model_type="bert",
+                                         num_heads=model.config.num_attention_heads,
+                                         hidden_size=model.config.hidden_size, opt_level=0)
+        counts = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+        log.info("ONNX graph fused: %s", ", ".join(f"{n} {op}" for op, n in counts.items()) or "nothing to fuse")
+        return fused.model.SerializeToString()
+    except Exception as e:  # an optimizer that does not know this graph's shape, or an older onnxruntime
+        log.warning("ONNX Runtime's transformer optimizer failed (%s: %s); the graph runs unfused",
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return graph
 
 
 def write_atomically(path: Path, data: bytes) -> None:
