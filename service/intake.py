@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import zmq
 
-from .client import BadRequestError, check_texts, unpack_request
+from .client import BadRequestError, check_texts
 from .scheduler import estimate_tokens, split
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,6 @@ MAX_HEADER_BYTES = 8192          # a real header is under 200 bytes
 INLINE_PARSE_BYTES = 16 * 1024   # texts frames parsed in the loop: at worst ~10 ms (4,000 one-letter strings)
 RESTART_INTERVAL = 1.0           # seconds between starts of an intake process that keeps dying
 INTAKE_BACKLOG_REQUESTS = 2      # x -max_request_bytes: bytes waiting for the intake process before "busy"
-STAND_IN_TEXTS = b'["-"]'
-STAND_IN_TOKENS = b'[["-"]]'
 
 TOO_MANY = object()  # what `_read_array` returns for an array over the limit
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -63,18 +61,6 @@ def peek_id(header: bytes) -> Any:
     value = _json_or_none(header)
     value = value.get("id") if isinstance(value, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def read_header(header: bytes, n_frames: int) -> dict:
-    """Validate the header (at most MAX_HEADER_BYTES, checked before) and the frame count.
-
-    The wire protocol and its validator live in client.py; its `unpack_request` checks the header
-    and the frame count before the texts, so it is given a tiny stand-in for every other frame:
-    one validator, with its messages, and the real texts are parsed by `parse_texts` instead.
-    """
-    tokenized = isinstance(value := _json_or_none(header), dict) and value.get("is_tokenized") is True
-    stand_ins = [STAND_IN_TOKENS if tokenized else STAND_IN_TEXTS] * (n_frames - 1)
-    return unpack_request([header, *stand_ins], 1, MAX_HEADER_BYTES + len(STAND_IN_TOKENS) * n_frames)[0]
 
 
 def _json_or_none(frame: bytes) -> Any:
@@ -129,9 +115,11 @@ def prepare(frame: bytes | memoryview, options: dict) -> list[tuple[bytes, int, 
     """A texts frame as jobs: [(JSON payload, sentences, estimated tokens)]; raise BadRequestError."""
     is_tokenized = options["is_tokenized"]
     texts = parse_texts(frame, is_tokenized, options["max_sentences"])
-    return [(json.dumps(chunk, ensure_ascii=False).encode("utf-8"), len(chunk),
-             sum(estimate_tokens(t, is_tokenized, options["max_seq_len"]) for t in chunk))
-            for chunk in split(texts, options["max_batch_size"])]
+    chunks = split(texts, options["max_batch_size"])
+    # One job (most requests): the client's own JSON, checked above, is its payload as it came.
+    payloads = [bytes(frame)] if len(chunks) == 1 else [json.dumps(c, ensure_ascii=False).encode("utf-8") for c in chunks]
+    return [(payload, len(chunk), sum(estimate_tokens(t, is_tokenized, options["max_seq_len"]) for t in chunk))
+            for payload, chunk in zip(payloads, chunks)]
 
 
 # ---------------------------------------------------------------- the intake process
