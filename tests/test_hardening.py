@@ -427,7 +427,7 @@ def test_overload_is_refused_at_once_and_the_rest_is_served(overload_server, bun
     def run(i: int) -> None:
         with BertClient(port=overload_server.port, timeout=120) as client:
             client.server_status()  # connected before the race starts
-            barrier.wait()
+            barrier.wait(timeout=120)  # a thread that failed before it must not hang the rest
             start = time.monotonic()
             try:
                 outcomes[i] = ("ok", client.encode(batches[i]), time.monotonic() - start)

@@ -171,7 +171,7 @@ def test_concurrent_clients_each_get_their_own_vectors(server, corpus, reference
         rng = random.Random(k)
         try:
             with client_for(server) as client:
-                barrier.wait()
+                barrier.wait(timeout=120)  # a thread that failed before it must not hang the rest
                 for r in range(rounds):
                     order = rows[:] if r == 0 else rng.sample(rows, rng.randint(1, per_thread))
                     vectors = client.encode([corpus[i] for i in order])
