@@ -18,7 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
-from bert.config import CPU_ENGINES, DTYPES, STRATEGIES, EncoderOptions
+from bert.config import CPU_ENGINES, DTYPES, MODEL_MAX_SEQ_LEN, STRATEGIES, STRATEGY_ALIASES, EncoderOptions
 from bert.errors import CheckpointError
 from bert.resolve import resolve_encoder
 from service.checks import device_warnings, settings_warnings
@@ -52,6 +52,14 @@ def int_at_least(low: int, high: int | None = None):
         return value
     parse.__name__ = "int"  # argparse names the type in some messages
     return parse
+
+
+def seq_len(text: str) -> int | str:
+    """An argparse type for -max_seq_len: at least 2 tokens, or NONE (the model's own limit, as in 2019)."""
+    return MODEL_MAX_SEQ_LEN if text.strip().upper() == MODEL_MAX_SEQ_LEN else int_at_least(2)(text)
+
+
+seq_len.__name__ = "max_seq_len"
 
 
 def seconds_at_least(low: float):
@@ -97,15 +105,17 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("-model_dir", default=None,
                        help="Google BERT, Hugging Face or sentence-transformers folder (default: the bundled all-MiniLM-L6-v2)")
-    model.add_argument("-pooling_strategy", choices=list(STRATEGIES), type=str.upper, default=None,
-                       help="how token vectors become a sentence vector (default: the folder's own; REDUCE_MEAN for plain BERT)")
+    model.add_argument("-pooling_strategy", choices=list(STRATEGIES) + list(STRATEGY_ALIASES), type=str.upper, default=None,
+                       help="how token vectors become a sentence vector (default: the folder's own; REDUCE_MEAN for plain "
+                            "BERT); the 2019 names FIRST_TOKEN and LAST_TOKEN mean CLS_TOKEN and SEP_TOKEN")
     model.add_argument("-pooling_layer", type=int, nargs="+", default=None,
                        help="hidden layer(s) to pool, negative from the top; several concatenate (default: -2 for plain BERT, -1 for sentence-transformers)")
     model.add_argument("-mask_cls_sep", action="store_true", help="leave [CLS] and [SEP] out of mean and max pooling")
     model.add_argument("-normalize", type=str_to_bool, nargs="?", const=True, default=None,
                        help="L2-normalise vectors (default: the folder's own)")
-    model.add_argument("-max_seq_len", type=int_at_least(2), default=None,
-                       help="tokens per sentence incl. [CLS]/[SEP]; longer is truncated (default: the model's own, at most 512)")
+    model.add_argument("-max_seq_len", type=seq_len, default=None,
+                       help="tokens per sentence incl. [CLS]/[SEP]; longer is truncated (default: the model's own, at most 512; "
+                            f"{MODEL_MAX_SEQ_LEN}: as many as the model has positions for)")
     model.add_argument("-do_lower_case", type=str_to_bool, nargs="?", const=True, default=None,
                        help="lower-case input (default: follows the folder, e.g. uncased_* vs cased_*)")
     compute = p.add_argument_group("compute")
@@ -179,7 +189,7 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     encoder = EncoderOptions(
-        model_dir=args.model_dir, pooling_strategy=args.pooling_strategy,
+        model_dir=args.model_dir, pooling_strategy=STRATEGY_ALIASES.get(args.pooling_strategy, args.pooling_strategy),
         pooling_layer=tuple(args.pooling_layer) if args.pooling_layer else None, mask_cls_sep=args.mask_cls_sep,
         normalize=args.normalize, max_seq_len=args.max_seq_len, do_lower_case=args.do_lower_case,
         dtype=args.dtype, max_batch_tokens=args.max_batch_tokens, cpu_engine=args.cpu_engine,

@@ -102,6 +102,13 @@ def check_bert_architecture(raw: dict[str, Any], source: str) -> None:
 #: The pooling operations a sentence vector can be made of. Several concatenate, in the order given.
 POOLING_MODES = ("cls", "sep", "mean", "max", "mean_sqrt_len", "none")
 
+#: `max_seq_len` for "as long as the model allows" (its max_position_embeddings); batches are
+#: padded to their longest sentence either way.
+MODEL_MAX_SEQ_LEN = "NONE"
+
+#: The 2019 server's names for CLS_TOKEN and SEP_TOKEN, accepted on the command line.
+STRATEGY_ALIASES = {"FIRST_TOKEN": "CLS_TOKEN", "LAST_TOKEN": "SEP_TOKEN"}
+
 #: The command line's strategies (the seed's names) and what they compute.
 STRATEGIES: dict[str, tuple[str, ...]] = {
     "REDUCE_MEAN": ("mean",),
@@ -190,6 +197,7 @@ class EncoderOptions:
     - `mask_cls_sep`: leave [CLS]/[SEP] out of mean and max pooling.
     - `normalize`: L2-normalise vectors (sentence-transformers folders say so themselves).
     - `max_seq_len`: tokens per sentence including [CLS] and [SEP]; longer input is truncated.
+      `MODEL_MAX_SEQ_LEN` ("NONE", the 2019 server's spelling): as many as the model has positions for.
     - `do_lower_case`: override the folder's lower-casing.
     - `device`: 'cpu', 'cuda' or 'cuda:N'.
     - `dtype`: 'auto' (fp16 on GPU, fp32 on CPU), 'fp32', 'fp16' or 'bf16'.
@@ -204,7 +212,7 @@ class EncoderOptions:
     pooling_layer: tuple[int, ...] | None = None
     mask_cls_sep: bool = False
     normalize: bool | None = None
-    max_seq_len: int | None = None
+    max_seq_len: int | str | None = None
     do_lower_case: bool | None = None
     device: str = "cpu"
     dtype: str = "auto"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .checkpoint import ModelFolder, inspect_folder
-from .config import STRATEGIES, EncoderOptions, PoolingConfig
+from .config import MODEL_MAX_SEQ_LEN, STRATEGIES, EncoderOptions, PoolingConfig
 from .errors import CheckpointError
 from .tokenization import BertTokenizer
 
@@ -60,8 +60,12 @@ def resolve_pooling(folder: ModelFolder, options: EncoderOptions) -> PoolingConf
 def resolve_max_seq_len(folder: ModelFolder, options: EncoderOptions) -> int:
     """The user's max_seq_len, else the folder's; 0 is refused like any other impossible length,
     not taken for "unset"."""
-    max_seq_len = folder.max_seq_len if options.max_seq_len is None else options.max_seq_len
     limit = folder.config.max_position_embeddings
+    max_seq_len = folder.max_seq_len if options.max_seq_len is None else options.max_seq_len
+    if isinstance(max_seq_len, str) and max_seq_len.upper() == MODEL_MAX_SEQ_LEN:
+        return limit
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool):
+        raise ValueError(f"max_seq_len must be a number of tokens or {MODEL_MAX_SEQ_LEN!r}, got {max_seq_len!r}")
     if not 2 <= max_seq_len <= limit:
         raise ValueError(f"max_seq_len must be between 2 ([CLS] and [SEP]) and the model's "
                          f"max_position_embeddings ({limit}), got {max_seq_len}")

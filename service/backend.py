@@ -86,6 +86,15 @@ FINGERPRINT_PARTS = ("config", "vocab", "weights")
 VOCAB_FILES = ("vocab.txt", "tokenizer.json")
 
 
+def largest_result_bytes(folder: ModelFolder, config: ServerConfig) -> int:
+    """The largest frame a worker sends: per-token vectors of every pooled layer for a full
+    mini-batch at the longest sequence, in float32, and room for its tokens in the header."""
+    layers = len(config.encoder.pooling_layer or (-1,))
+    longest = folder.config.max_position_embeddings  # -max_seq_len cannot pass it
+    vectors = config.max_batch_size * longest * folder.config.hidden_size * layers * 4
+    return vectors + config.max_batch_size * longest * 64 + (1 << 20)
+
+
 def model_fingerprint(folder: ModelFolder) -> dict[str, str]:
     """sha256 of each part of a model that decides its vectors: the configuration (the model's and
     the folder's own defaults), the vocabulary files and the weight files. Paths are left out, so a
@@ -143,10 +152,13 @@ class WorkerPort:
         self.config = config
         self.watcher: WorkerPortRefusals | None = None
         self.refusals = LogLimiter(log)  # HELLOs refused (another model...), one line per 10 s at most
-        self.fingerprint = model_fingerprint(inspect_folder(config.encoder.model_dir))
+        folder = inspect_folder(config.encoder.model_dir)
+        self.fingerprint = model_fingerprint(folder)
         self.welcome = welcome_options(config)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # No frame over what a worker can rightly send: without -auth_dir anyone may connect here.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, largest_result_bytes(folder, config))
         if authenticator is not None:
             self.require_keys(authenticator)
         elif not is_loopback(config.host):

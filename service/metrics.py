@@ -101,6 +101,21 @@ def prometheus_text(status: dict, http_responses: dict[tuple[str, int], int] | N
     out.metric("bert_serving_timeouts_dropped_total", "counter",
                "Requests dropped because their client's timeout passed while queued",
                [({}, status.get("timeouts_dropped", 0))])
+    out.metric("bert_serving_replies_dropped_unread_total", "counter",
+               "Replies dropped because their client left -max_unread_replies unread and its outbox was full",
+               [({}, status.get("replies_dropped_unread", 0))])
+    out.metric("bert_serving_disconnected_dropped_total", "counter",
+               "Queued requests dropped because their client disconnected",
+               [({}, status.get("disconnected_dropped", 0))])
+    out.metric("bert_serving_connections_refused_total", "counter",
+               "Connections refused by CurveZMQ authentication (-auth_dir)",
+               [({}, status.get("connections_refused", 0))])
+    out.metric("bert_serving_peers_turned_away_total", "counter",
+               "Connections at the client port that spoke another protocol (the 2019 client, HTTP)",
+               [({}, status.get("peers_turned_away", 0))])
+    out.metric("bert_serving_loop_max_seconds", "gauge",
+               "The longest the broker's loop went without polling its sockets, since start",
+               [({}, status.get("loop_max_ms", 0.0) / 1000)])
     out.metric("bert_serving_queued_jobs", "gauge", "Mini-batches waiting for a worker",
                [({}, status.get("queued_jobs", 0))])
     workers = status.get("workers", [])

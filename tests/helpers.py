@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.request
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from bert.random_model import random_bert_config, random_bert_weights, vocab_size_of, write_bert_folder
 from service.corpus import distinct_sentences
@@ -155,3 +157,20 @@ def sentence_transformers_folder(bundled: Path, dest: Path, pooling: dict, norma
         modules = [m for m in modules if not m["type"].endswith("Normalize")]
     (dest / "modules.json").write_text(json.dumps(modules))
     return dest
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The HTTP door's /metrics as {'name{label=value,...}': value}, names as exposed. Prometheus' own
+    Python parser must read it (it would raise on a malformed line), and every family has its HELP and TYPE."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as reply:
+        assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = reply.read().decode()
+    families = list(text_string_to_metric_families(text))
+    assert families and all(f.documentation and f.type in ("counter", "gauge", "histogram") for f in families)
+    samples = {}
+    for family in families:  # the parser reports counters as name_total; the text keeps TEI's names
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            name = sample.name if sample.name in text else sample.name.removesuffix("_total")
+            samples[f"{name}{{{labels}}}" if labels else name] = sample.value
+    return samples

@@ -222,3 +222,35 @@ def test_worker_keys_are_kept_apart_from_client_keys_and_never_replaced(tmp_path
     for name in ("", "../gpu-b", ".hidden"):
         with pytest.raises(ValueError, match="must be 1 to 64 letters"):
             make_worker_keys(tmp_path, name)
+
+
+def test_a_frame_too_large_for_any_worker_is_cut_off_at_the_worker_port(tiny_dir, tiny_encoder):
+    """Without -auth_dir anyone on the network may connect to the worker port: a peer sending a
+    frame larger than any RESULT can be (per-token vectors of a full mini-batch) is disconnected by
+    ZeroMQ before the frame is held, and the head serves on with its own worker."""
+    from bert import EncoderOptions
+    from bert.checkpoint import inspect_folder
+    from service.backend import largest_result_bytes
+    from service.config import ServerConfig
+    from service.harness import free_port
+    from zmq.utils.monitor import recv_monitor_message
+
+    worker_port = free_port()
+    with RunningServer(["-model_dir", str(tiny_dir), "-num_worker", "1", "-worker_port", str(worker_port)]) as head:
+        config = ServerConfig(encoder=EncoderOptions(model_dir=str(tiny_dir)))  # the head's defaults
+        limit = largest_result_bytes(inspect_folder(str(tiny_dir)), config)
+        assert limit < 64 << 20  # a tiny model: the bound follows the model, not a fixed size
+        context = zmq.Context()
+        try:
+            peer = context.socket(zmq.DEALER)
+            monitor = peer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            peer.connect(f"tcp://127.0.0.1:{worker_port}")
+            peer.send_multipart([P.HELLO, b"x" * (limit + 1)], copy=False)
+            assert monitor.poll(30_000), "the head kept reading a frame larger than any worker sends"
+            assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        finally:
+            context.destroy(linger=0)
+        with BertClient(port=head.port, timeout=60) as client:
+            got = client.encode(["still serving"])
+            assert client.server_status()["workers_ready"] == 1
+        np.testing.assert_allclose(got, tiny_encoder.encode(["still serving"]), atol=ATOL)

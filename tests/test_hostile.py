@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import zmq
 
+from helpers import scrape
 from service.client import ERR_BAD_REQUEST, BertClient
-from service.harness import RunningServer, rss_kb
+from service.harness import RunningServer, free_port, rss_kb
 
 ATOL = 1e-5
 HIDDEN = 256
@@ -46,9 +47,12 @@ def tiny_encoder(tiny_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
+    http_port = free_port()
     with RunningServer(["-model_dir", str(tiny_dir), "-max_client_batch_size", str(MAX_SENTENCES),
                         "-max_request_bytes", str(MAX_BYTES), "-max_batch_size", str(BATCH),
-                        "-max_unread_replies", str(UNREAD), "-max_client_requests", str(LIMIT)]) as running:
+                        "-max_unread_replies", str(UNREAD), "-max_client_requests", str(LIMIT),
+                        "-http_port", str(http_port)]) as running:
+        running.http_port = http_port  # its /metrics shows the counters these tests move
         yield running
 
 
@@ -229,6 +233,7 @@ def test_a_flood_does_not_lock_out_a_second_client_and_is_dropped_when_it_leaves
     # The flooder left: its queued work is dropped, not computed for no one.
     after = wait_for(lambda: (s := status(server))["queued_jobs"] == 0 and s, 30, "the flood dropped")
     assert after["disconnected_dropped"] > before["disconnected_dropped"], after
+    assert scrape(server.http_port)["bert_serving_disconnected_dropped_total"] == after["disconnected_dropped"]
     assert after["sentences"] - before["sentences"] < n_flood * size, after
     assert_serving(server, tiny_encoder)
 
@@ -286,5 +291,6 @@ def test_replies_a_client_never_reads_are_capped_and_counted(server, tiny_encode
     assert rss_after - rss_before < 35_000, (rss_before, rss_after)
     dropped = state["replies_dropped_unread"] - before["replies_dropped_unread"]
     assert dropped >= n // 2, state   # the rest fit in the pipe, the broker's 16 MB outbox and the kernel's buffers
+    assert scrape(server.http_port)["bert_serving_replies_dropped_unread_total"] == state["replies_dropped_unread"]
     assert "dropped a reply to" in server.log()
     assert_serving(server, tiny_encoder)

@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import HARD_TEXTS, HF_TINY, real_sentences
+from helpers import HARD_TEXTS, HF_TINY, real_sentences, scrape
 from service.client import BertClient
 from service.harness import RunningServer, free_port, group_pids, proc_stat
 
@@ -85,23 +84,6 @@ def assert_tei_error(reply: Reply, status: int, error_type: str, says: str) -> N
     assert reply.status == status, (reply.status, reply.body)
     body = reply.json()
     assert body["error_type"] == error_type and says in body["error"], body
-
-
-def scrape(port: int) -> dict[str, float]:
-    """/metrics as {'name{label=value,...}': value}, names as exposed. Prometheus' own Python parser
-    must read it (it would raise on a malformed line), and every family has its HELP and TYPE."""
-    reply = call(port, "GET", "/metrics")
-    assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain; version=0.0.4")
-    text = reply.body.decode()
-    families = list(text_string_to_metric_families(text))
-    assert families and all(f.documentation and f.type in ("counter", "gauge", "histogram") for f in families)
-    samples = {}
-    for family in families:  # the parser reports counters as name_total; the text keeps TEI's names
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            name = sample.name if sample.name in text else sample.name.removesuffix("_total")
-            samples[f"{name}{{{labels}}}" if labels else name] = sample.value
-    return samples
 
 
 def door_pid(port: int) -> int:
@@ -291,6 +273,10 @@ def test_metrics_move_with_requests_and_match_server_status(server, bc, client, 
     assert after["bert_serving_sentences_total"] == status["sentences"]
     assert after["bert_serving_tokens_total"] == status["metrics"]["tokens"]
     assert after["te_request_duration_bucket{le=+Inf}"] == status["metrics"]["total_seconds"]["counts"][-1]
+    for name, key in (("replies_dropped_unread", "replies_dropped_unread"), ("disconnected_dropped", "disconnected_dropped"),
+                      ("connections_refused", "connections_refused"), ("peers_turned_away", "peers_turned_away")):
+        assert after[f"bert_serving_{name}_total"] == status[key], name  # moved by tests/test_hostile.py
+    assert 0 < after["bert_serving_loop_max_seconds"] <= status["loop_max_ms"] / 1000
     assert after["bert_serving_model_info{device=cpu,dim=384,dtype=float32,max_seq_len=256,model=" 
                  "sentence-transformers/all-MiniLM-L6-v2,pooling=mean}"] == 1
 

@@ -353,3 +353,41 @@ def test_a_v1_port_in_use_stops_the_start(tiny):
                       "-v1_port_out", str(taken.getsockname()[1]))
     assert run.returncode == 1, run.stderr
     assert "cannot listen for the 2019 protocol" in run.stderr and "the v1 door exited with code 1" in run.stderr
+
+
+# ---------------------------------------------------------------- the 2019 server's flags
+
+
+def test_the_2019_flags_max_seq_len_none_and_first_token_are_understood():
+    """`bert-serving-start -max_seq_len NONE -pooling_strategy FIRST_TOKEN` as a 2019 user typed it:
+    NONE is as many tokens as the model has positions for (512 for the bundled MiniLM, whose own
+    limit is 256), FIRST_TOKEN is CLS_TOKEN; the 2019 client gets the vectors our encoder gives."""
+    from bert import Encoder
+
+    long_text = " ".join(["word"] * 400)  # ~400 tokens: cut at 256 by default, kept whole up to 512 with NONE
+    texts = ["a short one", long_text]
+    v1_port, v1_port_out = free_port(), free_port()
+    while v1_port_out == v1_port:
+        v1_port_out = free_port()
+    with RunningServer(["-max_seq_len", "none", "-pooling_strategy", "FIRST_TOKEN", "-v1_port", str(v1_port),
+                        "-v1_port_out", str(v1_port_out)]) as server:
+        with BertClient(port=server.port, timeout=60) as ours:
+            config = ours.server_config()
+        client = BertClient2019(ip="127.0.0.1", port=v1_port, port_out=v1_port_out, timeout=TIMEOUT_MS)
+        try:
+            got = client.encode(texts)
+        finally:
+            client.close()
+    assert config["max_seq_len"] == 512 and config["pooling_strategy"] == "CLS_TOKEN", config
+    expected = Encoder.from_dir(device="cpu", max_seq_len=512, pooling_strategy="CLS_TOKEN").encode(texts)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    cut = Encoder.from_dir(device="cpu", pooling_strategy="CLS_TOKEN").encode(texts)
+    assert not np.allclose(got[1], cut[1], atol=1e-3)  # the long text's tokens past 256 were used
+
+
+def test_max_seq_len_none_or_a_number_and_nothing_else_on_the_command_line():
+    port = str(free_port())
+    run = app_run("-port", port, "-max_seq_len", "all")
+    assert run.returncode == 2 and "-max_seq_len: expected an integer, got 'all'" in run.stderr, run.stderr
+    run = app_run("-port", port, "-pooling_strategy", "MIDDLE_TOKEN")
+    assert run.returncode == 2 and "FIRST_TOKEN" in run.stderr, run.stderr
