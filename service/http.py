@@ -4,7 +4,7 @@
     curl localhost:8080/v1/embeddings -d '{"input": ["hello world"], "model": "any"}'
 
 A door (see `service/doors.py`): a process of its own that is one more client of the broker. It
-connects one `zmq.asyncio` DEALER to the broker's private door socket and speaks the wire protocol
+connects one DEALER to the broker's private door socket and speaks the wire protocol
 of `service/client.py`; replies are matched to the waiting HTTP requests by request id. So the
 broker's batching, limits, busy answer and worker failover apply to HTTP requests unchanged, and
 the broker never learns HTTP.
@@ -41,7 +41,6 @@ import numpy as np
 import orjson
 import uvicorn
 import zmq
-import zmq.asyncio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -245,19 +244,29 @@ def package_version() -> str | None:
 
 
 class BrokerLink:
-    """One DEALER to the broker's door socket; each call waits for the reply carrying its id."""
+    """One DEALER to the broker's door socket; each call waits for the reply carrying its id.
+
+    A plain socket read from the event loop's own callback on ZeroMQ's file descriptor, not
+    `zmq.asyncio`: its reader task and per-message futures cost ~0.4 ms per request on 2 cores (a
+    one-sentence request through this link took 5.0 ms against 4.6 ms through `BertClient`).
+    ZeroMQ's descriptor only says "something changed" (edge-triggered), so every wake-up and every
+    send is followed by reading until the socket's EVENTS show nothing left."""
+
+    SEND_RETRY = 0.001  # seconds between tries while the pipe to the broker is full (a burst of requests)
 
     def __init__(self, address: str) -> None:
-        self.context = zmq.asyncio.Context()
+        self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
         self.ids = itertools.count(1)
         self.waiting: dict[int, asyncio.Future] = {}
-        self.reader: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self.reader = asyncio.get_running_loop().create_task(self._read_replies())
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.socket.getsockopt(zmq.FD), self.read_replies)
+        self.read_replies()  # what came before the reader was added raises no new edge
 
     async def call(self, cmd: str, texts: list | None = None, tenant: str | None = None,
                    max_bytes: int | None = None, timeout: float | None = None) -> tuple[dict, list]:
@@ -267,17 +276,27 @@ class BrokerLink:
         if max_bytes is not None and sum(len(f) for f in frames) > max_bytes:
             raise HttpError(413, f"the texts take more than the server's limit of {max_bytes} bytes "
                                  "(-max_request_bytes); split the request", "validation", "request_too_large")
-        future = asyncio.get_running_loop().create_future()
+        future = self.loop.create_future()
         self.waiting[request_id] = future
         try:
-            await self.socket.send_multipart(frames, copy=False)
-            return await asyncio.wait_for(future, timeout)
+            await asyncio.wait_for(self.send_and_wait(frames, future), timeout)
+            return future.result()
         finally:
             self.waiting.pop(request_id, None)
 
-    async def _read_replies(self) -> None:
+    async def send_and_wait(self, frames: list, future: asyncio.Future) -> None:
         while True:
-            frames = await self.socket.recv_multipart(copy=False)
+            try:
+                self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:
+                await asyncio.sleep(self.SEND_RETRY)
+        self.read_replies()  # the send may have consumed the descriptor's edge for a reply that came
+        await future
+
+    def read_replies(self) -> None:
+        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 header = unpack_reply_header(frames[0].bytes)
             except ProtocolError as e:  # the broker is ours: a bug, not an attack; every other request goes on
@@ -288,8 +307,8 @@ class BrokerLink:
                 future.set_result((header, frames[1:]))
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
+        if self.loop is not None:
+            self.loop.remove_reader(self.socket.getsockopt(zmq.FD))
         self.socket.close(linger=0)
         self.context.term()
 
