@@ -149,7 +149,10 @@ class RefusalLog:
         if event & HANDSHAKE_FAILURES:
             self.refused += 1
             self._unlogged += 1
-            self._last_reason = refusal_reason(event, value)
+            reason = refusal_reason(event, value)
+            # A handshake cut short says nothing; one that named its cause is what the reader needs.
+            if reason != UNKNOWN_REFUSAL or not self._last_reason:
+                self._last_reason = reason
             self.log_if_due(now)
 
     def log_if_due(self, now: float, force: bool = False) -> None:
@@ -163,6 +166,9 @@ class RefusalLog:
         self.log_if_due(time.monotonic(), force=True)  # the count since the last line, not lost at shutdown
 
 
+UNKNOWN_REFUSAL = "a handshake that failed"
+
+
 def refusal_reason(event: int, value: int) -> str:
     """Why a handshake failed, in a user's words."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -173,7 +179,7 @@ def refusal_reason(event: int, value: int) -> str:
         if value in (zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC, zmq.PROTOCOL_ERROR_ZMTP_KEY_EXCHANGE):
             return "a client with the wrong server key"
         return f"a protocol error in the handshake (code {value:#x})"
-    return "a handshake that failed"
+    return UNKNOWN_REFUSAL
 
 
 def make_worker_keys(auth_dir: str | Path, worker_name: str) -> dict[str, Path]:

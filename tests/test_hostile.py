@@ -221,17 +221,18 @@ def test_a_flood_does_not_lock_out_a_second_client_and_is_dropped_when_it_leaves
             second.send_multipart(request(99, ["one sentence"]))
             wait_for(lambda: jobs_held(probe()) == flood_jobs + 1, 1.5, "the second request queued")
         answer, data = receive(second, timeout=60)
-        state = probe()
-        flood_answered = 0
-        while flood.poll(0):
-            flood.recv_multipart()
-            flood_answered += 1
-        assert answer["ok"] is True and answer["id"] == 99, answer
-        np.testing.assert_allclose(np.frombuffer(data[0], np.float32).reshape(1, HIDDEN),
-                                   tiny_encoder.encode(["one sentence"]), atol=ATOL)
-        assert flood_answered < n_flood and state["queued_jobs"] > flood_jobs // 2, (flood_answered, state)
-    # The flooder left: its queued work is dropped, not computed for no one.
-    after = wait_for(lambda: (s := status(server))["queued_jobs"] == 0 and s, 30, "the flood dropped")
+        with paused(worker_pid):  # nothing is computed now: only the drop can empty the queue
+            state = probe()
+            flood_answered = 0
+            while flood.poll(0):
+                flood.recv_multipart()
+                flood_answered += 1
+            flood.close(linger=0)  # the flooder leaves: its queued work is dropped, not computed for no one
+            after = wait_for(lambda: (s := probe())["queued_jobs"] == 0 and s, 2.5, "the flood dropped")
+    assert answer["ok"] is True and answer["id"] == 99, answer
+    np.testing.assert_allclose(np.frombuffer(data[0], np.float32).reshape(1, HIDDEN),
+                               tiny_encoder.encode(["one sentence"]), atol=ATOL)
+    assert flood_answered < n_flood and state["queued_jobs"] > flood_jobs // 2, (flood_answered, state)
     assert after["disconnected_dropped"] > before["disconnected_dropped"], after
     assert scrape(server.http_port)["bert_serving_disconnected_dropped_total"] == after["disconnected_dropped"]
     assert after["sentences"] - before["sentences"] < n_flood * size, after
