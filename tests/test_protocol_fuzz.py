@@ -148,6 +148,56 @@ def test_every_request_the_client_packs_is_accepted_unchanged(texts, request_id,
     assert (header["id"], header["timeout"], header["show_tokens"]) == (request_id, timeout, show_tokens)
 
 
+# ---------------------------------------------------------------- headers formatted by hand
+
+# The headers on every request's path are formatted by hand for speed (service/protocol.py, client.py):
+# each must read back as exactly what json.dumps of the same fields would give.
+
+seconds = st.none() | st.floats(min_value=0, max_value=1e9) | st.integers(0, 10**6)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(request_id=st.integers(-2**63, 2**63), cmd=st.sampled_from(COMMANDS), timeout=seconds | st.floats(),
+       is_tokenized=st.booleans(), show_tokens=st.booleans(), tenant=st.none() | any_text)
+def test_a_request_header_reads_back_as_its_fields(request_id, cmd, timeout, is_tokenized, show_tokens, tenant):
+    header = json.loads(pack_request(request_id, cmd, None, timeout, is_tokenized, show_tokens, tenant)[0])
+    expected = {"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd, "timeout": timeout,
+                "is_tokenized": is_tokenized, "show_tokens": show_tokens}
+    if tenant is not None:
+        expected["tenant"] = tenant
+    assert header.keys() == expected.keys()
+    for key, value in expected.items():
+        assert header[key] == value or (key == "timeout" and math.isnan(value) and math.isnan(header[key])), key
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(job=st.integers(0, 2**63), left=seconds, is_tokenized=st.booleans(), show_tokens=st.booleans(),
+       dtype=st.sampled_from(["float32", "float16"]) | any_text,
+       shape=st.lists(st.integers(0, 2**31), min_size=1, max_size=3), n_tokens=st.integers(0, 2**40),
+       compute_ms=st.floats(min_value=0, max_value=1e7))
+def test_job_and_result_headers_read_back_as_their_fields(job, left, is_tokenized, show_tokens, dtype, shape,
+                                                          n_tokens, compute_ms):
+    from service import protocol as P
+
+    assume(all(not 0xD800 <= ord(c) <= 0xDFFF for c in dtype))  # UTF-8 has no lone surrogates
+    assert P.loads(P.job_header(job, left, is_tokenized, show_tokens)) == {
+        "job": job, "seconds_left": left, "is_tokenized": is_tokenized, "show_tokens": show_tokens}
+    assert P.loads(P.result_header(job, dtype, tuple(shape), n_tokens, compute_ms)) == {
+        "job": job, "ok": True, "dtype": dtype, "shape": shape, "n_tokens": n_tokens, "compute_ms": compute_ms}
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(request_id=st.integers(-2**63, 2**63), dtype=st.sampled_from(["float32", "float16"]),
+       shapes=st.lists(st.lists(st.integers(0, 2**31), min_size=2, max_size=3), min_size=1, max_size=4),
+       n_tokens=st.integers(0, 2**40))
+def test_a_reply_header_reads_back_as_its_fields(request_id, dtype, shapes, n_tokens):
+    from service.client import pack_vectors, unpack_reply_header
+
+    header = unpack_reply_header(pack_vectors(request_id, dtype, shapes, [b""] * len(shapes), None, n_tokens)[0])
+    assert header == {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "dtype": dtype, "shapes": shapes,
+                      "n_tokens": n_tokens}
+
+
 def test_the_inputs_that_used_to_crash_the_broker_are_bad_requests():
     """Found by the property above; each of these once escaped as another exception."""
     encode = json.dumps({"v": 1, "id": 1, "cmd": "encode"}).encode()
