@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from bert.random_model import random_bert_config, random_bert_weights, vocab_size_of, write_bert_folder
@@ -174,3 +176,20 @@ def scrape(port: int) -> dict[str, float]:
             name = sample.name if sample.name in text else sample.name.removesuffix("_total")
             samples[f"{name}{{{labels}}}" if labels else name] = sample.value
     return samples
+
+
+@contextmanager
+def raw_dealer(port: int, **options):
+    """A bare ZeroMQ DEALER on 127.0.0.1:`port`: sends whatever frames a test makes, no client-side
+    checks. `options`: socket options by name (RCVHWM=1, ...)."""
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        dealer.setsockopt(getattr(zmq, name), value)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        yield dealer
+    finally:
+        dealer.close(linger=0)
+        context.term()

@@ -22,14 +22,13 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 
-from helpers import real_sentences
+from helpers import raw_dealer, real_sentences
 from service import protocol as P
 from service.client import (ERR_BAD_REQUEST, BadRequestError, BertClient, BertTimeoutError,
                             ServerBusyError, ServerError)
@@ -56,20 +55,6 @@ def wait_for_pool(server: RunningServer, workers: int, timeout: float = 90) -> d
 
 def restarts(state: dict) -> list[int]:
     return [w["restarts"] for w in state["workers"]]
-
-
-@contextmanager
-def raw_dealer(port: int):
-    """A bare ZeroMQ DEALER: sends whatever frames a test makes, no client-side checks."""
-    context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        yield dealer
-    finally:
-        dealer.close(linger=0)
-        context.term()
 
 
 def exchange(dealer: zmq.Socket, frames: list[bytes], timeout: float = 15) -> list[bytes]:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
-from helpers import scrape
+from helpers import raw_dealer, scrape
 from service.client import ERR_BAD_REQUEST, BertClient
 from service.harness import RunningServer, free_port, rss_kb
 
@@ -57,21 +57,6 @@ def server(tiny_dir):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@contextmanager
-def raw_dealer(port: int, **options):
-    context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    for name, value in options.items():
-        dealer.setsockopt(getattr(zmq, name), value)
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        yield dealer
-    finally:
-        dealer.close(linger=0)
-        context.term()
 
 
 def request(request_id: int, texts: list | None = None, cmd: str = "encode", **fields) -> list[bytes]:
