@@ -69,6 +69,18 @@ class RequestMetrics:
 # ---------------------------------------------------------------- Prometheus text format
 
 
+#: The broker's own counters in `server_status()`, exported under their own names.
+BROKER_COUNTERS = (
+    ("busy", "Requests refused at once because the queue was full"),
+    ("timeouts_dropped", "Requests dropped because their client's timeout passed while queued"),
+    ("replies_dropped_unread",
+     "Replies dropped because their client left -max_unread_replies unread and its outbox was full"),
+    ("disconnected_dropped", "Queued requests dropped because their client disconnected"),
+    ("connections_refused", "Connections refused by CurveZMQ authentication (-auth_dir)"),
+    ("peers_turned_away", "Connections at the client port that spoke another protocol (the 2019 client, HTTP)"),
+)
+
+
 def prometheus_text(status: dict, http_responses: dict[tuple[str, int], int] | None = None,
                     info: dict | None = None) -> str:
     """The Prometheus exposition (text format 0.0.4) of a `server_status()` dict, plus the HTTP
@@ -96,23 +108,8 @@ def prometheus_text(status: dict, http_responses: dict[tuple[str, int], int] | N
     out.metric("bert_serving_sentences_total", "counter", "Sentences encoded", [({}, status.get("sentences", 0))])
     out.metric("bert_serving_tokens_total", "counter", "Tokens the model saw ([CLS] and [SEP] included)",
                [({}, stats.get("tokens", 0))])
-    out.metric("bert_serving_busy_total", "counter", "Requests refused at once because the queue was full",
-               [({}, status.get("busy", 0))])
-    out.metric("bert_serving_timeouts_dropped_total", "counter",
-               "Requests dropped because their client's timeout passed while queued",
-               [({}, status.get("timeouts_dropped", 0))])
-    out.metric("bert_serving_replies_dropped_unread_total", "counter",
-               "Replies dropped because their client left -max_unread_replies unread and its outbox was full",
-               [({}, status.get("replies_dropped_unread", 0))])
-    out.metric("bert_serving_disconnected_dropped_total", "counter",
-               "Queued requests dropped because their client disconnected",
-               [({}, status.get("disconnected_dropped", 0))])
-    out.metric("bert_serving_connections_refused_total", "counter",
-               "Connections refused by CurveZMQ authentication (-auth_dir)",
-               [({}, status.get("connections_refused", 0))])
-    out.metric("bert_serving_peers_turned_away_total", "counter",
-               "Connections at the client port that spoke another protocol (the 2019 client, HTTP)",
-               [({}, status.get("peers_turned_away", 0))])
+    for key, text in BROKER_COUNTERS:  # server_status()[key] as bert_serving_<key>_total
+        out.metric(f"bert_serving_{key}_total", "counter", text, [({}, status.get(key, 0))])
     out.metric("bert_serving_loop_max_seconds", "gauge",
                "The longest the broker's loop went without polling its sockets, since start",
                [({}, status.get("loop_max_ms", 0.0) / 1000)])
