@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import PoolingConfig
-from .modeling import BertModel, SelfAttention
+from .modeling import BertModel, Embeddings, SelfAttention
 from .pooling import pool
 from .tokenization import TokenBatch
 
@@ -39,7 +39,7 @@ DEFAULT_CACHE_DIR = "~/.cache/bert-as-service/onnx"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
 # Bump when ExportedEncoder or the export call changes: cached graphs of older versions are not reused.
-EXPORT_VERSION = 3
+EXPORT_VERSION = 4
 # A graph whose probe vectors differ from PyTorch's by more than this is treated as damaged.
 # (ONNX Runtime's fused kernels differ by ~2e-7 on normalised MiniLM vectors.)
 PROBE_TOLERANCE = 1e-4
@@ -75,6 +75,25 @@ class EagerAttention(nn.Module):
         return self.norm(x + self.out(y))
 
 
+class EagerEmbeddings(nn.Module):
+    """`Embeddings` written out for export as Hugging Face's BERT computes them: position ids sliced
+    from a buffer and looked up, added after the token types. Same weights; this is the form ONNX
+    Runtime's optimizer fuses into one EmbedLayerNormalization kernel (which also turns the attention
+    mask into the index its Attention kernels read), where `Embeddings`' slice of the position table
+    was left as separate Gather, Add and LayerNormalization nodes."""
+
+    def __init__(self, embeddings: Embeddings) -> None:
+        super().__init__()
+        self.word, self.position, self.token_type, self.norm = (
+            embeddings.word, embeddings.position, embeddings.token_type, embeddings.norm)
+        self.register_buffer("position_ids", torch.arange(embeddings.position.num_embeddings)[None], persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = self.position_ids[:, :input_ids.shape[1]]
+        x = self.word(input_ids) + self.token_type(token_type_ids)
+        return self.norm(x + self.position(positions))
+
+
 class ExportedEncoder(nn.Module):
     """What the ONNX graph computes: BERT up to its deepest kept layer, then pooling, in one graph
     (one ONNX Runtime call per forward pass, and no PyTorch at run time). The embeddings, feed-forward
@@ -83,6 +102,7 @@ class ExportedEncoder(nn.Module):
     def __init__(self, model: BertModel, layers: tuple[int, ...], pooling: PoolingConfig) -> None:
         super().__init__()
         self.model, self.layers, self.pooling = model, layers, pooling
+        self.embeddings = EagerEmbeddings(model.embeddings)
         self.attention = nn.ModuleList(EagerAttention(layer.attention) for layer in model.layers[:max(layers)])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -90,7 +110,7 @@ class ExportedEncoder(nn.Module):
         # Token types are always an input of the graph, so sentence pairs run through the same cached graph.
         # The mask as Hugging Face's BERT builds it, once: the pattern the optimizer's mask fusion expects.
         additive_mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
-        x = self.model.embeddings(input_ids, token_type_ids)
+        x = self.embeddings(input_ids, token_type_ids)
         kept = {0: x} if 0 in self.layers else {}
         for i, (attention, layer) in enumerate(zip(self.attention, self.model.layers), start=1):
             x = layer.ffn(attention(x, additive_mask))

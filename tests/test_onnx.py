@@ -40,13 +40,14 @@ def test_the_bundled_model_runs_on_onnx_runtime(onnx_encoder):
     assert onnx_encoder.describe()["engine"] == "onnxruntime"
 
 
-def test_the_cached_graph_runs_onnx_runtimes_fused_attention_kernels(onnx_encoder):
+def test_the_cached_graph_runs_onnx_runtimes_fused_attention_and_embedding_kernels(onnx_encoder):
     # Unfused, the same vectors come ~10% slower: the fusion is what this checks, the vectors are checked below.
     import onnx
 
     ops = [node.op_type for node in onnx.load(onnx_encoder.onnx.source).graph.node]
     layers = onnx_encoder.folder.config.num_hidden_layers
     assert ops.count("Attention") == layers and ops.count("SkipLayerNormalization") >= layers, sorted(set(ops))
+    assert ops.count("EmbedLayerNormalization") == 1, sorted(set(ops))
 
 
 def test_onnx_vectors_match_pytorch_and_sentence_transformers(onnx_encoder, bundled_encoder, bundled_dir, sentences):
