@@ -606,7 +606,7 @@ class Broker:
                 return
         slot.last_seen = time.monotonic()
         if command == P.RESULT:
-            self.on_result(slot, P.loads(frames[2].bytes), frames[3] if len(frames) > 3 else None)
+            self.on_result(slot, P.read_result_header(frames[2].bytes), frames[3] if len(frames) > 3 else None)
         elif command == P.READY:
             self.mark_ready(slot, info)
             slot.quick_deaths = 0
@@ -653,7 +653,7 @@ class Broker:
         else:
             slot.last_seen = time.monotonic()
             if command == P.RESULT and len(frames) > 2:
-                self.on_result(slot, _json_object(frames[2].bytes), frames[3] if len(frames) > 3 else None)
+                self.on_result(slot, P.read_result_header(frames[2].bytes), frames[3] if len(frames) > 3 else None)
 
     def on_hello(self, identity: bytes, frames: list) -> None:
         hello = _json_object(frames[2].bytes if len(frames) > 2 else b"")

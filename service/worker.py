@@ -274,13 +274,11 @@ class Worker:
                 frames = self.socket.recv_multipart(copy=True)
                 broker_seen = now
                 if frames[0] == P.JOB:
-                    header = P.loads(frames[1])
+                    job_id, left, is_tokenized, show_tokens = P.read_job_header(frames[1])
                     if in_flight == 0:
                         self.mark_progress()  # an idle worker's stall clock starts with its first job
-                    left = header.get("seconds_left")  # relative: a worker on another host needs no common clock
-                    deadline = None if left is None else now + left
-                    job = Job(header["job"], deadline, header.get("is_tokenized", False),
-                              header.get("show_tokens", False), frames[2])
+                    # `left` is relative: a worker on another host needs no common clock
+                    job = Job(job_id, None if left is None else now + left, is_tokenized, show_tokens, frames[2])
                     if in_flight == 0 and self.runs_inline(job):
                         self.run_inline(job)
                     else:

@@ -171,19 +171,33 @@ def test_a_request_header_reads_back_as_its_fields(request_id, cmd, timeout, is_
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(job=st.integers(0, 2**63), left=seconds, is_tokenized=st.booleans(), show_tokens=st.booleans(),
+@given(job=st.integers(0, 2**64 - 1), left=seconds, is_tokenized=st.booleans(), show_tokens=st.booleans(),
        dtype=st.sampled_from(["float32", "float16"]) | any_text,
-       shape=st.lists(st.integers(0, 2**31), min_size=1, max_size=3), n_tokens=st.integers(0, 2**40),
+       shape=st.lists(st.integers(0, 2**31), min_size=1, max_size=4), n_tokens=st.integers(0, 2**40),
        compute_ms=st.floats(min_value=0, max_value=1e7))
 def test_job_and_result_headers_read_back_as_their_fields(job, left, is_tokenized, show_tokens, dtype, shape,
                                                           n_tokens, compute_ms):
     from service import protocol as P
 
     assume(all(not 0xD800 <= ord(c) <= 0xDFFF for c in dtype))  # UTF-8 has no lone surrogates
-    assert P.loads(P.job_header(job, left, is_tokenized, show_tokens)) == {
-        "job": job, "seconds_left": left, "is_tokenized": is_tokenized, "show_tokens": show_tokens}
-    assert P.loads(P.result_header(job, dtype, tuple(shape), n_tokens, compute_ms)) == {
+    assert P.read_job_header(P.job_header(job, left, is_tokenized, show_tokens)) == (
+        job, None if left is None else float(left), is_tokenized, show_tokens)
+    # Binary for the two wire dtypes and up to 3 dimensions, JSON otherwise: the same dict either way.
+    assert P.read_result_header(P.result_header(job, dtype, tuple(shape), n_tokens, compute_ms)) == {
         "job": job, "ok": True, "dtype": dtype, "shape": shape, "n_tokens": n_tokens, "compute_ms": compute_ms}
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(frame=st.binary(max_size=120) | st.builds(lambda tail: b"R" + tail, st.binary(min_size=50, max_size=50))  # RESULT_HEADER.size
+       | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_bytes_as_a_result_header_read_as_a_dict_and_as_a_job_header_raise_value_error(frame):
+    # What a worker of another host sends is read without raising; a head's JOB is checked as strictly.
+    from service import protocol as P
+
+    assert isinstance(P.read_result_header(frame), dict)
+    if len(frame) != P.JOB_HEADER.size:
+        with pytest.raises(ValueError):
+            P.read_job_header(frame)
 
 
 @settings(max_examples=200, deadline=None, database=None)
