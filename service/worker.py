@@ -350,7 +350,9 @@ class Worker:
             job.error = ERR_TIMEOUT
         else:
             try:
-                texts = cut_texts(json.loads(job.payload.decode("utf-8")), self.max_chars)
+                texts = json.loads(job.payload.decode("utf-8"))
+                if len(job.payload) > self.max_chars:  # else no text in it can be longer (a query's case)
+                    texts = cut_texts(texts, self.max_chars)
                 job.tokens = self.encoder.tokenize(texts, is_tokenized=job.is_tokenized)
             except Exception as e:  # the broker validated the texts; this is a bug, not bad input
                 log.exception("tokenizing job %d failed", job.job_id)
@@ -420,6 +422,9 @@ class Worker:
             for job in live:
                 job.error = f"encoding failed: {type(e).__name__}: {e}"
                 sender.send_multipart(self.error_frames(job))
+            return
+        if len(live) == 1:  # one job (a query): no shares to work out, and every step counts on cold caches
+            sender.send_multipart(self.result_frames(live[0], vectors, (time.perf_counter() - started) * 1000), copy=False)
             return
         # Each job's share of the window's compute time, by its share of the tokens.
         ms_per_token = (time.perf_counter() - started) * 1000 / max(1, sum(int(j.tokens.ids.size) for j in live))
