@@ -443,3 +443,27 @@ def test_num_worker_0_needs_a_worker_port_and_join_excludes_head_flags(capsys):
         config_from_args(build_parser().parse_args(["-join", "h:5556"]))
     with pytest.raises(ValueError, match="serves no clients"):
         config_from_args(build_parser().parse_args(["-join", "tcp://h:5556", "-http_port", "8080"]))
+
+
+def test_a_worker_of_an_older_protocol_is_refused_by_name_and_the_head_serves_on(model_dirs):
+    # Protocol 2 changed the JOB and RESULT headers: a worker host of an older release must hear why
+    # it is turned away rather than join and misread its jobs.
+    worker_port = free_port()
+    args = ["-model_dir", str(model_dirs[0]), "-worker_port", str(worker_port), *HEAD_ARGS]
+    with RunningServer(args) as head:
+        context = zmq.Context()
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        try:
+            dealer.connect(f"tcp://127.0.0.1:{worker_port}")
+            hello = {"protocol": 1, "pid": os.getpid(), "host": "old-release", "index": 0, "restarts": 0}
+            dealer.send_multipart([P.HELLO, P.dumps(hello)])
+            assert dealer.poll(15_000), "no answer to HELLO"
+            command, body = dealer.recv_multipart()
+            assert command == P.REFUSED, command
+            assert P.loads(body)["message"] == f"worker protocol 1: this head speaks {P.REMOTE_PROTOCOL}"
+        finally:
+            dealer.close(linger=0)
+            context.term()
+        assert wait_for(lambda: "refused a worker of host 'old-release'" in head.log(), 10, head.log())
+        assert head_status(head)["workers"] == []
