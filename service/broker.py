@@ -32,7 +32,6 @@ One thread, one poll loop over four ROUTER sockets:
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import multiprocessing
 import os
@@ -642,13 +641,13 @@ class Broker:
         elif slot is None:
             self.worker_port.socket.send_multipart([identity, P.STOP])
         elif command == P.READY:
-            info = _json_object(frames[2].bytes if len(frames) > 2 else b"")
+            info = P.json_object(frames[2].bytes if len(frames) > 2 else b"")
             # pid and address as the head first saw them: a worker does not rename itself later
             self.mark_ready(slot, {**info, "pid": slot.info.get("pid"), "address": slot.info.get("address")})
             log.info("worker %s (pid %s) of another host joined: %s, %d jobs in hand", slot.name, slot.pid,
                      slot.info.get("device"), slot.capacity)
         elif command == P.FAILED:
-            message = _json_object(frames[2].bytes if len(frames) > 2 else b"").get("message")
+            message = P.json_object(frames[2].bytes if len(frames) > 2 else b"").get("message")
             self.bury(slot, f"could not load the model: {message}", time.monotonic())
         else:
             slot.last_seen = time.monotonic()
@@ -656,7 +655,7 @@ class Broker:
                 self.on_result(slot, P.read_result_header(frames[2].bytes), frames[3] if len(frames) > 3 else None)
 
     def on_hello(self, identity: bytes, frames: list) -> None:
-        hello = _json_object(frames[2].bytes if len(frames) > 2 else b"")
+        hello = P.json_object(frames[2].bytes if len(frames) > 2 else b"")
         host = str(hello.get("host", "?"))[:64]
         command, body = self.worker_port.answer_hello(hello)
         if command == P.WELCOME and len(self.remote_slots) >= P.MAX_REMOTE_WORKERS:
@@ -866,15 +865,6 @@ class Broker:
             if slot.process.exitcode is None:
                 slot.process.kill()
                 slot.process.join(timeout=2)
-
-
-def _json_object(frame: bytes) -> dict:
-    """A JSON object from a peer on the network; {} for anything else."""
-    try:
-        value = json.loads(frame)
-    except (ValueError, RecursionError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _peer_address(frame: zmq.Frame) -> str | None:

@@ -96,11 +96,7 @@ def read_result_header(frame: bytes) -> dict:
     """A RESULT header as a dict ({job, ok, ...} as in JSON); {} for anything that is not one, so that
     what a peer on the network sends is ignored rather than raised on."""
     if frame[:1] == b"{":
-        try:
-            value = json.loads(frame)
-        except (ValueError, RecursionError):
-            return {}
-        return value if isinstance(value, dict) else {}
+        return json_object(frame)
     if len(frame) != RESULT_HEADER.size or frame[:1] != _RESULT_TAG:
         return {}
     _, job_id, dtype, ndim, d0, d1, d2, n_tokens, compute_ms = RESULT_HEADER.unpack(frame)
@@ -108,6 +104,15 @@ def read_result_header(frame: bytes) -> dict:
         return {}
     return {"job": job_id, "ok": True, "dtype": RESULT_DTYPES[dtype], "shape": [d0, d1, d2][:ndim],
             "n_tokens": n_tokens, "compute_ms": compute_ms}
+
+
+def json_object(frame: bytes) -> dict:
+    """A JSON object from a peer on the network; {} for anything else."""
+    try:
+        value = json.loads(frame)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def loads(frame: bytes | memoryview) -> Any:
