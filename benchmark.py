@@ -41,10 +41,13 @@ exported with eager attention and fused by ONNX Runtime's transformer optimizer,
 `tokenizers`, mean-pooled in numpy: what a user would write by hand) and sentence-transformers. They
 take turns in blocks of 20 sentences, so load from elsewhere falls on all alike; p50/p90/p99 of each.
 It is meant for the bundled model (the bare path pools as it does: mean, normalised).
+-baseline_checkout DIR adds the server of another checkout (`git worktree add /tmp/base HEAD~3`) to
+the turns: a before/after in one run, which on a noisy machine is sharper than two runs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -667,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("-latency_compare", action="store_true",
                          help="instead of the sweep: single-sentence latency of the server beside bare ONNX Runtime, "
                               "our Encoder in-process and sentence-transformers, taking turns (-latency_requests each)")
+    compare.add_argument("-baseline_checkout", type=Path, default=None, metavar="DIR",
+                         help="with -latency_compare: also run the server of the checkout in DIR (another commit, "
+                              "e.g. from `git worktree add`) and let it take turns with the others")
     return p
 
 
@@ -683,6 +689,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("num_sentences", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"-{name} must be at least 1")
+    if args.baseline_checkout is not None:
+        if not args.latency_compare:
+            parser.error("-baseline_checkout takes part in -latency_compare (or -preset latency_bar) only")
+        if not (args.baseline_checkout / "app.py").is_file():
+            parser.error(f"-baseline_checkout {args.baseline_checkout}: no app.py there (give a checkout of this "
+                         "project, e.g. from `git worktree add /tmp/base HEAD~1`)")
     return args
 
 
@@ -953,13 +965,20 @@ def run_latency_comparison(args: argparse.Namespace, model_dir: str | None, mode
     threads = args.cpu_threads or ServerConfig(num_worker=args.num_worker[0]).threads_per_worker
     cli = server_args(args, model_dir, length, args.num_worker[0], args.dtype[0])
     progress(f"starting server: {' '.join(cli)}")
-    with RunningServer(cli, ready_timeout=SERVER_READY_TIMEOUT, device="auto") as server, \
-            BertClient(port=server.port, timeout=CLIENT_TIMEOUT) as bc:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(RunningServer(cli, ready_timeout=SERVER_READY_TIMEOUT, device="auto"))
+        bc = stack.enter_context(BertClient(port=server.port, timeout=CLIENT_TIMEOUT))
         engine = bc.server_config().get("cpu_engine", "?")
         cache = str(args.out / "onnx_cache")
         progress("loading the in-process paths")
-        paths: dict[str, Callable[[list[str]], Any]] = {
-            SERVER_PATH: bc.encode,
+        paths: dict[str, Callable[[list[str]], Any]] = {SERVER_PATH: bc.encode}
+        if args.baseline_checkout is not None:
+            progress(f"starting the baseline server of {args.baseline_checkout}")
+            baseline = stack.enter_context(RunningServer(cli, ready_timeout=SERVER_READY_TIMEOUT, device="auto",
+                                                         root=args.baseline_checkout.resolve()))
+            paths[f"baseline server ({args.baseline_checkout.name})"] = stack.enter_context(
+                BertClient(port=baseline.port, timeout=CLIENT_TIMEOUT)).encode
+        paths |= {
             BARE_PATH: BareOnnxRuntime(folder, length, threads, args.out).encode,
             "Encoder (onnx)": Encoder.from_dir(model_dir, max_seq_len=length, cpu_engine="onnx",
                                                onnx_cache_dir=cache).encode,
@@ -975,12 +994,12 @@ def run_latency_comparison(args: argparse.Namespace, model_dir: str | None, mode
     notes = notes + [f"device cpu, {threads} threads per path; {n} one-sentence calls each, in turns of 20; "
                      f"max_seq_len {length}; the server runs -cpu_engine {engine}"]
     print("\n".join([f"hardware: {hardware}", f"model:    {model_name}", *notes, ""]))
-    print(f"{'path':<24}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'p50 / bare':>12}{'max |v - ST|':>15}")
+    print(f"{'path':<30}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'p50 / bare':>12}{'max |v - ST|':>15}")
     bare_p50 = float(np.percentile(times[BARE_PATH], 50))
     rows = []
     for name, runs in times.items():
         p50, p90, p99 = np.percentile(runs, [50, 90, 99])
-        print(f"{name:<24}{p50:>9.2f}{p90:>9.2f}{p99:>9.2f}{p50 / bare_p50:>11.2f}x{gaps[name]:>15.1e}")
+        print(f"{name:<30}{p50:>9.2f}{p90:>9.2f}{p99:>9.2f}{p50 / bare_p50:>11.2f}x{gaps[name]:>15.1e}")
         rows.append(Row(f"latency/{name}", length, "fp32", args.num_worker[0], 1, 1, n, runs=runs))
     write_csv(args.out / "results.csv", rows, {"hardware": hardware, "device": "cpu", "model": model_name,
                                                 "max_in_flight": 1})

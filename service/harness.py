@@ -37,16 +37,19 @@ class RunningServer:
     ready_marker = "ready on tcp://"  # the log line `wait_until_ready` waits for
 
     def __init__(self, args: list[str] | None = None, port: int | None = None, ready_timeout: float = 120.0,
-                 wait_ready: bool = True, device: str = "cpu", env: dict[str, str] | None = None) -> None:
+                 wait_ready: bool = True, device: str = "cpu", env: dict[str, str] | None = None,
+                 root: Path = ROOT) -> None:
         """`device`: "cpu" adds `-cpu`, so a test means the same on a machine with a GPU;
         "auto" lets the server choose (a GPU where one is visible), as benchmarks want.
-        `env`: variables to set in the server's environment, on top of this process's."""
+        `env`: variables to set in the server's environment, on top of this process's.
+        `root`: the checkout whose `app.py` runs (another commit's, for a before/after in one run)."""
         if device not in ("cpu", "auto"):
             raise ValueError(f"device must be 'cpu' or 'auto', got {device!r}")
         self.args = (["-cpu"] if device == "cpu" else []) + list(args or [])
         if "-onnx_cache_dir" not in self.args:
             self.args += ["-onnx_cache_dir", str(ONNX_CACHE_DIR)]
         self.port = port or free_port()
+        self.root = Path(root)
         self.ready_timeout = ready_timeout
         self.wait_ready = wait_ready
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -57,10 +60,10 @@ class RunningServer:
 
     @property
     def command(self) -> list[str]:
-        return [sys.executable, str(ROOT / "app.py"), "-host", "127.0.0.1", "-port", str(self.port), *self.args]
+        return [sys.executable, str(self.root / "app.py"), "-host", "127.0.0.1", "-port", str(self.port), *self.args]
 
     def start(self) -> "RunningServer":
-        self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(self.command, cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
         if self.wait_ready:
             self.wait_until_ready()

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,28 @@ def test_latency_bar_compares_the_server_with_bare_onnx_runtime():
     assert "1.25x" in slow[0].detail
     (missing,) = benchmark.BARS["latency_bar"]([bare])
     assert not missing.passed
+
+
+def test_a_baseline_checkout_is_for_the_latency_comparison_and_must_hold_app_py(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["-baseline_checkout", str(benchmark.ROOT)])  # not a latency comparison
+    assert "-latency_compare" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["-preset", "latency_bar", "-baseline_checkout", str(tmp_path)])
+    assert "no app.py there" in capsys.readouterr().err
+    args = benchmark.parse_args(["-preset", "latency_bar", "-baseline_checkout", str(benchmark.ROOT)])
+    assert args.latency_compare and args.baseline_checkout == benchmark.ROOT
+
+
+def test_a_server_runs_from_the_checkout_it_is_given(tmp_path):
+    # What -baseline_checkout relies on: another checkout's app.py is the one that runs and answers.
+    from service.client import BertClient
+    from service.harness import ROOT, RunningServer
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "venv", "bench_out", "build", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info"))
+    with RunningServer(["-num_worker", "1"], root=checkout) as server, BertClient(port=server.port, timeout=60) as bc:
+        assert bc.encode(["hello"]).shape == (1, 384)
+        cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().split(b"\0")
+        assert str(checkout / "app.py").encode() in cmdline
