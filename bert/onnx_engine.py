@@ -223,13 +223,8 @@ class OnnxEngine:
 
     def run(self, batch: TokenBatch) -> np.ndarray:
         """One padded forward pass: float32 vectors in batch order, (n, dim) or (n, T, dim)."""
-        if len(batch) == 1:  # one sentence: nothing to pad (each numpy call counts on a query's cold caches)
-            ids = batch.ids.reshape(1, -1)
-            types = np.zeros_like(ids) if batch.type_ids is None else batch.type_ids.reshape(1, -1)
-            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": types}
-        else:
-            ids, mask = batch.padded(self.pad_id)
-            feed = {"input_ids": ids, "attention_mask": mask.astype(np.int64), "token_type_ids": token_types(batch, ids)}
+        ids, mask = batch.padded(self.pad_id)
+        feed = {"input_ids": ids, "attention_mask": mask.astype(np.int64), "token_type_ids": token_types(batch, ids)}
         return self.session.run(None, feed)[0]
 
     def check_against(self, model: BertModel, layers: tuple[int, ...], pooling: PoolingConfig) -> None:

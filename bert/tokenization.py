@@ -56,6 +56,9 @@ class TokenBatch:
 
     def padded(self, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), each (n, max_length), padded on the right."""
+        if len(self.lengths) == 1:  # one sentence (a query): nothing to pad, and each numpy call counts on cold caches
+            ids = self.ids.reshape(1, -1)
+            return ids, np.ones(ids.shape, dtype=bool)
         width = int(self.lengths.max()) if len(self.lengths) else 0
         mask = np.arange(width)[None, :] < self.lengths[:, None]
         input_ids = np.full((len(self.lengths), width), pad_id, dtype=np.int64)
@@ -66,6 +69,8 @@ class TokenBatch:
         """Token types (n, max_length), padded with 0 like `padded`; None when there is no pair."""
         if self.type_ids is None:
             return None
+        if len(self.lengths) == 1:
+            return self.type_ids.reshape(1, -1)
         width = int(self.lengths.max()) if len(self.lengths) else 0
         type_ids = np.zeros((len(self.lengths), width), dtype=np.int64)
         type_ids[np.arange(width)[None, :] < self.lengths[:, None]] = self.type_ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -176,3 +177,17 @@ def test_token_types_follow_take_concat_and_padding(bundled_encoder):
     taken = joined.take([2, 0])
     assert type_id_lists(taken) == [[0, 0, 0, 0, 1, 1], [0, 0, 0]]
     assert taken.padded_type_ids().tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0]]
+
+
+def test_one_sentence_is_padded_to_itself_like_any_batch():
+    # The one-sentence shortcut in `padded` (a query's path) gives what the general code gives.
+    from bert.tokenization import TokenBatch
+
+    one = TokenBatch(np.array([101, 7592, 2088, 102], dtype=np.int64), np.array([4], dtype=np.int64),
+                     np.array([0, 0, 1, 1], dtype=np.int64))
+    two = TokenBatch.concat([one, TokenBatch(np.array([101, 102], dtype=np.int64), np.array([2], dtype=np.int64))])
+    ids, mask = one.padded(0)
+    ids2, mask2 = two.padded(0)
+    assert ids.dtype == ids2.dtype and mask.dtype == mask2.dtype
+    assert ids.tolist() == ids2[:1].tolist() and mask.tolist() == mask2[:1].tolist()
+    assert one.padded_type_ids().tolist() == two.padded_type_ids()[:1].tolist() == [[0, 0, 1, 1]]
