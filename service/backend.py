@@ -1,9 +1,10 @@
 """Who may be a worker: the checks the broker applies to its back ends' peers.
 
-Local workers connect over `ipc://` in the broker's 0700 runtime folder, with an identity the broker
-drew at random and handed only to the process it spawned; their READY must carry that process's pid.
-Anything else that reaches the back end (a process of the same user that found the socket) is
-ignored, and logged at a bounded rate so a flood of forgeries cannot flood the log.
+Local workers link to the broker over a Unix socket in its 0700 runtime folder (`service/link.py`);
+the broker takes a link only from the pid of a process it spawned, as the kernel reports the peer
+(SO_PEERCRED), and their READY must carry that pid too. Any other connection (a process of the same
+user that found the socket) is closed, and logged at a bounded rate so a flood of them cannot flood
+the log.
 
 Workers of other hosts join a head's worker port (`-worker_port`, TCP, CurveZMQ with its own
 allow-list under `-auth_dir`): the head takes them only with the same model (a fingerprint of its

@@ -1,8 +1,8 @@
 """The broker: clients' requests in, mini-batches out to worker processes, replies back in order.
 
-One thread, one poll loop over four ROUTER sockets:
+One thread, one poll loop over four ROUTER sockets and the workers' links:
 
-    clients (DEALER) --> front end ROUTER ----[split into jobs]--> back end ROUTER --> workers (DEALER)
+    clients (DEALER) --> front end ROUTER ----[split into jobs]--> links (Unix sockets) --> workers
     doors (HTTP, ...) --> door ROUTER (ipc) --/        |
                               intake ROUTER (ipc) <-> intake process (reads big requests)
 
@@ -35,7 +35,6 @@ import gc
 import logging
 import multiprocessing
 import os
-import secrets
 import shutil
 import socket as socketlib
 import tempfile
@@ -55,6 +54,7 @@ from .backend import LogLimiter, WorkerPort, capacity_of, ready_is_from_spawned
 from .doors import Doors
 from .errors import StartupError
 from .handshakes import EVENTS as HANDSHAKE_EVENTS, HandshakeWatch
+from .link import BrokerLink, LinkClosed, LinkListener, poll_key
 from .intake import INLINE_PARSE_BYTES, MAX_HEADER_BYTES, IntakeProcess, check_sizes, peek_id, prepare
 from .metrics import RequestMetrics
 from .scheduler import DEFAULT_MAX_SEQ_LEN, Job, Limits, Request, Scheduler
@@ -89,8 +89,9 @@ class WorkerSlot:
     index: int
     generation: int = 0
     process: Any = None
-    identity: bytes = b""
-    socket: Any = None        # the back end it is reached on: the local ipc one, or the worker port
+    identity: bytes = b""     # a worker of another host: its routing id on the worker port
+    socket: Any = None        # a worker of another host: the worker port
+    link: BrokerLink | None = None  # a local worker: its link, once it connected
     host: str = ""            # where it runs; workers of other hosts also have `remote` set
     remote: bool = False
     capacity: int = P.WORKER_PREFETCH_JOBS   # jobs it asked to hold at once (READY)
@@ -125,10 +126,10 @@ class Broker:
         self.context = zmq.Context()
         # Sockets only this user can reach live in a folder of mode 0700 (mkdtemp's).
         self.runtime_dir = tempfile.mkdtemp(prefix="bert-serving-")
-        self.backend = self.context.socket(zmq.ROUTER)
-        self.backend.setsockopt(zmq.LINGER, 0)
-        self.backend_address = self._bind_backend()
-        self.strangers = LogLimiter(log)  # messages from identities this broker did not spawn
+        self.backend_address = f"{self.runtime_dir}/workers"
+        self.listener = LinkListener(self.backend_address)  # the local workers' links
+        self.strangers = LogLimiter(log)  # connections to it from processes this broker did not spawn
+        self.poller: zmq.Poller | None = None
         self.frontend: zmq.Socket | None = None
         self.handshakes: HandshakeWatch | None = None
         self.door_address = f"ipc://{self.runtime_dir}/doors"
@@ -160,13 +161,6 @@ class Broker:
         self.exit_code = 0
         self._mp = multiprocessing.get_context("spawn")
 
-    def _bind_backend(self) -> str:
-        """The local workers' socket: `ipc://` in the 0700 runtime folder, so no other user can
-        connect (a TCP port on 127.0.0.1 is open to every local process)."""
-        address = f"ipc://{self.runtime_dir}/workers"
-        self.backend.bind(address)
-        return address
-
     # ------------------------------------------------------------ start-up
 
     def start(self) -> None:
@@ -186,17 +180,14 @@ class Broker:
 
     def spawn(self, slot: WorkerSlot) -> None:
         slot.generation += 1
-        # Drawn at random and handed only to the process spawned: a peer that finds the socket
-        # cannot guess which identity the broker will accept READY from.
-        slot.identity = secrets.token_hex(16).encode()
-        slot.socket, slot.host = self.backend, self.hostname
+        self.close_link(slot)
+        slot.host = self.hostname
         slot.ready, slot.in_flight, slot.info, slot.respawn_at = False, {}, {}, None
         slot.started = slot.last_seen = time.monotonic()
         slot.process = self._mp.Process(
             target=worker_main, name=f"worker-{slot.index}", daemon=True,
-            args=(self.config, slot.index, slot.identity, self.backend_address, os.getpid()))
+            args=(self.config, slot.index, self.backend_address, os.getpid()))
         slot.process.start()
-        self.by_identity[slot.identity] = slot
         log.debug("started worker %d (pid %s)", slot.index, slot.process.pid)
 
     def check_startup(self, now: float) -> bool:
@@ -261,15 +252,12 @@ class Broker:
     def serve_forever(self, on_ready=None) -> None:
         """Serve until `stop_requested` is set (by a signal handler, or a failed start), then shut
         down cleanly. `on_ready()` is called once, when every worker has loaded the model."""
-        poller = zmq.Poller()
-        for socket in (self.backend, self.frontend, self.door_socket, self.intake.socket, self.monitor):
-            poller.register(socket, zmq.POLLIN)
-        if self.worker_port is not None:
-            poller.register(self.worker_port.socket, zmq.POLLIN)
+        self.watch(self.frontend, self.door_socket, self.intake.socket, self.monitor,
+                   self.worker_port.socket if self.worker_port else None)
         next_heartbeat = 0.0
         while not self.stop_requested:
             before_poll = time.monotonic()
-            events = dict(poller.poll(OUTBOX_POLL_MS if self.outboxes else POLL_MS))
+            events = dict(self.poller.poll(OUTBOX_POLL_MS if self.outboxes else POLL_MS))
             woke = time.monotonic()
             self.forgive_own_stall(woke - before_poll - POLL_MS / 1000)  # the poll itself came back late
             self.flush_outboxes()
@@ -295,17 +283,28 @@ class Broker:
                 self.expire(now)
                 self.next_expiry = now + EXPIRE_INTERVAL
             self.dispatch()
+            self.poll_link_output()
             end = time.monotonic()
             self.forgive_own_stall(end - now)
             self.note_turn(end - woke)
         self.shutdown()
 
+    def watch(self, *sockets: zmq.Socket | None) -> None:
+        """Poll `sockets` (None: not open), the local workers' listener and their links from now on."""
+        self.poller = zmq.Poller()
+        for socket in (*sockets, self.listener):
+            if socket is not None:
+                self.poller.register(socket, zmq.POLLIN)
+        for slot in self.slots:
+            if slot.link is not None:
+                slot.link.polled = 0
+        self.poll_link_output()
+
     def read_sockets(self, events: dict) -> None:
         # Disconnections first: a fd they free may already carry a new client's messages.
         if self.monitor in events:
             self.drain(self.monitor, self.on_monitor_event)
-        if self.backend in events:
-            self.drain(self.backend, self.on_worker_message)
+        self.read_links(events)
         if self.worker_port is not None and self.worker_port.socket in events:
             self.drain(self.worker_port.socket, self.on_remote_message)
         if self.intake.socket in events:
@@ -570,7 +569,7 @@ class Broker:
             # The time left, not a time of day: workers on other hosts share no clock with the broker.
             left = None if job.request.deadline is None else round(job.request.deadline - time.monotonic(), 3)
             header = P.job_header(job.job_id, left, job.is_tokenized, job.request.show_tokens)
-            slot.socket.send_multipart([slot.identity, P.JOB, header, job.payload], copy=False)
+            self.send_to_worker(slot, [P.JOB, header, job.payload])
 
     def least_loaded(self) -> WorkerSlot | None:
         """The ready worker with the least work for the jobs it asked to hold (READY's capacity)."""
@@ -581,38 +580,97 @@ class Broker:
         """Every worker: this host's, then those of other hosts that joined."""
         return self.slots + self.remote_slots
 
-    def on_worker_message(self, frames: list) -> None:
-        try:
-            self.handle_worker_message(frames)
-        except Exception:  # workers are ours, but a bug in handling one message must not stop serving
-            log.exception("unexpected error on a message from a worker")
+    def send_to_worker(self, slot: WorkerSlot, frames: list) -> None:
+        """Send a message to a worker: over its link (a broken one is closed, and the worker is
+        buried once its process is seen gone or silent), or over the worker port."""
+        if slot.remote:
+            slot.socket.send_multipart([slot.identity, *frames], copy=False)
+        elif slot.link is not None:
+            try:
+                slot.link.send(frames)
+            except LinkClosed as e:
+                self.close_link(slot, str(e))
 
-    def handle_worker_message(self, frames: list) -> None:
-        identity, command = frames[0].bytes, frames[1].bytes
-        slot = self.by_identity.get(identity)
-        if slot is None or slot.identity != identity or slot.remote:  # remote ones speak on the worker port
-            # A worker already declared dead says anything; a stranger's READY is worth a warning.
-            if command == P.READY:
-                self.strangers.warning("ignored READY from identity %r: not a worker this broker spawned",
-                                       identity[:40])
+    # -------------------------------------------- links of this host's workers
+
+    def accept_links(self) -> None:
+        """Take the connections waiting on the workers' listener: each from the pid of a worker this
+        broker spawned and that has no link yet; any other is closed (and logged, at a bounded rate)."""
+        for conn, pid, uid in self.listener.accept():
+            slot = next((s for s in self.slots if s.link is None and s.process is not None and s.process.pid == pid
+                         and s.respawn_at is None), None)
+            if slot is None or uid != os.getuid():
+                self.strangers.warning("refused a connection to the workers' socket from pid %s: not a worker "
+                                       "this broker spawned", pid)
+                conn.close()
+                continue
+            slot.link = BrokerLink(conn, pid)
+            if self.poller is not None:
+                self.poller.register(slot.link, zmq.POLLIN)
+                slot.link.polled = zmq.POLLIN
+            log.debug("worker %d (pid %s) linked", slot.index, pid)
+
+    def read_links(self, events: dict) -> None:
+        if poll_key(self.listener) in events:
+            self.accept_links()
+        for slot in self.slots:
+            link = slot.link
+            flags = events.get(poll_key(link), 0) if link is not None else 0
+            try:
+                if flags & zmq.POLLOUT:
+                    link.flush()
+                if flags & zmq.POLLIN:
+                    for frames in link.read(DRAIN_MESSAGES):
+                        self.on_worker_message(slot, frames)
+            except LinkClosed as e:
+                self.close_link(slot, str(e))
+
+    def poll_link_output(self) -> None:
+        """Poll a link for room to write only while its outbox holds something: a socket with room
+        is ready to write at every poll."""
+        for slot in self.slots:
+            link = slot.link
+            if link is not None and self.poller is not None:
+                wanted = zmq.POLLIN | (zmq.POLLOUT if link.wants_write else 0)
+                if wanted != link.polled:
+                    self.poller.register(link, wanted)
+                    link.polled = wanted
+
+    def close_link(self, slot: WorkerSlot, why: str = "") -> None:
+        """Close a local worker's link (its process is buried when seen gone or silent)."""
+        link, slot.link = slot.link, None
+        if link is None:
             return
+        if why:
+            log.debug("worker %d's link closed: %s", slot.index, why)
+        if self.poller is not None and link.polled:
+            self.poller.unregister(link)
+        link.close()
+
+    def on_worker_message(self, slot: WorkerSlot, frames: list) -> None:
+        try:
+            self.handle_worker_message(slot, frames)
+        except Exception:  # workers are ours, but a bug in handling one message must not stop serving
+            log.exception("unexpected error on a message from worker %d", slot.index)
+
+    def handle_worker_message(self, slot: WorkerSlot, frames: list) -> None:
+        command = frames[0]
         if command == P.READY:
-            info = P.loads(frames[2].bytes)
-            if not ready_is_from_spawned(info, slot.process.pid):
-                self.strangers.warning("ignored READY for worker %d from pid %r: the broker spawned pid %s",
-                                       slot.index, info.get("pid") if isinstance(info, dict) else None,
-                                       slot.process.pid)
+            info = P.json_object(frames[1])
+            if not ready_is_from_spawned(info, slot.process.pid):  # the link's peer is that pid: a bug if not
+                log.error("ignored READY for worker %d from pid %r: the broker spawned pid %s", slot.index,
+                          info.get("pid"), slot.process.pid)
                 return
         slot.last_seen = time.monotonic()
         if command == P.RESULT:
-            self.on_result(slot, P.read_result_header(frames[2].bytes), frames[3] if len(frames) > 3 else None)
+            self.on_result(slot, P.read_result_header(frames[1]), frames[2] if len(frames) > 2 else None)
         elif command == P.READY:
             self.mark_ready(slot, info)
             slot.quick_deaths = 0
             if slot.restarts:
                 log.info("worker %d is back (pid %s)", slot.index, slot.info.get("pid"))
         elif command == P.FAILED:
-            message = P.loads(frames[2].bytes).get("message", "worker failed to start")
+            message = P.json_object(frames[1]).get("message", "worker failed to start")
             slot.info["failure"] = message  # the reason start-up stops with, when it is the first load
             log.error("worker %d could not load the model: %s", slot.index, message)
 
@@ -630,11 +688,7 @@ class Broker:
             return
         identity, command = frames[0].bytes, frames[1].bytes
         slot = self.by_identity.get(identity)
-        if slot is not None and not slot.remote:  # a local worker's identity, said over the network
-            slot = None
         if command == P.HELLO:
-            if identity in self.by_identity and slot is None:
-                return  # a local worker's identity: not to be taken over from the network
             if slot is not None:
                 self.bury(slot, "said HELLO again (its connection to the head restarted)", time.monotonic())
             self.on_hello(identity, frames)
@@ -676,7 +730,7 @@ class Broker:
         log.info("worker %s (pid %s) of another host from %s: same model, loading it", slot.name, slot.pid,
                  slot.info["address"])
 
-    def on_result(self, slot: WorkerSlot, header: dict, data: zmq.Frame | None) -> None:
+    def on_result(self, slot: WorkerSlot, header: dict, data: Any) -> None:
         job = slot.in_flight.pop(header.get("job"), None)
         if job is None:
             return
@@ -712,7 +766,7 @@ class Broker:
     def send_heartbeats(self) -> None:
         for slot in self.workers():
             if slot.ready:
-                slot.socket.send_multipart([slot.identity, P.HEARTBEAT])
+                self.send_to_worker(slot, [P.HEARTBEAT])
 
     def check_workers(self, now: float) -> None:
         """Replace workers that exited or fell silent; re-queue what they held."""
@@ -740,6 +794,7 @@ class Broker:
             slot.process.kill()
         if slot.process is not None:
             slot.process.join(timeout=5)
+        self.close_link(slot)
         self.by_identity.pop(slot.identity, None)
         for job in sorted(slot.in_flight.values(), key=lambda j: j.job_id, reverse=True):
             if not self.scheduler.retry(job):
@@ -803,18 +858,12 @@ class Broker:
         if self.frontend is not None:
             for request in self.scheduler.drop_all() + [p.request for p in self.intake.pending.values()]:
                 self.fail(request, ERR_UNAVAILABLE, "the server shut down before this request was encoded")
-            poller = zmq.Poller()
-            for socket in (self.backend, self.frontend, self.door_socket):
-                if socket is not None:
-                    poller.register(socket, zmq.POLLIN)
             remote = self.worker_port.socket if self.worker_port else None
-            if remote is not None:
-                poller.register(remote, zmq.POLLIN)
+            self.watch(self.frontend, self.door_socket, remote)  # not the intake, nor the monitor: done with
             deadline = time.monotonic() + SHUTDOWN_GRACE
             while any(s.in_flight for s in self.workers()) and time.monotonic() < deadline:
-                events = dict(poller.poll(100))
-                if self.backend in events:
-                    self.drain(self.backend, self.on_worker_message)
+                events = dict(self.poller.poll(100))
+                self.read_links(events)
                 if remote is not None and remote in events:
                     self.drain(remote, self.on_remote_message)
                 for socket in (self.frontend, self.door_socket):
@@ -824,6 +873,7 @@ class Broker:
                     if slot.in_flight and slot.process.exitcode is not None:  # died: no replacement now
                         self.fail_jobs(list(slot.in_flight.values()), "a worker died while the server shut down")
                         slot.in_flight = {}
+                self.poll_link_output()
             self.fail_jobs([j for s in self.workers() for j in s.in_flight.values()],
                            f"the server shut down; encoding did not finish within {SHUTDOWN_GRACE:.0f} s")
         self.doors.stop()
@@ -836,12 +886,28 @@ class Broker:
             self.authenticator.stop()
         if self.monitor is not None:
             self.frontend.disable_monitor()
-        for socket in (self.monitor, self.frontend, self.door_socket, self.backend):
+        for socket in (self.monitor, self.frontend, self.door_socket):
             if socket is not None:
                 socket.close(linger=0)
+        for slot in self.slots:
+            self.close_link(slot)
+        self.listener.close()
         self.context.term()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("stopped")
+
+    def finish_link_output(self, deadline: float) -> None:
+        """Send what the links' outboxes hold (a STOP behind a job), until `deadline` at most."""
+        while time.monotonic() < deadline:
+            waiting = [slot for slot in self.slots if slot.link is not None and slot.link.wants_write]
+            if not waiting:
+                return
+            for slot in waiting:
+                try:
+                    slot.link.flush()
+                except LinkClosed as e:
+                    self.close_link(slot, str(e))
+            time.sleep(0.01)
 
     def fail_jobs(self, jobs: list[Job], message: str) -> None:
         for job in jobs:
@@ -849,11 +915,10 @@ class Broker:
 
     def stop_workers(self) -> None:
         """Stop this host's workers; those of other hosts are told STOP too, and wait for a head."""
-        for slot in self.remote_slots:
-            slot.socket.send_multipart([slot.identity, P.STOP])
-        for slot in self.slots:
-            if slot.process is not None and slot.process.exitcode is None and slot.ready:
-                self.backend.send_multipart([slot.identity, P.STOP])
+        for slot in self.workers():
+            if slot.remote or (slot.process is not None and slot.process.exitcode is None and slot.ready):
+                self.send_to_worker(slot, [P.STOP])
+        self.finish_link_output(time.monotonic() + 1)
         deadline = time.monotonic() + 5
         for slot in self.slots:
             if slot.process is None:

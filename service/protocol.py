@@ -1,10 +1,9 @@
 """The broker <-> worker protocol, and the timing constants of both sides.
 
 The client <-> server protocol lives in `service/client.py` (the one file clients copy).
-Local workers connect a DEALER to the broker's back-end ROUTER over `ipc://` in the broker's 0700
-runtime folder, with an identity the broker drew at random and passed to the process it spawned;
-the broker takes READY only from such an identity, carrying that process's pid. Every message
-starts with a command frame:
+Local workers link to the broker over a Unix socket in its 0700 runtime folder (`service/link.py`:
+multipart messages, taken only from the pid of a process the broker spawned). Every message starts
+with a command frame:
 
     worker -> broker   READY     json {pid, device, encoder: {...}}       model loaded, ready for jobs
                        FAILED    json {message}                           could not load the model; exiting
@@ -106,10 +105,10 @@ def read_result_header(frame: bytes) -> dict:
             "n_tokens": n_tokens, "compute_ms": compute_ms}
 
 
-def json_object(frame: bytes) -> dict:
+def json_object(frame: bytes | memoryview) -> dict:
     """A JSON object from a peer on the network; {} for anything else."""
     try:
-        value = json.loads(frame)
+        value = json.loads(bytes(frame) if isinstance(frame, memoryview) else frame)
     except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}

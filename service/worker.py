@@ -4,7 +4,8 @@ Three stages joined by queues keep the device busy:
 
     I/O (main thread)  --jobs-->  tokenize thread  --token batches-->  compute thread  --results--> I/O
 
-The I/O thread owns the only socket to the broker (ZeroMQ sockets are not thread-safe): it passes
+The I/O thread owns the only connection to the broker (a link to this host's broker, see
+service/link.py, or a ZeroMQ socket to a head; neither is thread-safe): it passes
 jobs on, sends results back, and exchanges heartbeats. Tokenizing the next jobs overlaps the forward
 pass of the current ones, and everything tokenized while the model was busy is merged into one
 length-sorted set of forward passes. A batch that fails fails every job in it; the worker lives on,
@@ -36,6 +37,7 @@ from . import protocol as P
 from .backend import jobs_wanted
 from .client import ERR_SERVER, ERR_TIMEOUT
 from .config import ServerConfig
+from .link import WorkerLink, poll_key
 from .logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ class DirectReply:
     """Stands in for the compute thread's results socket when the I/O thread encodes a job itself:
     what it is given goes straight to the broker as a RESULT."""
 
-    def __init__(self, socket: zmq.Socket) -> None:
+    def __init__(self, socket: zmq.Socket | WorkerLink) -> None:
         self.socket = socket
 
     def send_multipart(self, frames: list, copy: bool = True) -> None:
@@ -130,17 +132,15 @@ def cpu_threads(config: ServerConfig) -> int:
     return config.threads_per_worker
 
 
-def worker_main(config: ServerConfig, index: int, identity: bytes, backend: str, parent_pid: int) -> None:
-    """Entry point of a worker process (started with the 'spawn' method by the broker)."""
+def worker_main(config: ServerConfig, index: int, link_path: str, parent_pid: int) -> None:
+    """Entry point of a worker process (started with the 'spawn' method by the broker), which links
+    to the broker at `link_path` (see service/link.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the broker decides
     configure_logging(config.verbose)
     threads = cpu_threads(config)
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # before `tokenizers` is imported
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.IDENTITY, identity)
-    socket.setsockopt(zmq.LINGER, 2000)
-    socket.connect(backend)
+    context = zmq.Context()  # for the compute thread's results, in-process
+    socket = WorkerLink.connect(link_path)
     try:
         encoder = load_encoder(config, index, threads)
     except Exception as e:  # any failure to load is reported, then this process ends
@@ -181,7 +181,7 @@ def load_encoder(config: ServerConfig, index: int, threads: int):
 
 
 class Worker:
-    def __init__(self, encoder, config: ServerConfig, socket: zmq.Socket, context: zmq.Context,
+    def __init__(self, encoder, config: ServerConfig, socket: zmq.Socket | WorkerLink, context: zmq.Context,
                  parent_pid: int) -> None:
         self.encoder = encoder
         self.config = config
@@ -219,6 +219,8 @@ class Worker:
         stages = [self.start_stage("tokenize", self.tokenize_loop), self.start_stage("compute", self.compute_loop)]
         try:
             self.io_loop(results)
+        except ConnectionError:  # the link to this host's broker closed (service/link.py): it is gone
+            log.warning("broker is gone; worker exits")
         finally:
             self.jobs.put(None)
             for stage in stages:
@@ -262,6 +264,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
+        broker = poll_key(self.socket)
         broker_seen = next_heartbeat = time.monotonic()
         in_flight = 0
         stopping = stalled = False
@@ -270,7 +273,7 @@ class Worker:
             now = time.monotonic()
             if self.stage_exit_code is not None:
                 os._exit(self.stage_exit_code)  # the threads of a broken process are not joined
-            if self.socket in events:
+            if broker in events:
                 frames = self.socket.recv_multipart(copy=True)
                 broker_seen = now
                 if frames[0] == P.JOB:

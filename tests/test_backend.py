@@ -1,7 +1,7 @@
 """The broker's back end: no process but the workers the broker spawned can join it.
 
-A real `python app.py` (tiny random BERT, 2 workers) on 127.0.0.1; the hostile peers are raw ZeroMQ
-sockets and plain Unix sockets that find the back end the way an attacker would, from /proc.
+A real `python app.py` (tiny random BERT, 2 workers) on 127.0.0.1; the hostile peers are plain Unix
+sockets and ZeroMQ sockets that find the workers' socket the way an attacker would, from /proc.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from service import protocol as P
 from service.backend import LogLimiter, ready_is_from_spawned
 from service.client import BertClient
 from service.harness import RunningServer
+from service.link import HEADER
 
 ATOL = 1e-5
 
@@ -85,7 +86,7 @@ def status(server: RunningServer) -> dict:
 # ---------------------------------------------------------------- tests
 
 
-def test_the_back_end_is_an_ipc_socket_in_a_private_folder_not_a_tcp_port(server):
+def test_the_back_end_is_a_unix_socket_in_a_private_folder_not_a_tcp_port(server):
     path = backend_path(server)
     folder = os.stat(os.path.dirname(path))
     assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
@@ -113,42 +114,52 @@ def test_another_local_user_cannot_connect_to_the_back_end(server):
     assert os.waitstatus_to_exitcode(wait_status) == 13  # EACCES: the 0700 folder keeps it out
 
 
-def test_a_forged_ready_is_ignored_logged_and_given_no_job(server, tiny_encoder):
-    """A same-user process that finds the socket connects under the identity the old broker would
-    have used and under a random one, says READY with a real worker's pid, and heartbeats on."""
+def closed_by_peer(conn: socket.socket) -> bool:
+    """Whether the other end closed `conn` (waiting up to 10 s), having sent nothing before."""
+    conn.settimeout(10)
+    try:
+        return conn.recv(1 << 16) == b""
+    except ConnectionResetError:  # closed with what we sent unread
+        return True
+
+
+def test_a_process_the_broker_did_not_spawn_is_refused_logged_and_given_no_job(server, tiny_encoder):
+    """A same-user process that finds the socket connects, as plain Unix sockets and as a ZeroMQ
+    DEALER (what the back end was before the link), says READY with a real worker's pid, and keeps
+    trying. The broker takes links only from the pids it spawned, as the kernel reports them."""
     path = backend_path(server)
     real_pid = status(server)["workers"][0]["pid"]
+    body = json.dumps({"pid": real_pid, "device": "cpu", "encoder": {}, "threads": 1, "capacity": 2}).encode()
+    ready = HEADER.pack(2, len(P.READY), len(body), 0, 0) + P.READY + body
+    started = time.monotonic()
     context = zmq.Context()
-    forgers = []
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
     try:
-        for identity in (b"w0.1", b"w1.1", b"w0.2", os.urandom(16).hex().encode()):
-            dealer = context.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.setsockopt(zmq.IDENTITY, identity)
-            dealer.connect(f"ipc://{path}")
-            ready = {"pid": real_pid, "device": "cpu", "encoder": {}, "threads": 1}
-            dealer.send_multipart([P.READY, json.dumps(ready).encode()])
-            forgers.append(dealer)
-        deadline = time.monotonic() + 3  # the forged READYs are read before the requests below
-        while "ignored READY from identity" not in server.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        dealer.connect(f"ipc://{path}")
+        dealer.send_multipart([P.READY, body])
+        for _ in range(3):
+            forger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            forger.connect(path)
+            with forger:
+                try:
+                    forger.sendall(ready)
+                except (BrokenPipeError, ConnectionResetError):  # closed before it said anything
+                    pass
+                assert closed_by_peer(forger)
         texts = real_sentences(40, seed=3)
         expected = tiny_encoder.encode(texts)
         with BertClient(port=server.port, timeout=30) as client:
             for i in range(20):
-                batch = texts[i:i + 20]
-                np.testing.assert_allclose(client.encode(batch), expected[i:i + 20], atol=ATOL)
-                for dealer in forgers:
-                    dealer.send_multipart([P.HEARTBEAT])
-        for dealer in forgers:
-            assert not dealer.poll(200), f"{dealer.getsockopt(zmq.IDENTITY)!r} was sent {dealer.recv_multipart()!r}"
+                np.testing.assert_allclose(client.encode(texts[i:i + 20]), expected[i:i + 20], atol=ATOL)
+        assert not dealer.poll(200), f"the forger was sent {dealer.recv_multipart()!r}"
     finally:
-        for dealer in forgers:
-            dealer.close(linger=0)
+        dealer.close(linger=0)
         context.term()
-    # One line for the first forgery (which one arrives first is up to the kernel), the rest held back.
-    assert len(re.findall(r"ignored READY from identity b'[0-9a-fw.]+': not a worker this broker spawned",
-                          server.log())) == 1, server.log()
+    # One line at once, then one per 10 s at most (the DEALER reconnects every 100 ms).
+    lines = re.findall(rf"refused a connection to the workers' socket from pid {os.getpid()}: not a worker "
+                       "this broker spawned", server.log())
+    assert 1 <= len(lines) <= 1 + (time.monotonic() - started) // 10, server.log()
     state = status(server)
     assert state["workers_ready"] == 2 and [w["restarts"] for w in state["workers"]] == [0, 0], state
     assert sum(w["jobs_done"] for w in state["workers"]) >= 20

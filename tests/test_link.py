@@ -1,0 +1,178 @@
+"""The broker <-> local worker link (service/link.py), over real Unix sockets.
+
+The worker's end blocks and reads exactly one message; the broker's end never blocks, keeps what the
+socket cannot take yet, and puts messages together from whatever pieces arrive. The server-level
+checks (strangers refused, a real worker linked) are in test_backend.py.
+"""
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from service import protocol as P
+from service.link import HEADER, BrokerLink, LinkClosed, LinkListener, WorkerLink, poll_key
+
+
+@pytest.fixture
+def pair():
+    """(the worker's end, the broker's end) of one link."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker, broker = WorkerLink(ours), BrokerLink(theirs, pid=os.getpid())
+    yield worker, broker
+    worker.close()
+    broker.close()
+
+
+def read_until(broker: BrokerLink, count: int, seconds: float = 10.0) -> list:
+    """`count` messages from the broker's end, polling as the broker does."""
+    messages, deadline = [], time.monotonic() + seconds
+    while len(messages) < count and time.monotonic() < deadline:
+        select.select([broker], [], [], 0.1)
+        messages += broker.read(100)
+    return messages
+
+
+def test_messages_cross_both_ways_as_their_frames(pair):
+    worker, broker = pair
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    header = P.result_header(7, "float32", vectors.shape, 9, 1.5)
+    worker.send_multipart([P.RESULT, header, vectors], copy=False)
+    worker.send_multipart([P.HEARTBEAT])
+    (result, heartbeat) = read_until(broker, 2)
+    assert result[:2] == [P.RESULT, header] and heartbeat == [P.HEARTBEAT]
+    np.testing.assert_array_equal(np.frombuffer(result[2], dtype=np.float32).reshape(3, 4), vectors)
+
+    frame = zmq.Frame(b'["a zmq frame"]')  # what the broker forwards from a client, as it came
+    broker.send([P.JOB, P.job_header(3, None, False, False), frame])
+    assert not broker.wants_write
+    assert worker.recv_multipart() == [P.JOB, P.job_header(3, None, False, False), b'["a zmq frame"]']
+
+
+def test_the_worker_reads_one_message_and_leaves_the_next_for_its_poll(pair):
+    worker, broker = pair
+    broker.send([P.HEARTBEAT])
+    broker.send([P.STOP])
+    poller = zmq.Poller()
+    poller.register(worker, zmq.POLLIN)
+    assert dict(poller.poll(1000)) == {poll_key(worker): zmq.POLLIN}
+    assert worker.recv_multipart() == [P.HEARTBEAT]
+    assert dict(poller.poll(1000)) == {poll_key(worker): zmq.POLLIN}  # STOP is still there, and said so
+    assert worker.recv_multipart() == [P.STOP]
+    assert not poller.poll(50)
+
+
+def test_a_message_the_socket_cannot_take_at_once_waits_in_the_outbox(pair):
+    """The broker never blocks: 32 MB to a worker that is not reading yet stays in the outbox, and
+    goes out as the worker reads, flushed when the socket has room."""
+    worker, broker = pair
+    payload = os.urandom(32 << 20)
+    broker.send([P.JOB, b"header", payload])
+    assert broker.wants_write
+    received = {}
+    reader = threading.Thread(target=lambda: received.update(frames=worker.recv_multipart()), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while broker.wants_write and time.monotonic() < deadline:
+        select.select([], [broker], [], 0.1)
+        broker.flush()
+    reader.join(30)
+    assert not broker.wants_write and received["frames"] == [P.JOB, b"header", payload]
+
+
+def test_the_broker_puts_a_message_together_from_pieces(pair):
+    """Bytes arrive as the kernel hands them over: a message split anywhere, even one byte at a time,
+    is read whole, and only when whole."""
+    worker, broker = pair
+    big = os.urandom(100_000)
+    raw = bytearray()
+    for frames in ([P.RESULT, b"h" * 10, big], [P.HEARTBEAT], [P.FAILED, b"{}"]):
+        raw += HEADER.pack(len(frames), *[len(f) for f in frames], *[0] * (4 - len(frames))) + b"".join(frames)
+    first = HEADER.size + len(P.RESULT) + 10 + len(big)
+    cuts = [1, 2, HEADER.size - 1, HEADER.size, HEADER.size + 3, 50_000, first - 1, first + 1, len(raw) - 1, len(raw)]
+    start, messages = 0, []
+    for cut in cuts:
+        worker.sock.sendall(raw[start:cut])
+        start = cut
+        time.sleep(0.01)
+        messages += broker.read(100)
+        if cut < first:
+            assert messages == [], cut  # nothing before the whole of it
+        if cut == first + 1:
+            assert len(messages) == 1
+    assert [bytes(f) for f in messages[0]] == [P.RESULT, b"h" * 10, big]
+    assert messages[1:] == [[P.HEARTBEAT], [P.FAILED, b"{}"]]
+
+
+@pytest.mark.parametrize("header", [
+    HEADER.pack(0, 0, 0, 0, 0),          # no frame
+    HEADER.pack(9, 1, 1, 1, 1),          # more frames than a message has
+    HEADER.pack(1, 5, 7, 0, 0),          # a length past the frame count
+])
+def test_what_is_not_a_message_closes_the_link(pair, header):
+    worker, broker = pair
+    worker.sock.sendall(header)
+    with pytest.raises(LinkClosed):
+        read_until(broker, 1)
+
+
+def test_a_message_over_the_cap_closes_the_link_before_it_is_read():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    broker = BrokerLink(theirs, pid=0, max_bytes=1000)
+    try:
+        ours.sendall(HEADER.pack(2, 10, 1 << 40, 0, 0))  # 1 TB announced: refused, not allocated
+        with pytest.raises(LinkClosed, match="over the 1000"):
+            read_until(broker, 1)
+    finally:
+        ours.close()
+        broker.close()
+
+
+def test_either_end_sees_the_other_go(pair):
+    worker, broker = pair
+    worker.close()
+    with pytest.raises(LinkClosed, match="closed"):
+        read_until(broker, 1)
+    with pytest.raises(LinkClosed):
+        for _ in range(100):  # the first sends may still land in the socket's buffer
+            broker.send([P.HEARTBEAT])
+
+
+def test_the_worker_sees_the_broker_close(pair):
+    worker, broker = pair
+    broker.close()
+    with pytest.raises(ConnectionError):
+        worker.recv_multipart()
+
+
+def test_the_listener_names_each_peer_by_the_pid_the_kernel_saw(tmp_path):
+    listener = LinkListener(str(tmp_path / "workers"))
+    try:
+        here = WorkerLink.connect(str(tmp_path / "workers"))
+        child = subprocess.Popen([sys.executable, "-c", (
+            "import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); time.sleep(30)"),
+            str(tmp_path / "workers")])
+        try:
+            peers, deadline = [], time.monotonic() + 30
+            while len(peers) < 2 and time.monotonic() < deadline:
+                select.select([listener], [], [], 0.2)
+                peers += listener.accept()
+            assert sorted((pid, uid) for _, pid, uid in peers) == sorted([(os.getpid(), os.getuid()),
+                                                                        (child.pid, os.getuid())])
+        finally:
+            child.kill()
+            child.wait(10)
+            here.close()
+            for conn, _, _ in peers:
+                conn.close()
+    finally:
+        listener.close()
+    assert not (tmp_path / "workers").exists()
