@@ -41,7 +41,12 @@ class LinkClosed(ConnectionError):
 
 def _views(frames: Iterable[Any]) -> list[memoryview]:
     """Each frame (bytes, a ZeroMQ frame, a C-contiguous array) as a view of its bytes."""
-    return [memoryview(frame).cast("B") for frame in frames]
+    return [_bytes_of(frame) for frame in frames]
+
+
+def _bytes_of(frame: Any) -> memoryview:
+    view = memoryview(frame)
+    return view.cast("B") if view.nbytes else memoryview(b"")  # an empty array's view cannot be cast
 
 
 def _header(views: list[memoryview]) -> bytes:

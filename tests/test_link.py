@@ -57,6 +57,15 @@ def test_messages_cross_both_ways_as_their_frames(pair):
     assert worker.recv_multipart() == [P.JOB, P.job_header(3, None, False, False), b'["a zmq frame"]']
 
 
+@pytest.mark.parametrize("array", [np.ones((2, 3, 4), dtype=np.float16), np.zeros((0, 384), dtype=np.float32)],
+                         ids=["per-token float16", "empty"])
+def test_any_array_a_worker_sends_arrives_as_its_bytes(pair, array):
+    worker, broker = pair
+    worker.send_multipart([P.RESULT, b"header", array], copy=False)
+    (message,) = read_until(broker, 1)
+    assert bytes(message[2]) == array.tobytes()
+
+
 def test_the_worker_reads_one_message_and_leaves_the_next_for_its_poll(pair):
     worker, broker = pair
     broker.send([P.HEARTBEAT])
