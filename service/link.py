@@ -195,6 +195,7 @@ class BrokerLink:
         self.max_bytes = max_bytes
         self.outbox: list[memoryview] = []
         self.polled = 0  # the poll flags it is registered with (kept by the broker)
+        self.broken: str | None = None  # why no more messages can come, once that is known
         self._expect_header()
 
     def fileno(self) -> int:
@@ -222,29 +223,38 @@ class BrokerLink:
             self.outbox = _advance(self.outbox, sent)
 
     def read(self, limit: int) -> list[list]:
-        """The whole messages that have come in, at most `limit`; LinkClosed at end of stream or on
-        anything that is not a message."""
-        messages = []
-        while len(messages) < limit:
+        """The whole messages that have come in, at most `limit`. At the end of the stream, or on
+        anything that is not a message, LinkClosed, once the messages before it are handed out (a
+        worker's last RESULT is often followed at once by its exit)."""
+        messages: list[list] = []
+        while len(messages) < limit and self.broken is None:
             if self.got < len(self.buffer):
                 try:
                     n = self.sock.recv_into(memoryview(self.buffer)[self.got:])
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:
-                    raise LinkClosed(f"the worker's link broke: {e}") from None
+                    self.broken = f"the worker's link broke: {e}"
+                    break
                 if n == 0:
-                    raise LinkClosed("the worker closed its link")
+                    self.broken = "the worker closed its link"
+                    break
                 self.got += n
                 if self.got < len(self.buffer):
                     continue
             if self.lengths is None:
-                self.lengths = _lengths(self.buffer, self.max_bytes)
+                try:
+                    self.lengths = _lengths(self.buffer, self.max_bytes)
+                except LinkClosed as e:
+                    self.broken = str(e)
+                    break
                 self.buffer, self.got = bytearray(sum(self.lengths)), 0
             else:
                 # The vectors stay a view of the message: the broker only forwards them to the client.
                 messages.append(_split(self.buffer, self.lengths, SMALL_FRAME))
                 self._expect_header()
+        if self.broken is not None and not messages:
+            raise LinkClosed(self.broken)
         return messages
 
     def _expect_header(self) -> None:

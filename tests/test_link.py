@@ -155,6 +155,18 @@ def test_either_end_sees_the_other_go(pair):
             broker.send([P.HEARTBEAT])
 
 
+def test_messages_before_the_end_are_read_before_the_end_is_reported(pair):
+    """A worker's last RESULT, then its exit: the broker gets the RESULT first."""
+    worker, broker = pair
+    worker.send_multipart([P.RESULT, b"last"])
+    worker.sock.sendall(HEADER.pack(1, 3, 0, 0, 0) + b"ab")  # half a message, then the end
+    worker.close()
+    time.sleep(0.05)
+    assert broker.read(100) == [[P.RESULT, b"last"]]
+    with pytest.raises(LinkClosed, match="closed"):
+        broker.read(100)
+
+
 def test_the_worker_sees_the_broker_close(pair):
     worker, broker = pair
     broker.close()
