@@ -54,8 +54,8 @@ from .backend import LogLimiter, WorkerPort, capacity_of, ready_is_from_spawned
 from .doors import Doors
 from .errors import StartupError
 from .handshakes import EVENTS as HANDSHAKE_EVENTS, HandshakeWatch
-from .link import BrokerLink, LinkClosed, LinkListener, poll_key
 from .intake import INLINE_PARSE_BYTES, MAX_HEADER_BYTES, IntakeProcess, check_sizes, peek_id, prepare
+from .link import BrokerLink, LinkClosed, LinkListener, poll_key
 from .metrics import RequestMetrics
 from .scheduler import DEFAULT_MAX_SEQ_LEN, Job, Limits, Request, Scheduler
 from .worker import worker_main
@@ -140,7 +140,7 @@ class Broker:
         self.worker_port: WorkerPort | None = None   # workers of other hosts, with -worker_port
         self.remote_slots: list[WorkerSlot] = []
         self.hostname = socketlib.gethostname()
-        self.by_identity: dict[bytes, WorkerSlot] = {}
+        self.by_identity: dict[bytes, WorkerSlot] = {}  # workers of other hosts, by routing id
         self.scheduler = Scheduler(Limits.from_config(config))
         self.intake: IntakeProcess | None = None
         self.monitor: zmq.Socket | None = None
