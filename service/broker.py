@@ -55,7 +55,7 @@ from .doors import Doors
 from .errors import StartupError
 from .handshakes import EVENTS as HANDSHAKE_EVENTS, HandshakeWatch
 from .intake import INLINE_PARSE_BYTES, MAX_HEADER_BYTES, IntakeProcess, check_sizes, peek_id, prepare
-from .link import BrokerLink, LinkClosed, LinkListener, poll_key
+from .link import BrokerSide, LinkClosed, LinkListener, poll_key
 from .metrics import RequestMetrics
 from .scheduler import DEFAULT_MAX_SEQ_LEN, Job, Limits, Request, Scheduler
 from .worker import worker_main
@@ -91,7 +91,7 @@ class WorkerSlot:
     process: Any = None
     identity: bytes = b""     # a worker of another host: its routing id on the worker port
     socket: Any = None        # a worker of another host: the worker port
-    link: BrokerLink | None = None  # a local worker: its link, once it connected
+    link: BrokerSide | None = None  # a local worker: its link, once it connected
     host: str = ""            # where it runs; workers of other hosts also have `remote` set
     remote: bool = False
     capacity: int = P.WORKER_PREFETCH_JOBS   # jobs it asked to hold at once (READY)
@@ -604,7 +604,7 @@ class Broker:
                                        "this broker spawned", pid)
                 conn.close()
                 continue
-            slot.link = BrokerLink(conn, pid)
+            slot.link = BrokerSide(conn)
             if self.poller is not None:
                 self.poller.register(slot.link, zmq.POLLIN)
                 slot.link.polled = zmq.POLLIN

@@ -91,16 +91,15 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int]:
 # ---------------------------------------------------------------- the worker's side
 
 
-class WorkerLink:
+class WorkerSide:
     """A worker's end: blocking, with the `send_multipart` / `recv_multipart` / `fileno` of a ZeroMQ
     socket, so that the worker's loop and `zmq.Poller` take either."""
 
-    def __init__(self, sock: socket.socket, max_bytes: int = NO_LIMIT) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.max_bytes = max_bytes
 
     @classmethod
-    def connect(cls, path: str) -> "WorkerLink":
+    def connect(cls, path: str) -> "WorkerSide":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
         return cls(sock)
@@ -119,7 +118,7 @@ class WorkerLink:
     def recv_multipart(self, copy: bool = True) -> list:
         """The next whole message; LinkClosed when the broker is gone. Reads exactly one message, so
         what follows stays in the socket and a poll on its fd still reports it."""
-        lengths = _lengths(self._read(HEADER.size), self.max_bytes)
+        lengths = _lengths(self._read(HEADER.size), NO_LIMIT)
         return _split(self._read(sum(lengths)), lengths, NO_LIMIT)  # bytes, as ZeroMQ's copy=True
 
     def _read(self, size: int) -> bytearray:
@@ -168,9 +167,7 @@ class LinkListener:
         while True:
             try:
                 conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return peers
-            except OSError:  # out of descriptors, or a peer that left at once: try again next turn
+            except OSError:  # none waiting, out of descriptors, or a peer that left at once: next turn
                 return peers
             try:
                 peers.append((conn, *peer_credentials(conn)))
@@ -185,13 +182,12 @@ class LinkListener:
             pass
 
 
-class BrokerLink:
+class BrokerSide:
     """The broker's end of one worker's link: never blocks."""
 
-    def __init__(self, sock: socket.socket, pid: int, max_bytes: int = NO_LIMIT) -> None:
+    def __init__(self, sock: socket.socket, max_bytes: int = NO_LIMIT) -> None:
         sock.setblocking(False)
         self.sock = sock
-        self.pid = pid
         self.max_bytes = max_bytes
         self.outbox: list[memoryview] = []
         self.polled = 0  # the poll flags it is registered with (kept by the broker)

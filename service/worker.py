@@ -37,7 +37,7 @@ from . import protocol as P
 from .backend import jobs_wanted
 from .client import ERR_SERVER, ERR_TIMEOUT
 from .config import ServerConfig
-from .link import WorkerLink, poll_key
+from .link import WorkerSide, poll_key
 from .logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class DirectReply:
     """Stands in for the compute thread's results socket when the I/O thread encodes a job itself:
     what it is given goes straight to the broker as a RESULT."""
 
-    def __init__(self, socket: zmq.Socket | WorkerLink) -> None:
+    def __init__(self, socket: zmq.Socket | WorkerSide) -> None:
         self.socket = socket
 
     def send_multipart(self, frames: list, copy: bool = True) -> None:
@@ -140,7 +140,7 @@ def worker_main(config: ServerConfig, index: int, link_path: str, parent_pid: in
     threads = cpu_threads(config)
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # before `tokenizers` is imported
     context = zmq.Context()  # for the compute thread's results, in-process
-    socket = WorkerLink.connect(link_path)
+    socket = WorkerSide.connect(link_path)
     try:
         encoder = load_encoder(config, index, threads)
     except Exception as e:  # any failure to load is reported, then this process ends
@@ -181,7 +181,7 @@ def load_encoder(config: ServerConfig, index: int, threads: int):
 
 
 class Worker:
-    def __init__(self, encoder, config: ServerConfig, socket: zmq.Socket | WorkerLink, context: zmq.Context,
+    def __init__(self, encoder, config: ServerConfig, socket: zmq.Socket | WorkerSide, context: zmq.Context,
                  parent_pid: int) -> None:
         self.encoder = encoder
         self.config = config

@@ -19,20 +19,20 @@ import pytest
 import zmq
 
 from service import protocol as P
-from service.link import HEADER, BrokerLink, LinkClosed, LinkListener, WorkerLink, poll_key
+from service.link import HEADER, BrokerSide, LinkClosed, LinkListener, WorkerSide, poll_key
 
 
 @pytest.fixture
 def pair():
     """(the worker's end, the broker's end) of one link."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    worker, broker = WorkerLink(ours), BrokerLink(theirs, pid=os.getpid())
+    worker, broker = WorkerSide(ours), BrokerSide(theirs)
     yield worker, broker
     worker.close()
     broker.close()
 
 
-def read_until(broker: BrokerLink, count: int, seconds: float = 10.0) -> list:
+def read_until(broker: BrokerSide, count: int, seconds: float = 10.0) -> list:
     """`count` messages from the broker's end, polling as the broker does."""
     messages, deadline = [], time.monotonic() + seconds
     while len(messages) < count and time.monotonic() < deadline:
@@ -135,7 +135,7 @@ def test_what_is_not_a_message_closes_the_link(pair, header):
 
 def test_a_message_over_the_cap_closes_the_link_before_it_is_read():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    broker = BrokerLink(theirs, pid=0, max_bytes=1000)
+    broker = BrokerSide(theirs, max_bytes=1000)
     try:
         ours.sendall(HEADER.pack(2, 10, 1 << 40, 0, 0))  # 1 TB announced: refused, not allocated
         with pytest.raises(LinkClosed, match="over the 1000"):
@@ -177,7 +177,7 @@ def test_the_worker_sees_the_broker_close(pair):
 def test_the_listener_names_each_peer_by_the_pid_the_kernel_saw(tmp_path):
     listener = LinkListener(str(tmp_path / "workers"))
     try:
-        here = WorkerLink.connect(str(tmp_path / "workers"))
+        here = WorkerSide.connect(str(tmp_path / "workers"))
         child = subprocess.Popen([sys.executable, "-c", (
             "import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); time.sleep(30)"),
             str(tmp_path / "workers")])
