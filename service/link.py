@@ -32,6 +32,7 @@ HEADER = struct.Struct("<I4Q")
 MAX_FRAMES = 4
 NO_LIMIT = 1 << 62  # the default cap on a message: both ends are processes of one server
 SMALL_FRAME = 4096  # frames up to this size are handed on as bytes; larger ones as views of the message
+RECV_CHUNK = 1 << 16  # what one recv asks for: a result of ~40 sentences' vectors, header and all
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -192,7 +193,10 @@ class BrokerSide:
         self.outbox: list[memoryview] = []
         self.polled = 0  # the poll flags it is registered with (kept by the broker)
         self.broken: str | None = None  # why no more messages can come, once that is known
-        self._expect_header()
+        self.inbox = bytearray()  # what has come in and is not yet a whole message
+        self.lengths: list[int] | None = None  # the frame lengths of the message being read
+        self.large: bytearray | None = None  # a message over RECV_CHUNK, read into a buffer of its own
+        self.got = 0  # bytes of `large` read so far
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -221,40 +225,80 @@ class BrokerSide:
     def read(self, limit: int) -> list[list]:
         """The whole messages that have come in, at most `limit`. At the end of the stream, or on
         anything that is not a message, LinkClosed, once the messages before it are handed out (a
-        worker's last RESULT is often followed at once by its exit)."""
+        worker's last RESULT is often followed at once by its exit).
+
+        One `recv` usually brings a whole RESULT, header and all: a read that comes back short
+        means the socket held no more, so it is not asked again (each system call costs tens of
+        microseconds on caches a forward pass just emptied; the next poll reports what comes later)."""
         messages: list[list] = []
-        while len(messages) < limit and self.broken is None:
-            if self.got < len(self.buffer):
-                try:
-                    n = self.sock.recv_into(memoryview(self.buffer)[self.got:])
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:
-                    self.broken = f"the worker's link broke: {e}"
-                    break
-                if n == 0:
-                    self.broken = "the worker closed its link"
-                    break
-                self.got += n
-                if self.got < len(self.buffer):
-                    continue
-            if self.lengths is None:
-                try:
-                    self.lengths = _lengths(self.buffer, self.max_bytes)
-                except LinkClosed as e:
-                    self.broken = str(e)
-                    break
-                self.buffer, self.got = bytearray(sum(self.lengths)), 0
+        more = True
+        while len(messages) < limit:
+            message = self._whole_message()
+            if message is not None:
+                messages.append(message)
+            elif self.broken is not None or not more:
+                break
             else:
-                # The vectors stay a view of the message: the broker only forwards them to the client.
-                messages.append(_split(self.buffer, self.lengths, SMALL_FRAME))
-                self._expect_header()
+                more = self._receive()
         if self.broken is not None and not messages:
             raise LinkClosed(self.broken)
         return messages
 
-    def _expect_header(self) -> None:
-        self.buffer, self.got, self.lengths = bytearray(HEADER.size), 0, None
+    def _receive(self) -> bool:
+        """One `recv`: into the large message being read, else into the inbox. False when the
+        socket may hold no more for now (it gave less than asked, or nothing)."""
+        try:
+            if self.large is not None:
+                n = self.sock.recv_into(memoryview(self.large)[self.got:])
+                wanted, self.got = len(self.large) - self.got, self.got + n
+            else:
+                data = self.sock.recv(RECV_CHUNK)
+                n, wanted = len(data), RECV_CHUNK
+                self.inbox += data
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            self.broken = f"the worker's link broke: {e}"
+            return False
+        if n == 0:
+            self.broken = "the worker closed its link"
+            return False
+        return n == wanted
+
+    def _whole_message(self) -> list | None:
+        """The next message if all of it has come in (taken out of the inbox), else None."""
+        if self.large is not None:
+            if self.got < len(self.large):
+                return None
+            body, self.large = self.large, None
+            return self._frames(body)
+        if self.lengths is None:
+            if len(self.inbox) < HEADER.size:
+                return None
+            try:
+                self.lengths = _lengths(bytes(self.inbox[:HEADER.size]), self.max_bytes)
+            except LinkClosed as e:
+                self.broken = str(e)
+                return None
+            del self.inbox[:HEADER.size]
+            size = sum(self.lengths)
+            if size > RECV_CHUNK:  # read straight into a buffer of its own: no copy through the inbox
+                self.large, self.got = bytearray(size), min(size, len(self.inbox))
+                self.large[:self.got] = self.inbox[:self.got]
+                del self.inbox[:self.got]
+                return self._whole_message()
+        size = sum(self.lengths)
+        if len(self.inbox) < size:
+            return None
+        body = self.inbox[:size]
+        del self.inbox[:size]
+        return self._frames(body)
+
+    def _frames(self, body: bytearray) -> list:
+        # The vectors stay a view of the message: the broker only forwards them to the client.
+        frames = _split(body, self.lengths, SMALL_FRAME)
+        self.lengths = None
+        return frames
 
     def close(self) -> None:
         self.sock.close()

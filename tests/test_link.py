@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from service import protocol as P
-from service.link import HEADER, BrokerSide, LinkClosed, LinkListener, WorkerSide, poll_key
+from service.link import HEADER, RECV_CHUNK, BrokerSide, LinkClosed, LinkListener, WorkerSide, poll_key
 
 
 @pytest.fixture
@@ -119,6 +119,49 @@ def test_the_broker_puts_a_message_together_from_pieces(pair):
             assert len(messages) == 1
     assert [bytes(f) for f in messages[0]] == [P.RESULT, b"h" * 10, big]
     assert messages[1:] == [[P.HEARTBEAT], [P.FAILED, b"{}"]]
+
+
+def test_messages_of_every_size_back_to_back_come_out_whole_and_in_order(pair):
+    """Small messages and ones larger than a read (RECV_CHUNK) in one stream: a large one that
+    starts in the middle of a read, ends in the middle of another, and one followed at once by the
+    next message's header."""
+    worker, broker = pair
+    sizes = [10, RECV_CHUNK + 1, 20, 3 * RECV_CHUNK, 5, RECV_CHUNK - HEADER.size, RECV_CHUNK, 0, 200_000, 7]
+    sent = [[P.RESULT, os.urandom(n)] for n in sizes]
+    sender = threading.Thread(target=lambda: [worker.send_multipart(frames) for frames in sent])
+    sender.start()  # the socket holds less than all of it: the sender waits on the reader
+    received = read_until(broker, len(sent))
+    sender.join(timeout=10)
+    assert [[bytes(f) for f in m] for m in received] == sent
+
+
+def test_one_recv_brings_a_small_message_whole(pair):
+    """A RESULT of one sentence's vector (the query's case) takes one system call to read, not one
+    for the header, one for the body and one more to find the socket empty."""
+    worker, broker = pair
+
+    class CountingSocket:  # the real socket, its recv calls counted
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock, self.calls = sock, 0
+
+        def recv(self, size: int) -> bytes:
+            self.calls += 1
+            return self.sock.recv(size)
+
+        def recv_into(self, buffer) -> int:
+            self.calls += 1
+            return self.sock.recv_into(buffer)
+
+        def close(self) -> None:
+            self.sock.close()
+
+    counted = broker.sock = CountingSocket(broker.sock)
+    vector = np.ones((1, 384), dtype=np.float32)
+    worker.send_multipart([P.RESULT, P.result_header(1, "float32", vector.shape, 12, 4.2), vector])
+    select.select([counted.sock], [], [], 5)
+    (message,) = broker.read(100)
+    assert counted.calls == 1
+    np.testing.assert_array_equal(np.frombuffer(message[2], dtype=np.float32), vector.ravel())
 
 
 @pytest.mark.parametrize("header", [
