@@ -191,6 +191,26 @@ def test_latency_bar_compares_the_server_with_bare_onnx_runtime():
     assert not missing.passed
 
 
+def test_the_p50_ratio_comes_with_an_interval_over_turns():
+    """Turns of calls that met a quiet machine and turns that met a busy one: the interval spans
+    what drawing those turns again gives, and holds the pooled ratio."""
+    rng = np.random.default_rng(1)
+    load = np.repeat(rng.choice([1.0, 1.6], size=30), benchmark.LATENCY_BLOCK)  # each turn's machine load
+    bare = list(4.0 * load + rng.normal(0, 0.1, load.size))
+    server = list(4.8 * load + rng.normal(0, 0.1, load.size))
+    low, high = benchmark.p50_ratio_interval(server, bare)
+    assert low <= np.median(server) / np.median(bare) <= high
+    assert 1.0 < low < 1.2 < high < 1.6
+    same = [5.0] * 100
+    assert benchmark.p50_ratio_interval(same, same) == (1.0, 1.0)
+    assert all(np.isnan(benchmark.p50_ratio_interval(same[:30], same[:30])))  # under two turns: no interval
+    (p50, _) = benchmark.BARS["latency_bar"]([benchmark.Row(f"latency/{benchmark.SERVER_PATH}", 128, "fp32", 1, 1, 1,
+                                                            len(server), runs=server),
+                                              benchmark.Row(f"latency/{benchmark.BARE_PATH}", 128, "fp32", 1, 1, 1,
+                                                            len(bare), runs=bare)])
+    assert "95% interval" in p50.detail
+
+
 def test_a_baseline_checkout_is_for_the_latency_comparison_and_must_hold_app_py(tmp_path, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["-baseline_checkout", str(benchmark.ROOT)])  # not a latency comparison
