@@ -132,9 +132,9 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     compute.add_argument("-max_batch_size", type=int_at_least(1), default=256, help="a request is split into mini-batches of this many sentences, spread over workers")
     compute.add_argument("-stall_timeout", type=seconds_at_least(1), default=300.0,
                          help="seconds a worker may hold jobs that make no progress (no job tokenized, no "
-                              "forward-pass window started or done) before it stops heartbeating and the "
-                              "broker replaces it and re-sends them; keep it above your longest window "
-                              "(up to 4 x -max_batch_size sentences)")
+                              "forward pass started or finished) before it stops heartbeating and the "
+                              "broker replaces it and re-sends them; keep it above your longest single pass "
+                              "(-max_batch_tokens padded tokens)")
     compute.add_argument("-max_batch_tokens", type=int_at_least(1), default=None,
                          help="padded tokens per forward pass (default: 1024 on CPU, 65536 on GPU)")
     compute.add_argument("-cpu_engine", choices=CPU_ENGINES, default="onnx",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 65536}
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _TORCH_DTYPES[effective_dtype(dtype, device.type)]
+
+
+def _nothing() -> None:
+    pass
 
 
 class Encoder:
@@ -136,17 +140,19 @@ class Encoder:
         hidden = self.model(ids_t, mask_t, keep=self.layers, token_type_ids=types_t)
         return pool(hidden, mask_t, self.pooling)
 
-    def encode_tokens(self, batch: TokenBatch) -> np.ndarray:
+    def encode_tokens(self, batch: TokenBatch, on_pass: Callable[[], object] | None = None) -> np.ndarray:
         """Vectors for tokenized sentences, in their order: (n, dim), or (n, T, dim) for NONE.
 
         When the device runs out of memory, the same sentences are encoded again in passes of half
         as many tokens, down to one sentence a pass; the vectors do not depend on how they were batched.
+        `on_pass()` is called as each forward pass of a batch split into several finishes (a worker's
+        stall clock: a window of many passes is long, but it moves).
         """
         budget = self.max_batch_tokens
         longest = int(batch.lengths.max()) if len(batch) else 0
         while True:
             try:
-                return self._encode_in_passes(batch, budget)
+                return self._encode_in_passes(batch, budget, on_pass or _nothing)
             except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
                 if not is_out_of_memory(e) or budget <= longest:
                     raise
@@ -167,7 +173,8 @@ class Encoder:
             return self.onnx.run(batch)
         return self.forward(batch).cpu().numpy()
 
-    def _encode_in_passes(self, batch: TokenBatch, max_tokens: int) -> np.ndarray:
+    def _encode_in_passes(self, batch: TokenBatch, max_tokens: int,
+                          on_pass: Callable[[], object] = _nothing) -> np.ndarray:
         n = len(batch)
         if n and int(batch.lengths.max()) * n <= max_tokens:
             # Fast path (one sentence per query is the common case): one pass in the batch's own
@@ -179,11 +186,19 @@ class Encoder:
         start = time.perf_counter()
         plan = plan_batches(batch.lengths, max_tokens)
         # Queue every forward pass first and copy results back after: one sync per call, not per batch.
+        # A CPU pass is over when `run` returns; a GPU's when its copy back is (`run` returns at once,
+        # or, once CUDA's queue is full, when an earlier pass is done: progress either way).
         run = self.onnx.run if self.onnx is not None else self.forward
-        results = [run(batch.take(index)) for index in plan]
+        on_gpu = self.device.type != "cpu"
+        results = []
+        for index in plan:
+            results.append(run(batch.take(index)))
+            on_pass()
         for index, vectors in zip(plan, results):
             if isinstance(vectors, torch.Tensor):
                 vectors = vectors.cpu().numpy()
+                if on_gpu:
+                    on_pass()
             if self.pooling.per_token:
                 out[index, :vectors.shape[1]] = vectors
             else:

@@ -34,7 +34,7 @@ class ServerConfig:
     - `startup_timeout`: seconds a worker may take to load the model.
     - `verbose`: debug logging.
     - `stall_timeout`: seconds a worker may hold jobs without any of them moving on (tokenized, a
-      forward-pass window started or done) before it stops heartbeating and is replaced.
+      forward pass started or done) before it stops heartbeating and is replaced.
     - `fault_dir`: fault injection for drills and tests ($BERT_SERVING_FAULT_DIR): files named
       `tokenize`, `compute` or `stall` in it break one worker's stage once (see `service/worker.py`).
       None (the default): off.

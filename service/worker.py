@@ -13,8 +13,9 @@ except after a CUDA error, which poisons the process: it exits and the broker re
 
 A stage thread that dies (a CUDA error, or any exception its loop does not handle) ends the process
 too, for the same reason. Heartbeats say that work moves, not only that the I/O thread is alive:
-while a job is in hand and no stage has moved any job on for `-stall_timeout` seconds, the I/O
-thread stops sending them, and the broker replaces the worker and re-sends its jobs.
+while a job is in hand and no stage has moved any job on (tokenized it, or finished a forward pass,
+of which a large window has many) for `-stall_timeout` seconds, the I/O thread stops sending them,
+and the broker replaces the worker and re-sends its jobs.
 """
 from __future__ import annotations
 
@@ -417,7 +418,7 @@ class Worker:
         try:
             # One job (the usual small request): its own batch, not a copy of it.
             batch = live[0].tokens if len(live) == 1 else TokenBatch.concat([job.tokens for job in live])
-            vectors = self.encoder.encode_tokens(batch)
+            vectors = self.encoder.encode_tokens(batch, on_pass=self.mark_progress)
         except Exception as e:
             if is_fatal_device_error(e):
                 raise FatalDeviceError(f"device error: {e}") from e  # ends the compute thread, then the process

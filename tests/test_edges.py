@@ -14,11 +14,13 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import real_sentences
 from service.client import BertClient, BertTimeoutError
 from service.harness import ROOT, RunningServer, free_port, rss_kb, wait_for
 
@@ -169,6 +171,23 @@ def test_a_worker_whose_stage_dies_or_stalls_is_replaced_and_its_jobs_answered(f
         assert f"the {fault} thread died (InjectedFault" in log, log[-3000:]
     replacement = ready_worker(fault_server, restarts + 1)
     assert replacement["pid"] != victim["pid"] and replacement["jobs_done"] == victim["jobs_done"] + 1, replacement
+
+
+def test_a_window_of_many_passes_longer_than_the_stall_timeout_is_not_a_stall(bundled_encoder):
+    """-stall_timeout is time in which no job moves on and no forward pass finishes, not the length
+    of a window: one request in one-sentence passes (-max_batch_tokens 16), seconds of work here
+    for a worker allowed 1 s, is answered by the worker that took it, which is never taken for stalled."""
+    texts = real_sentences(600, seed=11)
+    with RunningServer(["-num_worker", "1", "-stall_timeout", "1", "-max_batch_tokens", "16"]) as server, \
+            BertClient(port=server.port, timeout=300) as client:
+        started = time.monotonic()
+        vectors = client.encode(texts)
+        took = time.monotonic() - started
+        (worker,) = status(server.port)["workers"]
+        log = server.log()
+    np.testing.assert_allclose(vectors, bundled_encoder.encode(texts), rtol=0, atol=ATOL)
+    assert "no progress" not in log and "sent no heartbeat" not in log, f"{took:.1f} s\n{log[-3000:]}"
+    assert worker["restarts"] == 0 and worker["jobs_done"] == 3, worker  # 600 sentences: jobs of 256
 
 
 # ---------------------------------------------------------------- keys (item 8)
