@@ -103,6 +103,13 @@ def check_texts(texts: Any, is_tokenized: bool = False) -> list:
         raise BadRequestError(f"encode() takes a list of strings, got {type(texts).__name__}")
     if not texts:
         raise BadRequestError("encode() got an empty list: there is nothing to encode")
+    if not is_tokenized and all(type(item) is str for item in texts):
+        try:  # plain strings (a query's case); on a lone surrogate, the loop below names the item
+            for item in texts:
+                item.encode("utf-8")
+            return list(texts)
+        except UnicodeEncodeError:
+            pass
     for i, item in enumerate(texts):
         if is_tokenized:
             if not isinstance(item, (list, tuple)) or not all(isinstance(t, str) for t in item):
@@ -156,6 +163,10 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 
+# `json.dumps(texts, ensure_ascii=False)` builds a new encoder at every call; this one is built once.
+_TEXTS_TO_JSON = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def pack_request(request_id: int, cmd: str, texts: Sequence | None = None, timeout: float | None = None,
                  is_tokenized: bool = False, show_tokens: bool = False, tenant: str | None = None) -> list[bytes]:
     plain_timeout = timeout is None or type(timeout) in (int, float) and math.isfinite(timeout)
@@ -172,7 +183,7 @@ def pack_request(request_id: int, cmd: str, texts: Sequence | None = None, timeo
             header["tenant"] = tenant
         frames = [json.dumps(header).encode()]
     if cmd == "encode":
-        frames.append(json.dumps(texts, ensure_ascii=False).encode("utf-8"))
+        frames.append(_TEXTS_TO_JSON(texts).encode("utf-8"))
     return frames
 
 
@@ -403,6 +414,8 @@ class BertClient:
         if self._curve_keys is not None:
             socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = self._curve_keys
         socket.connect(self.address)
+        self._replies = zmq.Poller()  # kept with its socket: `socket.poll()` builds a poller at every call
+        self._replies.register(socket, zmq.POLLIN)
         return socket
 
     def _reconnect(self) -> None:
@@ -538,7 +551,7 @@ class BertClient:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while request_id not in self._early:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if wait is not None and wait == 0.0 or not self._socket.poll(None if wait is None else int(wait * 1000) + 1):
+            if wait is not None and wait == 0.0 or not self._replies.poll(None if wait is None else int(wait * 1000) + 1):
                 self._reconnect()
                 raise BertTimeoutError(f"no reply from {self.address} within {self.timeout} s: the server is "
                                        "down, unreachable, or still encoding (for large requests to a slow "
