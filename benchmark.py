@@ -926,11 +926,15 @@ def alternating_latencies(paths: dict[str, Callable[[list[str]], Any]], sentence
     """Milliseconds per one-sentence call of each path. The paths take turns in blocks of `block`
     calls, so a burst of load from elsewhere on the machine falls on all of them alike; the first
     `settle` calls of a block are not timed: the previous path's thread pools (ONNX Runtime's and
-    OpenMP's spin after each call) are still leaving the cores then, which no single-engine user sees."""
+    OpenMP's spin after each call) are still leaving the cores then, which no single-engine user sees.
+    The order of the paths reverses every round, so that no path always follows the same one: a
+    server that always ran right after another server was 0.2-0.4 ms slower at p50 than in the
+    other place (two commits' servers swapped between runs, 2 cores)."""
     times: dict[str, list[float]] = {name: [] for name in paths}
-    index = 0
+    names, index, rounds = list(paths), 0, 0
     while any(len(t) < n for t in times.values()):
-        for name, encode in paths.items():
+        for name in names if rounds % 2 == 0 else names[::-1]:
+            encode = paths[name]
             for k in range(settle + min(block, n - len(times[name]))):
                 text = [sentences[index % len(sentences)]]
                 index += 1
@@ -938,6 +942,7 @@ def alternating_latencies(paths: dict[str, Callable[[list[str]], Any]], sentence
                 encode(text)
                 if k >= settle:
                     times[name].append((time.perf_counter() - start) * 1000)
+        rounds += 1
     return times
 
 

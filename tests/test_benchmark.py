@@ -172,8 +172,11 @@ def test_latency_paths_take_turns_in_blocks_and_settling_calls_are_not_timed():
     paths = {name: (lambda texts, name=name: calls.append(name)) for name in ("a", "b")}
     times = benchmark.alternating_latencies(paths, ["s1", "s2", "s3"], n=25, block=10, settle=2)
     assert {name: len(t) for name, t in times.items()} == {"a": 25, "b": 25}
-    # blocks of 10 timed calls after 2 untimed ones, alternating: a a.. b b.. a.. b.. then the rest (5)
+    # blocks of 10 timed calls after 2 untimed ones, taking turns, the order reversed every round:
+    # a.. b.., then b.. a.., then a.. b.. with the rest (5)
     assert calls[:12] == ["a"] * 12 and calls[12:24] == ["b"] * 12
+    assert calls[24:36] == ["b"] * 12 and calls[36:48] == ["a"] * 12
+    assert calls[48:55] == ["a"] * 7 and calls[55:] == ["b"] * 7
     assert len(calls) == 2 * (25 + 3 * 2)
 
 
