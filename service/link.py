@@ -32,7 +32,7 @@ HEADER = struct.Struct("<I4Q")
 MAX_FRAMES = 4
 NO_LIMIT = 1 << 62  # the default cap on a message: both ends are processes of one server
 SMALL_FRAME = 4096  # frames up to this size are handed on as bytes; larger ones as views of the message
-RECV_CHUNK = 1 << 16  # what one recv asks for: a result of ~40 sentences' vectors, header and all
+RECV_CHUNK = 1 << 16  # what one recv asks for: a RESULT of up to ~40 vectors of 384 floats, header and all
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
