@@ -38,8 +38,10 @@ http.client instead: the door's own cost, without the openai client's.
 With -latency_compare, the run is one single-sentence latency table instead: the server through
 BertClient, our `Encoder` in this process (each -cpu_engine), bare ONNX Runtime (the Hugging Face model
 exported with eager attention and fused by ONNX Runtime's transformer optimizer, tokenized by
-`tokenizers`, mean-pooled in numpy: what a user would write by hand) and sentence-transformers. They
-take turns in blocks of 20 sentences, so load from elsewhere falls on all alike; p50/p90/p99 of each.
+`tokenizers`, mean-pooled in numpy: what a user would write by hand), the same bare ONNX Runtime in a
+process of its own that the client calls directly (the floor under any server's latency), and
+sentence-transformers. They take turns in blocks of 20 sentences, in an order drawn afresh every
+round, so load from elsewhere falls on all alike; p50/p90/p99 of each, and the p50 ratios' 95% intervals.
 It is meant for the bundled model (the bare path pools as it does: mean, normalised).
 -baseline_checkout DIR adds the server of another checkout (`git worktree add /tmp/base HEAD~3`) to
 the turns: a before/after in one run, which on a noisy machine is sharper than two runs.
@@ -845,6 +847,7 @@ class Benchmark:
 
 SERVER_PATH = "server (BertClient)"
 BARE_PATH = "bare onnxruntime"
+BARE_PROCESS_PATH = "bare onnxruntime, own process"
 LATENCY_BLOCK = 20  # timed one-sentence calls per path per turn
 
 
@@ -921,19 +924,77 @@ class BareOnnxRuntime:
         return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
+def serve_bare_onnx_runtime(model_dir: str, max_seq_len: int, threads: int, folder: Path, port: int,
+                            ready: Any) -> None:
+    """The body of `BareOnnxRuntimeProcess`'s process: JSON texts in, float32 vectors out, until killed."""
+    import zmq
+
+    bare = BareOnnxRuntime(model_dir, max_seq_len, threads, folder)
+    socket = zmq.Context().socket(zmq.REP)
+    socket.bind(f"tcp://127.0.0.1:{port}")
+    ready.set()
+    while True:
+        texts = json.loads(socket.recv())
+        socket.send(np.ascontiguousarray(bare.encode(texts), dtype=np.float32))
+
+
+class BareOnnxRuntimeProcess:
+    """Bare ONNX Runtime in a process of its own, the client talking to it directly (ZeroMQ REQ/REP,
+    no broker, no checks): what the model costs out of the caller's process before any server code,
+    the floor under every server's latency on the machine."""
+
+    def __init__(self, model_dir: str, max_seq_len: int, threads: int, folder: Path) -> None:
+        import multiprocessing
+
+        import zmq
+
+        bare_onnx_graph(model_dir, folder)  # exported here, once: the process loads the file
+        port, spawn = free_port(), multiprocessing.get_context("spawn")
+        ready = spawn.Event()
+        self.process = spawn.Process(target=serve_bare_onnx_runtime, name="bare-onnxruntime", daemon=True,
+                                     args=(model_dir, max_seq_len, threads, folder, port, ready))
+        self.process.start()
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.REQ)
+        self.socket.setsockopt(zmq.RCVTIMEO, int(CLIENT_TIMEOUT * 1000))
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(f"tcp://127.0.0.1:{port}")
+        if not ready.wait(SERVER_READY_TIMEOUT):
+            self.close()
+            raise RuntimeError("bare ONNX Runtime did not start in its process")
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        self.socket.send(json.dumps(list(texts)).encode())
+        return np.frombuffer(self.socket.recv(), dtype=np.float32).reshape(len(texts), -1)
+
+    def close(self) -> None:
+        self.socket.close()
+        self.context.term()
+        self.process.kill()
+        self.process.join(timeout=10)
+
+    def __enter__(self) -> "BareOnnxRuntimeProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def alternating_latencies(paths: dict[str, Callable[[list[str]], Any]], sentences: Sequence[str], n: int,
                           block: int = LATENCY_BLOCK, settle: int = 3) -> dict[str, list[float]]:
     """Milliseconds per one-sentence call of each path. The paths take turns in blocks of `block`
     calls, so a burst of load from elsewhere on the machine falls on all of them alike; the first
     `settle` calls of a block are not timed: the previous path's thread pools (ONNX Runtime's and
     OpenMP's spin after each call) are still leaving the cores then, which no single-engine user sees.
-    The order of the paths reverses every round, so that no path always follows the same one: a
-    server that always ran right after another server was 0.2-0.4 ms slower at p50 than in the
-    other place (two commits' servers swapped between runs, 2 cores)."""
+    The order of the paths is drawn afresh every round (seeded: the same every run), so that no path
+    always follows the same one: in a fixed order, a server that always ran right after another
+    server was 0.2-0.4 ms slower at p50 than in the other place (two commits' servers swapped between
+    runs, 2 cores). (An order reversing every round would give the first and the last path two
+    blocks in a row at every other round's start.)"""
     times: dict[str, list[float]] = {name: [] for name in paths}
-    names, index, rounds = list(paths), 0, 0
+    names, index, order = list(paths), 0, np.random.default_rng(0)
     while any(len(t) < n for t in times.values()):
-        for name in names if rounds % 2 == 0 else names[::-1]:
+        for name in (names[i] for i in order.permutation(len(names))):
             encode = paths[name]
             for k in range(settle + min(block, n - len(times[name]))):
                 text = [sentences[index % len(sentences)]]
@@ -942,7 +1003,6 @@ def alternating_latencies(paths: dict[str, Callable[[list[str]], Any]], sentence
                 encode(text)
                 if k >= settle:
                     times[name].append((time.perf_counter() - start) * 1000)
-        rounds += 1
     return times
 
 
@@ -1008,6 +1068,7 @@ def run_latency_comparison(args: argparse.Namespace, model_dir: str | None, mode
                 BertClient(port=baseline.port, timeout=CLIENT_TIMEOUT)).encode
         paths |= {
             BARE_PATH: BareOnnxRuntime(folder, length, threads, args.out).encode,
+            BARE_PROCESS_PATH: stack.enter_context(BareOnnxRuntimeProcess(folder, length, threads, args.out)).encode,
             "Encoder (onnx)": Encoder.from_dir(model_dir, max_seq_len=length, cpu_engine="onnx",
                                                onnx_cache_dir=cache).encode,
             "Encoder (torch)": Encoder.from_dir(model_dir, max_seq_len=length, cpu_engine="torch").encode,
@@ -1029,10 +1090,13 @@ def run_latency_comparison(args: argparse.Namespace, model_dir: str | None, mode
         p50, p90, p99 = np.percentile(runs, [50, 90, 99])
         print(f"{name:<30}{p50:>9.2f}{p90:>9.2f}{p99:>9.2f}{p50 / bare_p50:>11.2f}x{gaps[name]:>15.1e}")
         rows.append(Row(f"latency/{name}", length, "fp32", args.num_worker[0], 1, 1, n, runs=runs))
-    for name in (name for name in times if "server" in name):
+    for name in (name for name in times if "server" in name or name == BARE_PROCESS_PATH):
         low, high = p50_ratio_interval(times[name], times[BARE_PATH])
         if not math.isnan(low):
             print(f"{name}: p50 / bare, 95% interval {low:.2f}x-{high:.2f}x (whole turns drawn again, 2,000 times)")
+    floor = float(np.percentile(times[BARE_PROCESS_PATH], 50))
+    print(f"the model in a process of its own costs {floor / bare_p50:.2f}x of bare ONNX Runtime at p50 on this machine: "
+          f"the floor under any server's; this server is {np.percentile(times[SERVER_PATH], 50) / floor:.2f}x of it")
     write_csv(args.out / "results.csv", rows, {"hardware": hardware, "device": "cpu", "model": model_name,
                                                 "max_in_flight": 1})
     return report_bars(args.preset, rows, hardware)

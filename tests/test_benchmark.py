@@ -168,16 +168,21 @@ def test_cpu_meter_reports_a_share_of_the_machine():
 
 
 def test_latency_paths_take_turns_in_blocks_and_settling_calls_are_not_timed():
-    calls: list[str] = []
-    paths = {name: (lambda texts, name=name: calls.append(name)) for name in ("a", "b")}
-    times = benchmark.alternating_latencies(paths, ["s1", "s2", "s3"], n=25, block=10, settle=2)
-    assert {name: len(t) for name, t in times.items()} == {"a": 25, "b": 25}
-    # blocks of 10 timed calls after 2 untimed ones, taking turns, the order reversed every round:
-    # a.. b.., then b.. a.., then a.. b.. with the rest (5)
-    assert calls[:12] == ["a"] * 12 and calls[12:24] == ["b"] * 12
-    assert calls[24:36] == ["b"] * 12 and calls[36:48] == ["a"] * 12
-    assert calls[48:55] == ["a"] * 7 and calls[55:] == ["b"] * 7
-    assert len(calls) == 2 * (25 + 3 * 2)
+    def run() -> tuple[dict, list[str]]:
+        calls: list[str] = []
+        paths = {name: (lambda texts, name=name: calls.append(name)) for name in ("a", "b", "c")}
+        return benchmark.alternating_latencies(paths, ["s1", "s2", "s3"], n=95, block=10, settle=2), calls
+
+    times, calls = run()
+    assert {name: len(t) for name, t in times.items()} == {"a": 95, "b": 95, "c": 95}
+    # blocks of 10 timed calls after 2 untimed ones; every round holds each path once, in an order
+    # drawn afresh; the last round's blocks hold the rest (5)
+    blocks = [calls[i:i + 12] for i in range(0, 9 * 3 * 12, 12)] + [calls[324 + i:324 + i + 7] for i in (0, 7, 14)]
+    assert sum(blocks, []) == calls and all(len(set(b)) == 1 for b in blocks)
+    rounds = [tuple(b[0] for b in blocks[i:i + 3]) for i in range(0, len(blocks), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert len(set(rounds)) > 1  # not one fixed order
+    assert run()[1] == calls  # seeded: the same order every run
 
 
 def test_latency_bar_compares_the_server_with_bare_onnx_runtime():
@@ -212,6 +217,17 @@ def test_the_p50_ratio_comes_with_an_interval_over_turns():
                                               benchmark.Row(f"latency/{benchmark.BARE_PATH}", 128, "fp32", 1, 1, 1,
                                                             len(bare), runs=bare)])
     assert "95% interval" in p50.detail
+
+
+def test_bare_onnx_runtime_in_a_process_of_its_own_gives_the_same_vectors_and_stops(tmp_path, bundled_dir):
+    texts = ["a query about the weather", "Another, longer sentence to embed: with punctuation!"]
+    here = benchmark.BareOnnxRuntime(str(bundled_dir), 128, 1, tmp_path)
+    with benchmark.BareOnnxRuntimeProcess(str(bundled_dir), 128, 1, tmp_path) as there:
+        pid = there.process.pid
+        assert os.path.exists(f"/proc/{pid}")
+        np.testing.assert_array_equal(there.encode(texts), here.encode(texts).astype(np.float32))
+        np.testing.assert_array_equal(there.encode(texts[:1]), here.encode(texts[:1]).astype(np.float32))
+    assert there.process.exitcode is not None  # stopped by its pid, and reaped
 
 
 def test_a_baseline_checkout_is_for_the_latency_comparison_and_must_hold_app_py(tmp_path, capsys):
