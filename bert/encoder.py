@@ -140,7 +140,7 @@ class Encoder:
         hidden = self.model(ids_t, mask_t, keep=self.layers, token_type_ids=types_t)
         return pool(hidden, mask_t, self.pooling)
 
-    def encode_tokens(self, batch: TokenBatch, on_pass: Callable[[], object] | None = None) -> np.ndarray:
+    def encode_tokens(self, batch: TokenBatch, on_pass: Callable[[], object] = _nothing) -> np.ndarray:
         """Vectors for tokenized sentences, in their order: (n, dim), or (n, T, dim) for NONE.
 
         When the device runs out of memory, the same sentences are encoded again in passes of half
@@ -152,7 +152,7 @@ class Encoder:
         longest = int(batch.lengths.max()) if len(batch) else 0
         while True:
             try:
-                return self._encode_in_passes(batch, budget, on_pass or _nothing)
+                return self._encode_in_passes(batch, budget, on_pass)
             except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
                 if not is_out_of_memory(e) or budget <= longest:
                     raise

@@ -58,8 +58,9 @@ def _header(views: list[memoryview]) -> bytes:
 
 
 def _lengths(header: bytes | bytearray, max_bytes: int) -> list[int]:
-    """The frame lengths a header announces; LinkClosed if it is not a header of this protocol."""
-    count, *lengths = HEADER.unpack(header)
+    """The frame lengths the header at the start of `header` announces; LinkClosed if it is not a
+    header of this protocol."""
+    count, *lengths = HEADER.unpack_from(header)
     if not 1 <= count <= MAX_FRAMES or any(lengths[count:]):
         raise LinkClosed(f"not a link message header (frame count {count})")
     if sum(lengths) > max_bytes:
@@ -276,7 +277,7 @@ class BrokerSide:
             if len(self.inbox) < HEADER.size:
                 return None
             try:
-                self.lengths = _lengths(bytes(self.inbox[:HEADER.size]), self.max_bytes)
+                self.lengths = _lengths(self.inbox, self.max_bytes)
             except LinkClosed as e:
                 self.broken = str(e)
                 return None
