@@ -59,6 +59,7 @@ from .link import BrokerSide, LinkClosed, LinkListener, poll_key
 from .metrics import RequestMetrics
 from .scheduler import DEFAULT_MAX_SEQ_LEN, Job, Limits, Request, Scheduler
 from .worker import worker_main
+from .zmtp import ZmtpRouter
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class Broker:
         self.listener = LinkListener(self.backend_address)  # the local workers' links
         self.strangers = LogLimiter(log)  # connections to it from processes this broker did not spawn
         self.poller: zmq.Poller | None = None
-        self.frontend: zmq.Socket | None = None
+        self.frontend: zmq.Socket | ZmtpRouter | None = None  # the client port (see open_frontend)
         self.handshakes: HandshakeWatch | None = None
         self.door_address = f"ipc://{self.runtime_dir}/doors"
         self.door_socket: zmq.Socket | None = None
@@ -218,6 +219,25 @@ class Broker:
         self.door_socket.bind(self.door_address)
 
     def open_frontend(self) -> None:
+        """The client port: the broker's own ZMTP reader (service/zmtp.py: no I/O thread between a
+        request and the broker), or with -auth_dir (CurveZMQ) or -zmq_client_port a libzmq ROUTER."""
+        v1_ports = (self.config.v1_port, self.config.v1_port_out) if self.config.v1_port else None
+        if not (self.config.auth_dir or self.config.zmq_client_port):
+            self.handshakes = HandshakeWatch(self.config.port, v1_ports)
+            try:
+                # Caps as the libzmq socket's below: a frame over 4x the polite limit drops the
+                # connection; -max_unread_replies replies unsent, and more wait in the broker's outbox.
+                self.frontend = ZmtpRouter(self.config.host, self.config.port,
+                                           4 * self.config.max_request_bytes, self.config.max_unread_replies,
+                                           on_refused=lambda reason: self.handshakes.note(time.monotonic()))
+                return
+            except socketlib.gaierror:  # not an address or a host name: libzmq also takes interface names
+                log.info("-host %s is not an address; the client port uses a libzmq socket", self.config.host)
+            except OSError as e:
+                raise StartupError(f"cannot listen on tcp://{self.config.host}:{self.config.port}: {e}") from None
+        self.open_zmq_frontend(v1_ports)
+
+    def open_zmq_frontend(self, v1_ports: tuple[int, int] | None) -> None:
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         # A hard cap on one frame above the polite limit (up to which the client gets a clear error):
@@ -244,7 +264,6 @@ class Broker:
         # With -auth_dir a failed handshake is the authenticator's to report (the 2019 client's shows as
         # "a client without CurveZMQ keys"); without, it is a wrong protocol.
         if self.authenticator is None:
-            v1_ports = (self.config.v1_port, self.config.v1_port_out) if self.config.v1_port else None
             self.handshakes = HandshakeWatch(self.config.port, v1_ports)
 
     # ------------------------------------------------------------ the loop
@@ -257,7 +276,8 @@ class Broker:
         next_heartbeat = 0.0
         while not self.stop_requested:
             before_poll = time.monotonic()
-            events = dict(self.poller.poll(OUTBOX_POLL_MS if self.outboxes else POLL_MS))
+            events = dict(self.poller.poll(0 if self.frontend_backlog() else OUTBOX_POLL_MS if self.outboxes
+                                           else POLL_MS))
             woke = time.monotonic()
             self.forgive_own_stall(woke - before_poll - POLL_MS / 1000)  # the poll itself came back late
             self.flush_outboxes()
@@ -281,6 +301,8 @@ class Broker:
             self.intake.check()
             if now >= self.next_expiry:
                 self.expire(now)
+                if isinstance(self.frontend, ZmtpRouter):
+                    self.frontend.expire_handshakes(now)
                 self.next_expiry = now + EXPIRE_INTERVAL
             self.dispatch()
             self.poll_link_output()
@@ -310,8 +332,16 @@ class Broker:
         if self.intake.socket in events:
             self.drain(self.intake.socket, self.intake.on_message)
         for socket in (self.frontend, self.door_socket):
-            if socket in events:
+            if poll_key(socket) in events or socket is self.frontend and self.frontend_backlog():
                 self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
+        if isinstance(self.frontend, ZmtpRouter):
+            for client in self.frontend.take_departed():
+                self.drop_client(client)
+
+    def frontend_backlog(self) -> bool:
+        """Whether the client port holds messages already read (a drain stops at its bound; the
+        ZMTP reader's poll fd does not show what it has read and not handed over)."""
+        return isinstance(self.frontend, ZmtpRouter) and bool(self.frontend.messages)
 
     @staticmethod
     def drain(socket: zmq.Socket, handler, limit: int = DRAIN_MESSAGES, seconds: float = DRAIN_SECONDS) -> None:
@@ -346,7 +376,7 @@ class Broker:
 
     def on_client_message(self, socket: zmq.Socket, frames: list) -> None:
         client = frames[0].bytes
-        if socket is self.frontend:
+        if socket is self.frontend and self.monitor is not None:  # the ZMTP reader reports departures itself
             self.note_peer(frames[-1], client)
         try:
             self.handle_request(socket, client, frames[1:])
@@ -869,7 +899,7 @@ class Broker:
                 if remote is not None and remote in events:
                     self.drain(remote, self.on_remote_message)
                 for socket in (self.frontend, self.door_socket):
-                    if socket in events:
+                    if poll_key(socket) in events:
                         self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
                 for slot in self.slots:
                     if slot.in_flight and slot.process.exitcode is not None:  # died: no replacement now

@@ -31,6 +31,8 @@ class ServerConfig:
     - `cpu_threads`: torch threads per CPU worker (None: the machine's cores divided between workers).
     - `output_dtype`: 'float32' or 'float16' on the wire.
     - `auth_dir`: CurveZMQ keys (server.key_secret and clients/*.key); None: no authentication.
+    - `zmq_client_port`: serve the client port with a libzmq socket rather than the broker's own
+      ZMTP reader (service/zmtp.py); always so with `auth_dir`.
     - `startup_timeout`: seconds a worker may take to load the model.
     - `verbose`: debug logging.
     - `stall_timeout`: seconds a worker may hold jobs without any of them moving on (tokenized, a
@@ -69,6 +71,7 @@ class ServerConfig:
     cpu_threads: int | None = None
     output_dtype: str = "float32"
     auth_dir: str | None = None
+    zmq_client_port: bool = False
     startup_timeout: float = 600.0
     verbose: bool = False
     stall_timeout: float = 300.0
@@ -152,6 +155,7 @@ class ServerConfig:
             "max_client_requests": self.max_client_requests, "max_timeout": self.max_timeout,
             "max_unread_replies": self.max_unread_replies,
             "output_dtype": self.output_dtype, "authentication": self.auth_dir is not None,
+            "zmq_client_port": self.zmq_client_port or self.auth_dir is not None,
             "verbose": self.verbose, "http_port": self.http_port, "http_host": self.http_host,
             "http_api_key": self.api_key is not None, "stall_timeout": self.stall_timeout,
             "fault_injection": self.fault_dir is not None, "v1_port": self.v1_port, "v1_port_out": self.v1_port_out,

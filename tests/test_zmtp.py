@@ -1,0 +1,259 @@
+"""The client port's own ZMTP reader (service/zmtp.py) against real libzmq peers on loopback: what a
+libzmq ROUTER did for the broker, it must do, and what libzmq turned away, it must turn away."""
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from service.zmtp import HANDSHAKE_TIMEOUT, MAX_FRAMES, ZmtpRouter
+
+MAX_FRAME = 1 << 20
+
+
+@pytest.fixture
+def router():
+    refused: list[str] = []
+    r = ZmtpRouter("127.0.0.1", 0, MAX_FRAME, 4, on_refused=refused.append)
+    r.refused = refused
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def dealer(context: zmq.Context, port: int, identity: bytes | None = None, **options) -> zmq.Socket:
+    s = context.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if identity is not None:
+        s.setsockopt(zmq.IDENTITY, identity)
+    for name, value in options.items():
+        s.setsockopt(getattr(zmq, name), value)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    return s
+
+
+def receive(router: ZmtpRouter, n: int = 1, timeout: float = 5.0) -> list[list[bytes]]:
+    """`n` whole messages from the router, as it hands them to the broker."""
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"{len(out)} of {n} messages within {timeout} s"
+        try:
+            out.append([f.bytes for f in router.recv_multipart()])
+        except zmq.Again:
+            time.sleep(0.002)
+    return out
+
+
+def wait_until(condition, router: ZmtpRouter, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        router.pump()
+        time.sleep(0.002)
+
+
+def test_messages_from_libzmq_dealers_arrive_whole_in_order_and_replies_are_routed(router, context):
+    a = dealer(context, router.port, b"c-alpha")
+    b = dealer(context, router.port)  # no identity: the router names it
+    for i in range(50):
+        a.send_multipart([b"a", str(i).encode()])
+        b.send_multipart([b"b", str(i).encode(), b"third frame"])
+    got = receive(router, 100)
+    from_a = [m for m in got if m[0] == b"c-alpha"]
+    from_b = [m for m in got if m[0] != b"c-alpha"]
+    assert [m[1:] for m in from_a] == [[b"a", str(i).encode()] for i in range(50)]
+    assert [m[1:] for m in from_b] == [[b"b", str(i).encode(), b"third frame"] for i in range(50)]
+    b_id = from_b[0][0]
+    assert b_id[:1] == b"\x00" and len(b_id) == 5 and {m[0] for m in from_b} == {b_id}
+    # Replies of every kind of frame the broker sends: bytes, a view, an array, an empty frame.
+    vectors = np.arange(384 * 3, dtype=np.float32).reshape(3, 384)
+    router.send_multipart([b"c-alpha", b"header", vectors])
+    router.send_multipart([b_id, memoryview(b"to b"), b""])
+    assert a.poll(5000) and a.recv_multipart() == [b"header", vectors.tobytes()]
+    assert b.poll(5000) and b.recv_multipart() == [b"to b", b""]
+    assert router.refused == []
+
+
+def test_large_messages_cross_many_reads_intact(router, context):
+    a = dealer(context, router.port, b"c-big")
+    big = np.random.default_rng(0).bytes(MAX_FRAME - 100)
+    for size in (0, 1, 255, 256, 70_000, len(big)):
+        a.send_multipart([b"h", big[:size]])
+    got = receive(router, 6)
+    assert [len(m[2]) for m in got] == [0, 1, 255, 256, 70_000, len(big)]
+    assert got[-1][2] == big
+    router.send_multipart([b"c-big", big])
+    assert a.poll(5000) and a.recv() == big
+
+
+def test_a_taken_or_reserved_identity_gets_one_of_ours(router, context):
+    first = dealer(context, router.port, b"c-same")
+    first.send(b"1")
+    assert receive(router)[0][0] == b"c-same"
+    second = dealer(context, router.port, b"c-same")
+    second.send(b"2")
+    other = receive(router)[0][0]
+    assert other != b"c-same" and other[:1] == b"\x00"
+    # A reply to "c-same" goes to the first, not to the one that asked for the same name.
+    router.send_multipart([b"c-same", b"for the first"])
+    assert first.poll(5000) and first.recv() == b"for the first"
+    assert not second.poll(200)
+
+
+def test_heartbeats_are_answered_so_libzmq_keeps_the_connection(router, context):
+    a = dealer(context, router.port, b"c-hb", HEARTBEAT_IVL=50, HEARTBEAT_TIMEOUT=150)
+    monitor = a.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    a.send(b"hello")
+    assert receive(router)[0] == [b"c-hb", b"hello"]
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # 20 heartbeats; unanswered, libzmq drops the link at 150 ms
+        router.pump()
+        time.sleep(0.01)
+    assert not monitor.poll(0), recv_monitor_message(monitor)
+    assert router.take_departed() == []
+    a.disable_monitor()
+
+
+def test_a_client_that_leaves_is_reported_once_and_replies_to_it_are_skipped(router, context):
+    a = dealer(context, router.port, b"c-leaving")
+    a.send(b"x")
+    receive(router)
+    a.close(linger=0)
+    wait_until(lambda: router.by_identity.get(b"c-leaving") is None, router)
+    assert router.take_departed() == [b"c-leaving"]
+    assert router.take_departed() == []
+    router.send_multipart([b"c-leaving", b"late"])  # a reply to a client gone: skipped, no error
+    router.send_multipart([b"c-never-was", b"stray"])
+    assert router.refused == []
+
+
+def test_a_client_that_does_not_read_fills_its_quota_then_sends_say_again(router, context):
+    a = dealer(context, router.port, b"c-slow", RCVHWM=1)
+    a.send(b"x")
+    receive(router)
+    chunk = b"v" * (512 * 1024)
+    sent = 0
+    with pytest.raises(zmq.Again):
+        for _ in range(200):  # the kernel's buffers and libzmq's take some; then 4 unsent, then Again
+            router.send_multipart([b"c-slow", chunk])
+            sent += 1
+            router.pump()
+    assert router.by_identity[b"c-slow"].unsent == 4
+    received = 0
+    while received < sent:  # reading frees the quota; every reply accepted arrives whole
+        router.pump()
+        if a.poll(10):
+            assert a.recv() == chunk
+            received += 1
+    assert router.by_identity[b"c-slow"].unsent == 0
+    router.send_multipart([b"c-slow", b"again"])
+    assert a.poll(5000) and a.recv() == b"again"
+
+
+@pytest.mark.parametrize("peer", ["http", "probe", "push", "curve", "zmtp2"])
+def test_peers_that_do_not_speak_this_ports_protocol_are_turned_away(router, context, peer):
+    """HTTP, a TCP probe, the 2019 client's PUSH socket, a CurveZMQ client and a ZMTP 2 greeting:
+    each is closed during the handshake and reported once; the router serves on."""
+    if peer == "push":
+        s = context.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"tcp://127.0.0.1:{router.port}")
+        s.send(b"2019 request", zmq.NOBLOCK)
+    elif peer == "curve":
+        public, secret = zmq.curve_keypair()
+        s = context.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = public, public, secret
+        s.connect(f"tcp://127.0.0.1:{router.port}")
+    else:
+        raw = socket.create_connection(("127.0.0.1", router.port))
+        if peer == "http":
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        elif peer == "zmtp2":
+            raw.sendall(b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([1, 5]) + b"\x00")
+        else:
+            raw.close()
+    wait_until(lambda: router.refused, router)
+    assert len(router.refused) == 1 and router.by_fd == {} and router.by_identity == {}
+    assert router.take_departed() == []
+    good = dealer(context, router.port, b"c-good")
+    good.send(b"still serving")
+    assert receive(router)[0] == [b"c-good", b"still serving"]
+
+
+def test_a_peer_silent_after_connecting_is_closed_at_the_handshake_timeout(router):
+    raw = socket.create_connection(("127.0.0.1", router.port))
+    raw.sendall(b"\xff\x00\x00")  # the start of a greeting, then nothing
+    wait_until(lambda: router.by_fd, router)
+    router.expire_handshakes(time.monotonic())
+    assert router.by_fd and router.refused == []  # not yet
+    router.expire_handshakes(time.monotonic() + HANDSHAKE_TIMEOUT + 1)
+    assert router.by_fd == {} and len(router.refused) == 1
+    raw.settimeout(5)
+    assert raw.recv(1024)[:1] == b"\xff"  # it was sent our greeting, then the connection closed
+    raw.close()
+
+
+def test_a_frame_over_the_cap_closes_that_connection_before_it_is_read(router, context):
+    a = dealer(context, router.port, b"c-huge")
+    a.send(b"x" * (MAX_FRAME + 1))
+    wait_until(lambda: router.take_departed() == [b"c-huge"], router)
+    assert not router.messages
+    # A message whose frames together pass the cap, too.
+    b = dealer(context, router.port, b"c-parts")
+    b.send_multipart([b"y" * (MAX_FRAME // 2)] * 3)
+    wait_until(lambda: router.take_departed() == [b"c-parts"], router)
+    assert not router.messages
+    c = dealer(context, router.port, b"c-frames")
+    c.send_multipart([b""] * (MAX_FRAMES + 1))
+    wait_until(lambda: router.take_departed() == [b"c-frames"], router)
+    c.send_multipart([b""] * MAX_FRAMES)  # as many as the cap: handed over (the broker refuses it, clearly)
+    assert receive(router)[0] == [b"c-frames"] + [b""] * MAX_FRAMES
+    good = dealer(context, router.port, b"c-ok")
+    good.send(b"fine")
+    assert receive(router)[0] == [b"c-ok", b"fine"]
+
+
+# ---------------------------------------------------------------- through a real server
+
+@pytest.mark.parametrize("port_kind", ["own reader", "-zmq_client_port"])
+def test_a_real_server_serves_the_same_vectors_through_either_client_port(port_kind, bundled_encoder, context):
+    """BertClient, a bare pyzmq DEALER with heartbeats, and an HTTP request at the wrong port, against
+    app.py with the default client port and with -zmq_client_port: the same vectors, the same refusal
+    line in the log, and the server serves on."""
+    from service.client import BertClient, check_texts, pack_request, unpack_reply_header, unpack_vectors
+    from service.harness import RunningServer
+
+    texts = ["a query about the weather", "Héllo Wörld 中文 😀", ""]
+    expected = bundled_encoder.encode(texts)
+    args = ["-num_worker", "1"] + ([port_kind] if port_kind.startswith("-") else [])
+    with RunningServer(args) as server, BertClient(port=server.port, timeout=60) as bc:
+        assert np.abs(bc.encode(texts) - expected).max() < 1e-5
+        assert bc.server_config()["zmq_client_port"] is (port_kind != "own reader")
+        raw = dealer(context, server.port, HEARTBEAT_IVL=50, HEARTBEAT_TIMEOUT=200)
+        time.sleep(0.5)  # heartbeats go both ways meanwhile
+        raw.send_multipart(pack_request(41, "encode", check_texts(texts[:1]), 60.0), copy=False)
+        assert raw.poll(60_000)
+        frames = raw.recv_multipart()
+        header = unpack_reply_header(frames[0])
+        assert header["id"] == 41 and header["ok"]
+        assert np.abs(unpack_vectors(header, frames[1:]) - expected[:1]).max() < 1e-5
+        http = socket.create_connection(("127.0.0.1", server.port))
+        http.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        http.close()  # libzmq reports it when the peer gives up; our reader as soon as it reads it
+        deadline = time.monotonic() + 30
+        while "turned away during the ZeroMQ handshake" not in server.log():
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.05)
+        assert bc.server_status()["peers_turned_away"] == 1
+        assert np.abs(bc.encode(texts) - expected).max() < 1e-5
