@@ -2,11 +2,12 @@
 the NULL mechanism, over plain TCP, read and written by the broker's own loop.
 
 Why: through a libzmq socket a request wakes the port's I/O thread, which then wakes the broker, and
-a reply goes back the same way; on a 2-core machine each wake-up of an idle core costs 0.1-1.6 ms.
-Here the broker's poll wakes on the TCP socket itself. Stand-ins of the whole path (a client, a
-broker, a worker running bare ONNX Runtime), one sentence per request, the same runs: 0.16-0.31 ms
-less at p50 than a libzmq ROUTER (issue 13). Clients notice nothing: BertClient, pyzmq and any
-libzmq DEALER or REQ socket speak this protocol already.
+a reply goes back the same way: one more thread to schedule per message, on 2 cores shared with the
+model. Measured on 2 vCPUs, one sentence per request, this server against itself with
+-zmq_client_port in the same runs (issue 13): p99 lower in 6 runs of 6 (by 0.1-2.7 ms), the
+broker's CPU per query 0.54-0.61 ms against 0.66 ms, and p50 the same within the noise (-0.16 to
++0.13 ms; stand-ins of the path had promised 0.16-0.31 ms). Clients notice nothing: BertClient,
+pyzmq and any libzmq DEALER socket speak this protocol already.
 
 What it speaks (ZMTP 3.0, rfc.zeromq.org/spec/23, and 3.1, spec/37):
 
