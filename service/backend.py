@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,31 +28,10 @@ from bert.checkpoint import ModelFolder, inspect_folder
 from . import protocol as P
 from .config import ServerConfig
 from .errors import StartupError
+from .logs import LogLimiter
 
 log = logging.getLogger(__name__)
 
-STRANGER_LOG_INTERVAL = 10.0  # seconds between two log lines about peers that are not our workers
-
-
-class LogLimiter:
-    """Logs the first event at once, then at most one line per `interval` seconds, counting the
-    events it held back in between."""
-
-    def __init__(self, logger: logging.Logger, interval: float = STRANGER_LOG_INTERVAL) -> None:
-        self.logger = logger
-        self.interval = interval
-        self.next_at = 0.0
-        self.held_back = 0
-
-    def warning(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self.next_at:
-            self.held_back += 1
-            return
-        if self.held_back:
-            message += f" ({self.held_back} more like it in the last {self.interval:.0f} s not logged)"
-        self.logger.warning(message, *args)
-        self.next_at, self.held_back = now + self.interval, 0
 
 
 def ready_is_from_spawned(info: Any, spawned_pid: int | None) -> bool:

@@ -302,7 +302,7 @@ class Broker:
             if now >= self.next_expiry:
                 self.expire(now)
                 if isinstance(self.frontend, ZmtpRouter):
-                    self.frontend.expire_handshakes(now)
+                    self.frontend.tick(now)
                 self.next_expiry = now + EXPIRE_INTERVAL
             self.dispatch()
             self.poll_link_output()

@@ -1,8 +1,13 @@
-"""Log set-up for the server's processes (called by entry points only: app.py and worker start-up)."""
+"""Log set-up for the server's processes (`configure_logging`: called by entry points only, app.py and
+worker start-up), and a limiter for lines a peer could make the server repeat."""
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from typing import Any
+
+DEFAULT_INTERVAL = 10.0  # seconds between two lines of one LogLimiter
 
 
 def configure_logging(verbose: bool) -> None:
@@ -16,3 +21,24 @@ def configure_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+class LogLimiter:
+    """Logs the first event at once, then at most one line per `interval` seconds, counting the
+    events it held back in between."""
+
+    def __init__(self, logger: logging.Logger, interval: float = DEFAULT_INTERVAL) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.next_at = 0.0
+        self.held_back = 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.held_back += 1
+            return
+        if self.held_back:
+            message += f" ({self.held_back} more like it in the last {self.interval:.0f} s not logged)"
+        self.logger.warning(message, *args)
+        self.next_at, self.held_back = now + self.interval, 0

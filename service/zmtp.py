@@ -40,6 +40,8 @@ from typing import Any, Callable
 
 import zmq
 
+from .logs import LogLimiter
+
 log = logging.getLogger(__name__)
 
 SIGNATURE = b"\xff" + b"\x00" * 8 + b"\x7f"
@@ -55,6 +57,7 @@ HANDSHAKE_TIMEOUT = 30.0      # seconds to finish the greeting and READY (libzmq
 RECV_CHUNK = 1 << 18          # bytes one recv asks for
 READ_BUDGET = 1 << 22         # bytes read from one connection per pump, so that no client starves the rest
 ACCEPT_BUDGET = 64            # connections accepted per pump
+ACCEPT_PAUSE = 0.5            # seconds the port stops accepting when the process is out of fds or memory
 _LONG_SIZE = struct.Struct(">Q")
 
 
@@ -146,6 +149,9 @@ class ZmtpRouter:
         self.departed: list[bytes] = []                # clients whose connection closed
         self.next_id = 1
         self.closed = False
+        self.accept_paused_until = 0.0
+        # Lines a peer can make the server repeat, at most one per 10 s each.
+        self.accept_errors, self.violations = LogLimiter(log), LogLimiter(log)
 
     # ------------------------------------------------------------ the socket-like face
 
@@ -217,11 +223,15 @@ class ZmtpRouter:
             if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and self.by_fd.get(fd) is peer:
                 self.read(peer)
 
-    def expire_handshakes(self, now: float) -> None:
-        """Close connections that have not finished the handshake within HANDSHAKE_TIMEOUT (a peer that
-        connects and says nothing, or too little, would otherwise hold its socket forever)."""
+    def tick(self, now: float) -> None:
+        """Housekeeping, every half second or so: close connections that have not finished the
+        handshake within HANDSHAKE_TIMEOUT (a peer that connects and says nothing, or too little,
+        would otherwise hold its socket forever), and accept again after a pause."""
         for peer in [p for p in self.by_fd.values() if not p.ready and now - p.opened > HANDSHAKE_TIMEOUT]:
             self.drop(peer, refused="no handshake within %.0f s" % HANDSHAKE_TIMEOUT)
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            self.epoll.register(self.listener.fileno(), select.EPOLLIN)
 
     def accept(self) -> None:
         for _ in range(ACCEPT_BUDGET):
@@ -229,11 +239,11 @@ class ZmtpRouter:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
                 return
-            except OSError as e:  # out of fds (EMFILE), or the peer already gone: the rest wait
-                if e.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                    log.warning("cannot accept a client connection: %s", e)
-                    return
-                continue
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):  # that peer gave up already
+                    continue
+                self.pause_accepting(e)
+                return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = Peer(sock, time.monotonic())
@@ -242,6 +252,15 @@ class ZmtpRouter:
             # Our greeting and READY at once: NULL needs nothing from the peer before them.
             peer.outbox.append((memoryview(GREETING + _ready_command({b"Socket-Type": b"ROUTER"})), False))
             self.flush(peer)
+
+    def pause_accepting(self, error: OSError) -> None:
+        """Out of file descriptors (EMFILE) or memory: new connections wait in the kernel's backlog
+        and the listener leaves the poll for ACCEPT_PAUSE seconds; left in, its readiness would turn
+        the broker's loop into a busy loop."""
+        self.accept_errors.warning("cannot accept client connections (%s) with %d open; trying again every "
+                                   "%.1f s", error.strerror or error, len(self.by_fd), ACCEPT_PAUSE)
+        self.epoll.unregister(self.listener.fileno())
+        self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
 
     def read(self, peer: Peer) -> None:
         budget = READ_BUDGET
@@ -387,7 +406,7 @@ class ZmtpRouter:
             self.by_identity.pop(peer.identity, None)
             self.departed.append(peer.identity)
             if violation:
-                log.warning("closed the connection of client %s: %s", peer.identity[:12].hex(), violation)
+                self.violations.warning("closed the connection of client %s: %s", peer.identity[:12].hex(), violation)
         elif refused:
             log.debug("turned away a peer: %s", refused)
             self.on_refused(refused)

@@ -195,9 +195,9 @@ def test_a_peer_silent_after_connecting_is_closed_at_the_handshake_timeout(route
     raw = socket.create_connection(("127.0.0.1", router.port))
     raw.sendall(b"\xff\x00\x00")  # the start of a greeting, then nothing
     wait_until(lambda: router.by_fd, router)
-    router.expire_handshakes(time.monotonic())
+    router.tick(time.monotonic())
     assert router.by_fd and router.refused == []  # not yet
-    router.expire_handshakes(time.monotonic() + HANDSHAKE_TIMEOUT + 1)
+    router.tick(time.monotonic() + HANDSHAKE_TIMEOUT + 1)
     assert router.by_fd == {} and len(router.refused) == 1
     raw.settimeout(5)
     assert raw.recv(1024)[:1] == b"\xff"  # it was sent our greeting, then the connection closed
@@ -257,3 +257,81 @@ def test_a_real_server_serves_the_same_vectors_through_either_client_port(port_k
             time.sleep(0.05)
         assert bc.server_status()["peers_turned_away"] == 1
         assert np.abs(bc.encode(texts) - expected).max() < 1e-5
+
+
+ROUTER_UNDER_FD_LIMIT = r"""
+import logging, resource, sys, time, zmq
+sys.path.insert(0, sys.argv[1])
+from service.zmtp import ZmtpRouter
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+router = ZmtpRouter("127.0.0.1", 0, 1 << 20, 4)
+poller = zmq.Poller()
+poller.register(router, zmq.POLLIN)
+print(router.port, flush=True)
+turns, next_tick, deadline = 0, 0.0, time.monotonic() + 60
+while time.monotonic() < deadline:  # the broker's loop, in small
+    poller.poll(50)
+    turns += 1
+    now = time.monotonic()
+    if now >= next_tick:
+        router.tick(now)
+        next_tick = now + 0.1
+    while True:
+        try:
+            client, *frames = router.recv_multipart()
+        except zmq.Again:
+            break
+        if frames[0].bytes == b"turns":
+            router.send_multipart([client, str(turns).encode()])
+        elif frames[0].bytes == b"quit":
+            sys.exit(0)
+        else:
+            router.send_multipart([client, b"echo", *frames])
+"""
+
+
+def test_out_of_file_descriptors_the_port_pauses_accepting_without_spinning_then_recovers(tmp_path, context):
+    """A real router process with a low fd limit, flooded with idle connections: it logs once, its
+    loop does not spin on the listener it cannot accept from, and it accepts again as fds free up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "router.py"
+    script.write_text(ROUTER_UNDER_FD_LIMIT)
+    child = subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent.parent), "40"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flood: list[socket.socket] = []
+    try:
+        port = int(child.stdout.readline())
+        probe = dealer(context, port, b"c-probe")
+
+        def turns() -> int:
+            probe.send(b"turns")
+            assert probe.poll(10_000), "the router stopped answering"
+            return int(probe.recv())
+
+        for _ in range(60):  # more than the 40 fds it may hold
+            flood.append(socket.create_connection(("127.0.0.1", port)))
+        late = dealer(context, port, b"c-late")
+        late.send(b"hello")
+        before = turns()
+        time.sleep(2.0)
+        spent = turns() - before
+        assert spent < 200, f"{spent} loop turns in 2 s: the loop spins on a listener it cannot accept from"
+        assert not late.poll(0)  # not accepted yet
+        for s in flood:
+            s.close()
+        assert late.poll(10_000), "not accepted once descriptors were free again"
+        assert late.recv_multipart() == [b"echo", b"hello"]
+        probe.send(b"quit")
+        child.wait(timeout=10)
+    finally:
+        for s in flood:
+            s.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    log = child.stderr.read()
+    assert log.count("cannot accept client connections") == 1, log
