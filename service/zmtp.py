@@ -53,6 +53,7 @@ PEER_TYPES = {b"DEALER", b"REQ", b"ROUTER"}  # those a libzmq ROUTER accepts
 # than on the wire; libzmq had no such cap).
 MAX_FRAMES = 4096
 MAX_IDENTITY_BYTES = 255      # ZMTP's own limit on a routing id
+MAX_COMMAND_BYTES = 1 << 16   # a READY or a PING is tens of bytes; a peer not yet known gets no more
 HANDSHAKE_TIMEOUT = 30.0      # seconds to finish the greeting and READY (libzmq's ZMQ_HANDSHAKE_IVL)
 RECV_CHUNK = 1 << 18          # bytes one recv asks for
 READ_BUDGET = 1 << 22         # bytes read from one connection per pump, so that no client starves the rest
@@ -315,6 +316,8 @@ class ZmtpRouter:
                 size, head = _LONG_SIZE.unpack_from(data, pos + 1)[0], 9
             else:
                 size, head = data[pos + 1], 2
+            if (flags & COMMAND or not peer.ready) and size > MAX_COMMAND_BYTES:
+                raise ProtocolViolation(f"a command of {size} bytes")
             if size > self.max_frame or peer.parts_bytes + size > self.max_frame:
                 raise ProtocolViolation(f"a message over {self.max_frame} bytes")
             if end - pos - head < size:

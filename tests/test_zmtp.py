@@ -160,10 +160,11 @@ def test_a_client_that_does_not_read_fills_its_quota_then_sends_say_again(router
     assert a.poll(5000) and a.recv() == b"again"
 
 
-@pytest.mark.parametrize("peer", ["http", "probe", "push", "curve", "zmtp2"])
+@pytest.mark.parametrize("peer", ["http", "probe", "push", "curve", "zmtp2", "huge command"])
 def test_peers_that_do_not_speak_this_ports_protocol_are_turned_away(router, context, peer):
-    """HTTP, a TCP probe, the 2019 client's PUSH socket, a CurveZMQ client and a ZMTP 2 greeting:
-    each is closed during the handshake and reported once; the router serves on."""
+    """HTTP, a TCP probe, the 2019 client's PUSH socket, a CurveZMQ client, a ZMTP 2 greeting and an
+    oversized command before READY: each is closed during the handshake and reported once; the
+    router serves on."""
     if peer == "push":
         s = context.socket(zmq.PUSH)
         s.setsockopt(zmq.LINGER, 0)
@@ -181,6 +182,9 @@ def test_peers_that_do_not_speak_this_ports_protocol_are_turned_away(router, con
             raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         elif peer == "zmtp2":
             raw.sendall(b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([1, 5]) + b"\x00")
+        elif peer == "huge command":  # a good greeting, then a 100 MB "command" before READY: refused unread
+            greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([3, 1]) + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+            raw.sendall(greeting + b"\x06" + (100 << 20).to_bytes(8, "big") + b"\x05READY")
         else:
             raw.close()
     wait_until(lambda: router.refused, router)
