@@ -42,10 +42,11 @@ class LinkClosed(ConnectionError):
 
 def _views(frames: Iterable[Any]) -> list[memoryview]:
     """Each frame (bytes, a ZeroMQ frame, a C-contiguous array) as a view of its bytes."""
-    return [_bytes_of(frame) for frame in frames]
+    return [bytes_of(frame) for frame in frames]
 
 
-def _bytes_of(frame: Any) -> memoryview:
+def bytes_of(frame: Any) -> memoryview:
+    """A frame to send (bytes, a view, an array, a pyzmq Frame) as a flat view of its bytes."""
     view = memoryview(frame)
     return view.cast("B") if view.nbytes else memoryview(b"")  # an empty array's view cannot be cast
 

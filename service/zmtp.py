@@ -36,10 +36,11 @@ import struct
 import time
 from collections import deque
 from itertools import islice
-from typing import Any, Callable
+from typing import Callable
 
 import zmq
 
+from .link import bytes_of
 from .logs import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,6 @@ def _ready_command(properties: dict[bytes, bytes]) -> bytes:
 
 def _frame_header(size: int, flags: int) -> bytes:
     return bytes([flags | LONG]) + _LONG_SIZE.pack(size) if size > 255 else bytes([flags, size])
-
-
-def _bytes_of(frame: Any) -> memoryview:
-    """A frame to send (bytes, a view, an array, a pyzmq Frame) as a flat view of its bytes."""
-    view = memoryview(frame)
-    if view.format == "B" and view.ndim == 1:
-        return view
-    return view.cast("B") if view.nbytes else memoryview(b"")
 
 
 def parse_properties(data: bytes) -> dict[bytes, bytes]:
@@ -185,7 +178,7 @@ class ZmtpRouter:
             raise zmq.Again()
         last = len(frames) - 1
         for i in range(1, len(frames)):
-            view = _bytes_of(frames[i])
+            view = bytes_of(frames[i])
             peer.outbox.append((memoryview(_frame_header(view.nbytes, MORE if i < last else 0)), False))
             peer.outbox.append((view, i == last))
         peer.unsent += 1

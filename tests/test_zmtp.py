@@ -316,6 +316,7 @@ def test_out_of_file_descriptors_the_port_pauses_accepting_without_spinning_then
             assert probe.poll(10_000), "the router stopped answering"
             return int(probe.recv())
 
+        turns()  # the probe is connected before the flood
         for _ in range(60):  # more than the 40 fds it may hold
             flood.append(socket.create_connection(("127.0.0.1", port)))
         late = dealer(context, port, b"c-late")
