@@ -162,7 +162,7 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     net.add_argument("-auth_dir", default=None, help="CurveZMQ: encrypt and admit only the client keys in AUTH_DIR/clients")
     net.add_argument("-zmq_client_port", action="store_true",
                      help="serve the client port with a libzmq socket, not the broker's own ZMTP reader "
-                          "(~0.2 ms more per query on 2 cores; always so with -auth_dir)")
+                          "(one more thread per message: p99 ~10%% higher on 2 cores; always so with -auth_dir)")
     net.add_argument("-keygen", metavar="DIR", default=None, help="create CurveZMQ keys in DIR (server pair once, plus one client pair) and exit")
     net.add_argument("-client_name", default="client", help="name of the client key pair -keygen creates")
     net.add_argument("-worker_name", default=None, help="with -keygen: make a worker host's key pair NAME in DIR/workers; "
@@ -205,7 +205,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_client_requests=args.max_client_requests, max_timeout=float(args.max_timeout),
         max_unread_replies=args.max_unread_replies,
         device_map=tuple(args.device_map), cpu_threads=args.cpu_threads, output_dtype=args.output_dtype,
-        auth_dir=args.auth_dir, zmq_client_port=args.zmq_client_port, verbose=args.verbose, http_port=args.http_port, http_host=args.http_host,
+        auth_dir=args.auth_dir, zmq_client_port=args.zmq_client_port, verbose=args.verbose,
+        http_port=args.http_port, http_host=args.http_host,
         v1_port=args.v1_port, v1_port_out=args.v1_port_out, api_key=api_key(args), stall_timeout=args.stall_timeout,
         fault_dir=os.environ.get(FAULT_DIR_ENV) or None, worker_port=args.worker_port, join=args.join,
         worker_name=args.worker_name or "worker")

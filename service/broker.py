@@ -132,6 +132,7 @@ class Broker:
         self.strangers = LogLimiter(log)  # connections to it from processes this broker did not spawn
         self.poller: zmq.Poller | None = None
         self.frontend: zmq.Socket | ZmtpRouter | None = None  # the client port (see open_frontend)
+        self.reader: ZmtpRouter | None = None  # the same, when it is the broker's own ZMTP reader
         self.handshakes: HandshakeWatch | None = None
         self.door_address = f"ipc://{self.runtime_dir}/doors"
         self.door_socket: zmq.Socket | None = None
@@ -227,9 +228,9 @@ class Broker:
             try:
                 # Caps as the libzmq socket's below: a frame over 4x the polite limit drops the
                 # connection; -max_unread_replies replies unsent, and more wait in the broker's outbox.
-                self.frontend = ZmtpRouter(self.config.host, self.config.port,
-                                           4 * self.config.max_request_bytes, self.config.max_unread_replies,
-                                           on_refused=lambda reason: self.handshakes.note(time.monotonic()))
+                self.frontend = self.reader = ZmtpRouter(
+                    self.config.host, self.config.port, 4 * self.config.max_request_bytes,
+                    self.config.max_unread_replies, on_refused=lambda reason: self.handshakes.note(time.monotonic()))
                 return
             except socketlib.gaierror:  # not an address or a host name: libzmq also takes interface names
                 log.info("-host %s is not an address; the client port uses a libzmq socket", self.config.host)
@@ -301,8 +302,8 @@ class Broker:
             self.intake.check()
             if now >= self.next_expiry:
                 self.expire(now)
-                if isinstance(self.frontend, ZmtpRouter):
-                    self.frontend.tick(now)
+                if self.reader is not None:
+                    self.reader.tick(now)
                 self.next_expiry = now + EXPIRE_INTERVAL
             self.dispatch()
             self.poll_link_output()
@@ -334,14 +335,14 @@ class Broker:
         for socket in (self.frontend, self.door_socket):
             if poll_key(socket) in events or socket is self.frontend and self.frontend_backlog():
                 self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
-        if isinstance(self.frontend, ZmtpRouter):
-            for client in self.frontend.take_departed():
+        if self.reader is not None:
+            for client in self.reader.take_departed():
                 self.drop_client(client)
 
     def frontend_backlog(self) -> bool:
         """Whether the client port holds messages already read (a drain stops at its bound; the
         ZMTP reader's poll fd does not show what it has read and not handed over)."""
-        return isinstance(self.frontend, ZmtpRouter) and bool(self.frontend.messages)
+        return self.reader is not None and bool(self.reader.messages)
 
     @staticmethod
     def drain(socket: zmq.Socket, handler, limit: int = DRAIN_MESSAGES, seconds: float = DRAIN_SECONDS) -> None:
