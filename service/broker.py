@@ -59,6 +59,7 @@ from .link import BrokerSide, LinkClosed, LinkListener, poll_key
 from .metrics import RequestMetrics
 from .scheduler import DEFAULT_MAX_SEQ_LEN, Job, Limits, Request, Scheduler
 from .worker import worker_main
+from .v1door import V1_DOOR_ID
 from .zmtp import ZmtpRouter
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ EXPIRE_INTERVAL = 0.5  # seconds between sweeps of the queue for requests past t
 DROP_LOG_INTERVAL = 10.0  # seconds between log lines about dropped replies
 OUTBOX_BYTES = 16 * 1024 * 1024  # replies held in the broker for one client whose pipe is full
 OUTBOX_POLL_MS = 20    # how often replies held back are retried
+MAX_ECHO_CHARS = 4096  # a door's note returned with a reply
+# Doors that connect under a fixed routing id, so that one restarted gets its predecessor's replies.
+RECONNECTING_DOORS = frozenset({V1_DOOR_ID})
 
 __all__ = ["Broker", "StartupError"]
 
@@ -216,6 +220,10 @@ class Broker:
     def open_door_socket(self) -> None:
         self.door_socket = self.context.socket(zmq.ROUTER)
         self.door_socket.setsockopt(zmq.LINGER, 0)
+        # A restarted door connects under its old routing id and takes over its replies (only our own
+        # processes reach this socket); a full or absent door raises instead of dropping a reply.
+        self.door_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.door_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.door_socket.setsockopt(zmq.MAXMSGSIZE, 4 * self.config.max_request_bytes)
         self.door_socket.bind(self.door_address)
 
@@ -413,7 +421,8 @@ class Broker:
         received = time.monotonic()
         request = Request(socket, client, self.tenant_of(socket, client, header), header["id"],
                           self.scheduler.deadline(header.get("timeout"), received),
-                          bool(header.get("show_tokens")), bool(header.get("is_tokenized")), received=received)
+                          bool(header.get("show_tokens")), bool(header.get("is_tokenized")), received=received,
+                          echo=self.echo_of(socket, header))
         refusal = self.scheduler.open(request)
         if refusal is None and len(texts) > INLINE_PARSE_BYTES and not self.intake.has_room(len(texts)):
             self.scheduler.release(request)
@@ -467,6 +476,11 @@ class Broker:
             return ("door", tenant[:200])
         return ("door" if socket is self.door_socket else "client", client)
 
+    def echo_of(self, socket: zmq.Socket, header: dict) -> str | None:
+        """What a door asked to have returned with the reply (the door socket only; a bounded string)."""
+        echo = header.get("echo")
+        return echo if socket is self.door_socket and isinstance(echo, str) and len(echo) <= MAX_ECHO_CHARS else None
+
     def refuse(self, socket: zmq.Socket, client: bytes, request_id: Any, error: BadRequestError) -> None:
         self.stats["bad_requests"] += 1
         log.warning("bad request from %s: %s", client[:12].hex(), error)
@@ -476,7 +490,7 @@ class Broker:
         request.finished = True
         self.stats["busy"] += 1
         log.warning("busy: refused request %s of %s: %s", request.request_id, request.client[:12].hex(), message)
-        self.reply(request.socket, request.client, pack_error(request.request_id, ERR_BUSY, message))
+        self.reply(request.socket, request.client, pack_error(request.request_id, ERR_BUSY, message, request.echo))
 
     def reply(self, socket: zmq.Socket, client: bytes, frames: list) -> None:
         """Send without ever blocking. A reply the client's pipe has no room for (it holds
@@ -507,7 +521,9 @@ class Broker:
             socket.send_multipart([client, *frames], zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
-        except zmq.ZMQError as e:  # the client went away (EHOSTUNREACH); nothing else to do
+        except zmq.ZMQError as e:  # the client went away (EHOSTUNREACH)
+            if socket is self.door_socket and client in RECONNECTING_DOORS:
+                return False  # a door being restarted: its replies wait in its outbox until it is back
             log.debug("reply to %s dropped: %s", client[:12].hex(), e)
         return True
 
@@ -526,7 +542,7 @@ class Broker:
             return
         request.finished = True
         self.stats["errors"] += 1
-        self.reply(request.socket, request.client, pack_error(request.request_id, code, message))
+        self.reply(request.socket, request.client, pack_error(request.request_id, code, message, request.echo))
 
     def expire(self, now: float) -> None:
         for request in self.scheduler.expire(now):
@@ -789,7 +805,7 @@ class Broker:
         buffers = [part[1] for part in request.parts]
         tokens = [t for part in request.parts for t in part[2]] if request.show_tokens else None
         self.reply(request.socket, request.client,
-                   pack_vectors(request.request_id, dtype, shapes, buffers, tokens, request.n_tokens))
+                   pack_vectors(request.request_id, dtype, shapes, buffers, tokens, request.n_tokens, request.echo))
         self.stats["requests"] += 1
         self.stats["sentences"] += request.sentences
         self.metrics.observe(request.received, request.dispatched, request.compute_ms, request.n_tokens)

@@ -10,15 +10,17 @@ Wire protocol (version 1), over a ZeroMQ DEALER (client) to ROUTER (server) conn
 
     request  frame 0  JSON header  {"v": 1, "id": int, "cmd": "encode" | "config" | "status",
                                     "timeout": seconds | null, "is_tokenized": bool, "show_tokens": bool,
-                                    "tenant": str?}   (tenant: a door's user, for fair sharing)
+                                    "tenant": str?, "echo": str?}   (tenant: a door's user, for fair
+                                    sharing; echo: a door's note, returned in the reply's header)
              frame 1  JSON array of strings (or of arrays of WordPiece strings when is_tokenized);
                       "encode" only. Without is_tokenized an item may also be a pair [A, B] of
                       strings: one input, [CLS] A [SEP] B [SEP], token type 1 for B
     reply    frame 0  JSON header  {"v": 1, "id": int, "ok": true, "dtype": "float32" | "float16",
                                     "shapes": [[n1, dim], [n2, dim], ...], "tokens": [[...], ...]?,
-                                    "n_tokens": int?}   (n_tokens: tokens the model saw, in all)
+                                    "n_tokens": int?, "echo": str?}   (n_tokens: tokens the model saw)
                                    or {"v": 1, "id": int, "ok": true, "result": {...}}   (config, status)
-                                   or {"v": 1, "id": int, "ok": false, "error": code, "message": str}
+                                   or {"v": 1, "id": int, "ok": false, "error": code, "message": str,
+                                       "echo": str?}
              frames 1..k  raw C-order array bytes, one frame per shape, concatenated in order by the
                       client; shapes of 3 dimensions (pooling NONE) are zero-padded to the longest
 
@@ -168,9 +170,10 @@ _TEXTS_TO_JSON = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def pack_request(request_id: int, cmd: str, texts: Sequence | None = None, timeout: float | None = None,
-                 is_tokenized: bool = False, show_tokens: bool = False, tenant: str | None = None) -> list[bytes]:
+                 is_tokenized: bool = False, show_tokens: bool = False, tenant: str | None = None,
+                 echo: str | None = None) -> list[bytes]:
     plain_timeout = timeout is None or type(timeout) in (int, float) and math.isfinite(timeout)
-    if tenant is None and cmd in COMMANDS and type(request_id) is int and plain_timeout \
+    if tenant is None and echo is None and cmd in COMMANDS and type(request_id) is int and plain_timeout \
             and type(is_tokenized) is bool and type(show_tokens) is bool:
         # Formatted by hand, as `pack_vectors` is, for the latency of one-sentence requests.
         frames = [b'{"v": %d, "id": %d, "cmd": "%s", "timeout": %s, "is_tokenized": %s, "show_tokens": %s}' % (
@@ -181,6 +184,8 @@ def pack_request(request_id: int, cmd: str, texts: Sequence | None = None, timeo
                                   "is_tokenized": is_tokenized, "show_tokens": show_tokens}
         if tenant is not None:
             header["tenant"] = tenant
+        if echo is not None:
+            header["echo"] = echo
         frames = [json.dumps(header).encode()]
     if cmd == "encode":
         frames.append(_TEXTS_TO_JSON(texts).encode("utf-8"))
@@ -256,9 +261,11 @@ def _load_json_object(frame: bytes, what: str) -> dict:
     return value
 
 
-def pack_error(request_id: Any, code: str, message: str) -> list[bytes]:
-    return [json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": False,
-                        "error": code, "message": message}).encode()]
+def pack_error(request_id: Any, code: str, message: str, echo: str | None = None) -> list[bytes]:
+    header = {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": code, "message": message}
+    if echo is not None:
+        header["echo"] = echo
+    return [json.dumps(header).encode()]
 
 
 def pack_result(request_id: int, result: dict) -> list[bytes]:
@@ -266,8 +273,8 @@ def pack_result(request_id: int, result: dict) -> list[bytes]:
 
 
 def pack_vectors(request_id: int, dtype: str, shapes: list, buffers: list, tokens: list | None = None,
-                 n_tokens: int | None = None) -> list:
-    if tokens is None and isinstance(n_tokens, int) and dtype.isalnum() and _all_ints(shapes):
+                 n_tokens: int | None = None, echo: str | None = None) -> list:
+    if tokens is None and echo is None and isinstance(n_tokens, int) and dtype.isalnum() and _all_ints(shapes):
         # Formatted by hand: this is on every reply's path, and json.dumps of a small dict costs
         # 30-50 us on a CPU whose caches a forward pass just emptied.
         text = '{"v": %d, "id": %d, "ok": true, "dtype": "%s", "shapes": %s, "n_tokens": %d}' % (
@@ -278,6 +285,8 @@ def pack_vectors(request_id: int, dtype: str, shapes: list, buffers: list, token
         header["tokens"] = tokens
     if n_tokens is not None:
         header["n_tokens"] = n_tokens
+    if echo is not None:
+        header["echo"] = echo
     return [json.dumps(header, ensure_ascii=False).encode("utf-8"), *buffers]
 
 

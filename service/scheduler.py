@@ -71,6 +71,7 @@ class Request:
     dispatched: float | None = None
     n_tokens: int = 0
     compute_ms: float = 0.0
+    echo: str | None = None      # a door's note, returned with the reply (a restarted door routes by it)
 
 
 @dataclass(eq=False)

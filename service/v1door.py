@@ -28,6 +28,11 @@ What this door adds to that protocol, and why:
   fails answers `server_version: "error: ..."`, which its version check shows.
 - `"A ||| B"` (as the 2019 server split it) becomes the sentence pair [A, B]: [CLS] A [SEP] B [SEP].
 - TERMINATION, which stopped the 2019 server, is ignored (logged): no network peer stops this one.
+- A door that dies (and is restarted by the broker) loses none of the requests it had passed on: it
+  connects to the broker under a fixed routing id (V1_DOOR_ID), the broker holds its replies while it
+  is away, and each encode request carries, in its `echo`, whom its reply goes to, which the broker
+  returns with the reply. (A request the door had read and not yet passed on, or a reply it had not
+  yet published, dies with it: microseconds, unless a client's SUB was slow to subscribe.)
   Nothing is pickled; the 2019 protocol never needed it.
 """
 from __future__ import annotations
@@ -57,6 +62,7 @@ HOLD_FOR_SUBSCRIPTION = 10.0     # seconds a reply waits for its client to subsc
 HOLD_FOR_READER = 300.0          # seconds replies wait for a subscribed client that reads none
 MAX_IDENTITY_BYTES = 256         # the 2019 client's identity is a 36-byte UUID
 POLL_MS = 100
+V1_DOOR_ID = b"door:v1"          # this door's routing id at the broker, the same after a restart
 STOP_DRAIN = 2.0                 # seconds, after SIGTERM, to pass on replies the broker already sent
 FOREIGN_LOG_INTERVAL = 60.0      # at most one "not the 2019 protocol" line per minute
 # The 2019 server's own rule (Google's extract_features.py): "A ||| B" is a pair, split at the last ' ||| '.
@@ -143,6 +149,16 @@ def vectors_reply(identity: bytes, request_id: bytes, header: dict, frames: list
     return [identity, json.dumps(info, ensure_ascii=False).encode("utf-8"), vectors, request_id]
 
 
+def waiting_from_echo(echo: Any) -> Waiting | None:
+    """Where an encode reply goes, from the echo its request carried: how a restarted door answers
+    the requests its predecessor passed on."""
+    try:
+        identity, request_id = json.loads(echo)
+        return Waiting(bytes.fromhex(identity), request_id.encode("ascii"), b"ENCODE")
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
 def encode_error_reply(identity: bytes, request_id: bytes, code: str, message: str) -> list:
     info = {"dtype": error_dtype(message), "shape": [0], "tokens": "", "error": code, "message": message}
     return [identity, json.dumps(info, ensure_ascii=False).encode("utf-8"), b"", request_id]
@@ -165,8 +181,11 @@ class V1Door:
         self.publish.setsockopt(zmq.XPUB_NODROP, 1)  # a full pipe refuses (EAGAIN) instead of dropping
         self.broker = self.context.socket(zmq.DEALER)
         self.broker.setsockopt(zmq.LINGER, 0)
+        self.broker.setsockopt(zmq.IDENTITY, V1_DOOR_ID)
         self.broker.connect(broker_address)
-        self.ids = itertools.count(1)
+        # Ids from the clock (microseconds), so that a restarted door never reuses one its predecessor
+        # still has a reply coming for.
+        self.ids = itertools.count(time.time_ns() // 1000)
         self.waiting: dict[int, Waiting] = {}
         self.subscribed: set[bytes] = set()
         self.held: dict[bytes, Held] = {}
@@ -257,8 +276,9 @@ class V1Door:
         request_id = next(self.ids)
         tenant = "v1:" + waiting.identity[:40].decode("utf-8", "replace")
         # The 2019 client asks for tokens only on its side (check_token_info): always send them.
+        echo = json.dumps([waiting.identity.hex(), waiting.request_id.decode("ascii")]) if texts is not None else None
         frames = pack_request(request_id, cmd, texts, is_tokenized=is_tokenized, show_tokens=texts is not None,
-                              tenant=tenant)
+                              tenant=tenant, echo=echo)
         self.waiting[request_id] = waiting
         self.broker.send_multipart(frames, copy=False)
 
@@ -283,7 +303,11 @@ class V1Door:
             return
         waiting = self.waiting.pop(header.get("id"), None)
         if waiting is None:
-            return
+            waiting = waiting_from_echo(header.get("echo"))
+            if waiting is None:
+                return
+            log.info("passing on the reply to request %s of a 2019 client (%s), asked before this door restarted",
+                     waiting.request_id.decode(), waiting.identity[:40].decode("utf-8", "replace"))
         identity, request_id = waiting.identity, waiting.request_id
         if waiting.kind == b"ENCODE":
             if header.get("ok"):

@@ -391,3 +391,40 @@ def test_max_seq_len_none_or_a_number_and_nothing_else_on_the_command_line():
     assert run.returncode == 2 and "-max_seq_len: expected an integer, got 'all'" in run.stderr, run.stderr
     run = app_run("-port", port, "-pooling_strategy", "MIDDLE_TOKEN")
     assert run.returncode == 2 and "FIRST_TOKEN" in run.stderr, run.stderr
+
+
+def test_a_request_in_flight_when_the_door_dies_still_gets_its_vectors(bundled_encoder):
+    """SIGKILL the 2019 door while a large request it passed on is being encoded: the broker restarts
+    the door, holds the replies meanwhile, and the new door publishes them to the unchanged 2019
+    client by the request's echo. Nothing is lost, and the client goes on working."""
+    import os
+    import signal
+
+    v1_port, v1_port_out = free_port(), free_port()
+    while v1_port_out == v1_port:
+        v1_port_out = free_port()
+    texts = real_sentences(2000, seed=5)
+    with RunningServer(["-v1_port", str(v1_port), "-v1_port_out", str(v1_port_out), "-max_batch_size", "32"]) as server, \
+            BertClient(port=server.port, timeout=60) as ours:
+        server.v1_port, server.v1_port_out = v1_port, v1_port_out
+        old = old_client(server)
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.setdefault("vectors", old.encode(texts)), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not any(w["jobs_in_flight"] for w in ours.server_status()["workers"]):
+            assert time.monotonic() < deadline and thread.is_alive(), "the request never reached a worker"
+            time.sleep(0.01)
+        door = next(d for d in ours.server_status()["doors"] if d["name"] == "v1")
+        os.kill(door["pid"], signal.SIGKILL)
+        thread.join(timeout=TIMEOUT_MS / 1000 + 30)
+        assert "vectors" in result, "the 2019 client got no reply (its timeout passed)"
+        vectors = result["vectors"]
+        assert vectors.shape == (2000, 384)
+        for rows in (slice(0, 20), slice(1980, 2000)):
+            assert np.abs(vectors[rows] - bundled_encoder.encode(texts[rows])).max() < 1e-5
+        status = ours.server_status()
+        assert next(d for d in status["doors"] if d["name"] == "v1")["restarts"] == 1
+        assert "asked before this door restarted" in server.log()
+        assert np.abs(old.encode(texts[:3]) - bundled_encoder.encode(texts[:3])).max() < 1e-5
+        old.close()
