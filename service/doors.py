@@ -5,7 +5,7 @@ A door is one more client of the broker: it connects a DEALER to the broker's pr
 `service/client.py`, so limits, batching, fair sharing and failover stay in the broker.
 
     broker process ──spawns──► door process: target(config, broker_address, ready)
-                                 binds its own port, calls ready.set(), serves until SIGTERM
+                                 binds its own port, calls ready.set() (a ReadySignal), serves until SIGTERM
 
 A door never outlives the server: the kernel kills it when the broker process dies, even by
 SIGKILL (PR_SET_PDEATHSIG). A door that exits while the server runs is restarted, later each time
@@ -38,7 +38,7 @@ PR_SET_PDEATHSIG = 1
 @dataclass(frozen=True)
 class DoorSpec:
     """A door: its name in logs, and `module:function` of its entry point
-    `function(config: ServerConfig, broker_address: str, ready: multiprocessing.Event) -> None`."""
+    `function(config: ServerConfig, broker_address: str, ready: ReadySignal) -> None`."""
 
     name: str
     entry: str
@@ -71,6 +71,23 @@ def _die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:  # the parent died before the request above took effect
         os._exit(1)
+
+
+class ReadySignal:
+    """A child process's one "ready" to its parent, over a pipe. Not a multiprocessing.Event: its
+    named semaphores live in /dev/shm and outlive a process group killed by SIGKILL, resource tracker
+    and all (the test suite's kills had left 245 there)."""
+
+    def __init__(self, context: Any) -> None:
+        self._reader, self._writer = context.Pipe(duplex=False)
+
+    def set(self) -> None:
+        """In the child: say ready."""
+        self._writer.send_bytes(b"ready")
+
+    def wait(self, timeout: float) -> bool:
+        """In the parent: whether the child has said ready, waiting up to `timeout` seconds."""
+        return self._reader.poll(timeout)
 
 
 @dataclass(eq=False)
@@ -107,7 +124,7 @@ class Doors:
                     raise StartupError(f"the {door.spec.name} door did not start within {DOOR_START_TIMEOUT:.0f} s")
 
     def _spawn(self, door: DoorProcess) -> None:
-        door.ready = self._mp.Event()
+        door.ready = ReadySignal(self._mp)
         door.process = self._mp.Process(target=door_main, name=f"{door.spec.name}-door", daemon=True,
                                         args=(door.spec, self.config, self.broker_address, os.getpid(), door.ready))
         door.process.start()

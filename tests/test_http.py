@@ -524,3 +524,17 @@ def test_http_port_in_use_stops_the_start_with_exit_1():
         finally:
             server.stop()
     assert "cannot listen for HTTP on 127.0.0.1" in log and "the http door exited" in log, log
+
+
+def test_the_doors_leave_no_named_semaphore_behind(server):
+    """The broker says "ready" with its doors over a pipe, not a multiprocessing.Event, whose named
+    semaphores in /dev/shm outlive a process group killed by SIGKILL: none is mapped in the broker
+    or in the door."""
+    status = BertClient(port=server.port, timeout=60)
+    try:
+        doors = [d["pid"] for d in status.server_status()["doors"]]
+    finally:
+        status.close()
+    for pid in [server.process.pid, *doors]:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "/dev/shm/sem." not in maps, [line for line in maps.splitlines() if "/dev/shm" in line]
