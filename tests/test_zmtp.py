@@ -340,3 +340,37 @@ def test_out_of_file_descriptors_the_port_pauses_accepting_without_spinning_then
             child.wait()
     log = child.stderr.read()
     assert log.count("cannot accept client connections") == 1, log
+
+
+def test_a_zmtp_3_0_peer_written_from_the_spec_is_served(router):
+    """Not every client is libzmq (JeroMQ, NetMQ and others implement the spec themselves): a DEALER
+    written here from ZMTP 3.0 alone, greeting 3.0, its READY sent before ours is read, a long frame."""
+    def frame(body: bytes, flags: int) -> bytes:
+        if len(body) > 255:
+            return bytes([flags | 2]) + len(body).to_bytes(8, "big") + body
+        return bytes([flags, len(body)]) + body
+
+    def prop(name: bytes, value: bytes) -> bytes:
+        return bytes([len(name)]) + name + len(value).to_bytes(4, "big") + value
+
+    raw = socket.create_connection(("127.0.0.1", router.port))
+    raw.settimeout(10)
+    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+    ready = b"\x05READY" + prop(b"Socket-Type", b"DEALER") + prop(b"Identity", b"c-spec")
+    long_body = b"L" * 300
+    raw.sendall(greeting + frame(ready, 4) + frame(b"header", 1) + frame(long_body, 0))
+    assert receive(router)[0] == [b"c-spec", b"header", long_body]
+    router.send_multipart([b"c-spec", b"reply", long_body])
+    expected = frame(b"reply", 1) + frame(long_body, 0)
+    data = b""
+    deadline = time.monotonic() + 10
+    while not data.endswith(expected):
+        assert time.monotonic() < deadline, data[:200]
+        router.pump()
+        try:
+            data += raw.recv(65536)
+        except socket.timeout:
+            pass
+    assert data[:10] == b"\xff" + b"\x00" * 8 + b"\x7f" and data[10] == 3  # our greeting, then our READY
+    assert b"\x05READY" in data and b"Socket-Type" in data and b"ROUTER" in data
+    raw.close()
