@@ -331,6 +331,8 @@ def test_a_worker_that_dies_on_its_host_is_restarted_there_and_counted_by_the_he
         os.kill(first["pid"], signal.SIGKILL)
         wait_for(lambda: host.log().count("joined the head at") == 2, 60, f"the replacement to join\n{host.log()}")
         assert f"worker 0 (pid {first['pid']}) exited with code -9; restarting it" in host.log()
+        # The host logs "joined" as it sends READY; the head reads it a moment later (a race under load).
+        wait_for(lambda: worker_of(head, host)["ready"], 30, "the head to take the replacement's READY")
         second = worker_of(head, host)
         assert second["pid"] != first["pid"] and second["restarts"] == 1 and second["ready"], second
         texts = list(reference)[:16]
