@@ -28,12 +28,12 @@ What this door adds to that protocol, and why:
   fails answers `server_version: "error: ..."`, which its version check shows.
 - `"A ||| B"` (as the 2019 server split it) becomes the sentence pair [A, B]: [CLS] A [SEP] B [SEP].
 - TERMINATION, which stopped the 2019 server, is ignored (logged): no network peer stops this one.
+  Nothing is pickled; the 2019 protocol never needed it.
 - A door that dies (and is restarted by the broker) loses none of the requests it had passed on: it
   connects to the broker under a fixed routing id (V1_DOOR_ID), the broker holds its replies while it
   is away, and each encode request carries, in its `echo`, whom its reply goes to, which the broker
   returns with the reply. (A request the door had read and not yet passed on, or a reply it had not
   yet published, dies with it: microseconds, unless a client's SUB was slow to subscribe.)
-  Nothing is pickled; the 2019 protocol never needed it.
 """
 from __future__ import annotations
 
