@@ -151,6 +151,7 @@ class Broker:
         self.intake: IntakeProcess | None = None
         self.monitor: zmq.Socket | None = None
         self.peers: dict[int, bytes] = {}     # front-end connection fd -> the client's routing id
+        self.enveloped: set[bytes] = set()    # clients on REQ sockets: their replies start with an empty frame
         self.owed_disconnects: dict[int, int] = {}  # fds whose closing was seen before the monitor said so
         self.next_expiry = 0.0
         self.last_drop_log = 0.0
@@ -384,15 +385,20 @@ class Broker:
     # ------------------------------------------------------------ clients
 
     def on_client_message(self, socket: zmq.Socket, frames: list) -> None:
-        client = frames[0].bytes
-        if socket is self.frontend and self.monitor is not None:  # the ZMTP reader reports departures itself
-            self.note_peer(frames[-1], client)
+        client, body = frames[0].bytes, frames[1:]
+        if socket is self.frontend:
+            if self.monitor is not None:  # the ZMTP reader reports departures itself
+                self.note_peer(frames[-1], client)
+            if len(body) >= 2 and len(body[0]) == 0 and body[1].bytes[:1] == b"{":
+                # A REQ socket's empty delimiter, then our request: answered as a REP socket would.
+                self.enveloped.add(client)
+                body = body[1:]
         try:
-            self.handle_request(socket, client, frames[1:])
+            self.handle_request(socket, client, body)
         except Exception as e:  # a safety net: no message may take the broker down with it
             log.exception("unexpected error on a request from %s", client[:12].hex())
             # The request's id, so the client gets this error at once rather than a timeout.
-            request_id = peek_id(frames[1].bytes) if len(frames) > 1 and len(frames[1]) <= MAX_HEADER_BYTES else None
+            request_id = peek_id(body[0].bytes) if body and len(body[0]) <= MAX_HEADER_BYTES else None
             self.reply(socket, client, pack_error(request_id, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"))
 
     def handle_request(self, socket: zmq.Socket, client: bytes, body: list[zmq.Frame]) -> None:
@@ -517,6 +523,8 @@ class Broker:
 
     def send(self, socket: zmq.Socket, client: bytes, frames: list) -> bool:
         """Send one reply; False when the client's pipe is full. A client that has gone counts as sent."""
+        if client in self.enveloped and socket is self.frontend:
+            frames = [b"", *frames]
         try:
             socket.send_multipart([client, *frames], zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -588,6 +596,7 @@ class Broker:
     def drop_client(self, client: bytes) -> None:
         """Its queued work is dropped (no one would read the replies); jobs on workers finish."""
         self.outboxes.pop((self.frontend, client), None)
+        self.enveloped.discard(client)
         dropped = self.scheduler.drop_client(self.frontend, client)
         for request in dropped:
             request.finished = True

@@ -374,3 +374,32 @@ def test_a_zmtp_3_0_peer_written_from_the_spec_is_served(router):
     assert data[:10] == b"\xff" + b"\x00" * 8 + b"\x7f" and data[10] == 3  # our greeting, then our READY
     assert b"\x05READY" in data and b"Socket-Type" in data and b"ROUTER" in data
     raw.close()
+
+
+@pytest.mark.parametrize("port_kind", ["own reader", "-zmq_client_port"])
+def test_a_req_socket_is_answered_as_a_rep_socket_would(port_kind, bundled_encoder, context):
+    """A client written with a REQ socket (ZeroMQ's simplest pattern) rather than a DEALER: its empty
+    delimiter frame is taken off and put back on the reply, so encode, config and errors all reach it."""
+    from service.client import check_texts, pack_request, unpack_reply_header, unpack_vectors
+    from service.harness import RunningServer
+
+    args = ["-num_worker", "1"] + ([port_kind] if port_kind.startswith("-") else [])
+    with RunningServer(args) as server:
+        req = context.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(f"tcp://127.0.0.1:{server.port}")
+
+        def ask(frames: list) -> list[bytes]:
+            req.send_multipart(frames)
+            assert req.poll(60_000), "no reply to the REQ socket"
+            return req.recv_multipart()
+
+        texts = ["a query from a REQ socket", "and a second one"]
+        reply = ask(pack_request(1, "encode", check_texts(texts), 60.0))
+        header = unpack_reply_header(reply[0])
+        assert header["id"] == 1 and header["ok"]
+        assert np.abs(unpack_vectors(header, reply[1:]) - bundled_encoder.encode(texts)).max() < 1e-5
+        config = unpack_reply_header(ask(pack_request(2, "config"))[0])
+        assert config["ok"] and config["result"]["dim"] == 384
+        error = unpack_reply_header(ask([b'{"v": 1, "id": 3, "cmd": "encode"}', b"not json"])[0])
+        assert error["id"] == 3 and not error["ok"] and error["error"] == "bad_request"
