@@ -231,9 +231,12 @@ class Broker:
     def open_frontend(self) -> None:
         """The client port: the broker's own ZMTP reader (service/zmtp.py: no I/O thread between a
         request and the broker), or with -auth_dir (CurveZMQ) or -zmq_client_port a libzmq ROUTER."""
-        v1_ports = (self.config.v1_port, self.config.v1_port_out) if self.config.v1_port else None
-        if not (self.config.auth_dir or self.config.zmq_client_port):
+        # With -auth_dir a failed handshake is the authenticator's to report (the 2019 client's shows as
+        # "a client without CurveZMQ keys"); without, it is a wrong protocol.
+        if not self.config.auth_dir:
+            v1_ports = (self.config.v1_port, self.config.v1_port_out) if self.config.v1_port else None
             self.handshakes = HandshakeWatch(self.config.port, v1_ports)
+        if not (self.config.auth_dir or self.config.zmq_client_port):
             try:
                 # Caps as the libzmq socket's below: a frame over 4x the polite limit drops the
                 # connection; -max_unread_replies replies unsent, and more wait in the broker's outbox.
@@ -245,9 +248,9 @@ class Broker:
                 log.info("-host %s is not an address; the client port uses a libzmq socket", self.config.host)
             except OSError as e:
                 raise StartupError(f"cannot listen on tcp://{self.config.host}:{self.config.port}: {e}") from None
-        self.open_zmq_frontend(v1_ports)
+        self.open_zmq_frontend()
 
-    def open_zmq_frontend(self, v1_ports: tuple[int, int] | None) -> None:
+    def open_zmq_frontend(self) -> None:
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         # A hard cap on one frame above the polite limit (up to which the client gets a clear error):
@@ -271,10 +274,6 @@ class Broker:
             self.frontend.bind(address)
         except zmq.ZMQError as e:
             raise StartupError(f"cannot listen on {address}: {e}") from None
-        # With -auth_dir a failed handshake is the authenticator's to report (the 2019 client's shows as
-        # "a client without CurveZMQ keys"); without, it is a wrong protocol.
-        if self.authenticator is None:
-            self.handshakes = HandshakeWatch(self.config.port, v1_ports)
 
     # ------------------------------------------------------------ the loop
 

@@ -116,7 +116,7 @@ class WorkerSide:
         pending = [memoryview(_header(views)), *views]
         while pending:
             sent = self.sock.sendmsg(pending)
-            pending = _advance(pending, sent)
+            pending = advance(pending, sent)
 
     def recv_multipart(self, copy: bool = True) -> list:
         """The next whole message; LinkClosed when the broker is gone. Reads exactly one message, so
@@ -138,7 +138,7 @@ class WorkerSide:
         self.sock.close()
 
 
-def _advance(views: list[memoryview], sent: int) -> list[memoryview]:
+def advance(views: list[memoryview], sent: int) -> list[memoryview]:
     """`views` less their first `sent` bytes."""
     while views and sent >= views[0].nbytes:
         sent -= views[0].nbytes
@@ -222,7 +222,7 @@ class BrokerSide:
                 return
             except OSError as e:
                 raise LinkClosed(f"the worker's link broke: {e}") from None
-            self.outbox = _advance(self.outbox, sent)
+            self.outbox = advance(self.outbox, sent)
 
     def read(self, limit: int) -> list[list]:
         """The whole messages that have come in, at most `limit`. At the end of the stream, or on

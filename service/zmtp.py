@@ -35,12 +35,11 @@ import socket
 import struct
 import time
 from collections import deque
-from itertools import islice
 from typing import Callable
 
 import zmq
 
-from .link import bytes_of
+from .link import advance, bytes_of
 from .logs import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -106,17 +105,30 @@ class Peer:
     """One client connection: what has come in and not been parsed yet, and what waits to go out."""
 
     __slots__ = ("sock", "fd", "identity", "inbox", "greeted", "ready", "parts", "parts_bytes", "outbox",
-                 "unsent", "opened", "writing")
+                 "queued", "sent", "ends", "opened", "writing")
 
     def __init__(self, sock: socket.socket, opened: float) -> None:
         self.sock, self.fd, self.opened = sock, sock.fileno(), opened
-        self.identity = b""
+        self.identity = Frame(b"")
         self.inbox = bytearray()
         self.greeted = self.ready = self.writing = False
         self.parts: list[Frame] = []   # frames of a message still coming
         self.parts_bytes = 0
-        self.outbox: deque[tuple[memoryview, bool]] = deque()  # (bytes, ends a message), in order
-        self.unsent = 0                 # messages not wholly handed to the kernel
+        self.outbox: list[memoryview] = []  # what the socket could not take yet, in order
+        self.queued = self.sent = 0     # bytes ever put in the outbox, and handed to the kernel
+        self.ends: deque[int] = deque()  # where each message not wholly sent ends, in `queued` bytes
+
+    @property
+    def unsent(self) -> int:
+        """Messages not wholly handed to the kernel."""
+        return len(self.ends)
+
+    def put(self, views: list[memoryview], message: bool) -> None:
+        """Queue bytes to send; `message`: they end a message (not a greeting or a command)."""
+        self.outbox += views
+        self.queued += sum(view.nbytes for view in views)
+        if message:
+            self.ends.append(self.queued)
 
 
 class ProtocolViolation(Exception):
@@ -176,12 +188,11 @@ class ZmtpRouter:
             return
         if peer.unsent >= self.max_unsent:
             raise zmq.Again()
-        last = len(frames) - 1
+        last, views = len(frames) - 1, []
         for i in range(1, len(frames)):
             view = bytes_of(frames[i])
-            peer.outbox.append((memoryview(_frame_header(view.nbytes, MORE if i < last else 0)), False))
-            peer.outbox.append((view, i == last))
-        peer.unsent += 1
+            views += [memoryview(_frame_header(view.nbytes, MORE if i < last else 0)), view]
+        peer.put(views, message=True)
         self.flush(peer)
 
     def take_departed(self) -> list[bytes]:
@@ -244,7 +255,7 @@ class ZmtpRouter:
             self.by_fd[peer.fd] = peer
             self.epoll.register(peer.fd, select.EPOLLIN)
             # Our greeting and READY at once: NULL needs nothing from the peer before them.
-            peer.outbox.append((memoryview(GREETING + _ready_command({b"Socket-Type": b"ROUTER"})), False))
+            peer.put([memoryview(GREETING + _ready_command({b"Socket-Type": b"ROUTER"}))], message=False)
             self.flush(peer)
 
     def pause_accepting(self, error: OSError) -> None:
@@ -325,7 +336,7 @@ class ZmtpRouter:
                 peer.parts.append(body)
                 peer.parts_bytes += size
                 if not flags & MORE:
-                    self.messages.append([Frame(peer.identity), *peer.parts])
+                    self.messages.append([peer.identity, *peer.parts])
                     peer.parts, peer.parts_bytes = [], 0
                 elif len(peer.parts) >= MAX_FRAMES:
                     raise ProtocolViolation(f"a message of more than {MAX_FRAMES} frames")
@@ -345,7 +356,7 @@ class ZmtpRouter:
         elif name == b"PING" and peer.ready:  # answered with its context (after the 2-byte TTL)
             context = body[1 + 4 + 2:][:16]
             pong = b"\x04PONG" + context
-            peer.outbox.append((memoryview(_frame_header(len(pong), COMMAND) + pong), False))
+            peer.put([memoryview(_frame_header(len(pong), COMMAND) + pong)], message=False)
             self.flush(peer)
         elif not peer.ready:
             raise ProtocolViolation("no READY")
@@ -354,9 +365,9 @@ class ZmtpRouter:
         """The client's id: the Identity it set, unless empty, reserved (a leading zero byte, as libzmq
         reserves it), too long or taken; else one of ours."""
         if wanted and wanted[0] != 0 and len(wanted) <= MAX_IDENTITY_BYTES and wanted not in self.by_identity:
-            peer.identity = wanted
+            peer.identity = Frame(wanted)  # a Frame once, so every message can start with it as it is
         else:
-            peer.identity = b"\x00" + struct.pack(">I", self.next_id)
+            peer.identity = Frame(b"\x00" + struct.pack(">I", self.next_id))
             self.next_id = (self.next_id + 1) & 0xFFFFFFFF
         peer.ready = True
         self.by_identity[peer.identity] = peer
@@ -365,29 +376,21 @@ class ZmtpRouter:
 
     def flush(self, peer: Peer) -> None:
         """Hand the kernel what it takes of the peer's outbox now; watch for room if some is left."""
-        box = peer.outbox
-        while box:
-            views = [view for view, _ in islice(box, 64)]
+        while peer.outbox:
             try:
-                sent = peer.sock.sendmsg(views)
+                sent = peer.sock.sendmsg(peer.outbox[:64])  # under any system's IOV_MAX
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self.drop(peer, refused=None if peer.ready else "reset during the handshake")
                 return
-            offered = sum(view.nbytes for view in views)
-            while box and sent >= box[0][0].nbytes:
-                sent -= box[0][0].nbytes
-                if box.popleft()[1]:
-                    peer.unsent -= 1
-            if sent:
-                view, ends = box[0]
-                box[0] = (view[sent:], ends)
-            if sent < offered and box:
-                break  # the kernel's buffer is full: EPOLLOUT says when there is room
-        if bool(box) != peer.writing and self.by_fd.get(peer.fd) is peer:
-            peer.writing = bool(box)
-            self.epoll.modify(peer.fd, select.EPOLLIN | (select.EPOLLOUT if box else 0))
+            peer.outbox, peer.sent = advance(peer.outbox, sent), peer.sent + sent
+            while peer.ends and peer.ends[0] <= peer.sent:
+                peer.ends.popleft()
+        writing = bool(peer.outbox)
+        if writing != peer.writing and self.by_fd.get(peer.fd) is peer:
+            peer.writing = writing
+            self.epoll.modify(peer.fd, select.EPOLLIN | (select.EPOLLOUT if writing else 0))
 
     def drop(self, peer: Peer, refused: str | None = None, violation: str | None = None) -> None:
         """Close a connection. Before its handshake finished, that is a peer turned away."""
