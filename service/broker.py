@@ -348,9 +348,9 @@ class Broker:
                 self.drop_client(client)
 
     def frontend_backlog(self) -> bool:
-        """Whether the client port holds messages already read (a drain stops at its bound; the
-        ZMTP reader's poll fd does not show what it has read and not handed over)."""
-        return self.reader is not None and bool(self.reader.messages)
+        """Whether the client port holds messages or bytes already read (a drain stops at its bound;
+        the ZMTP reader's poll fd does not show what it has read and not handed over or parsed)."""
+        return self.reader is not None and self.reader.has_backlog()
 
     @staticmethod
     def drain(socket: zmq.Socket, handler, limit: int = DRAIN_MESSAGES, seconds: float = DRAIN_SECONDS) -> None:

@@ -57,6 +57,13 @@ MAX_COMMAND_BYTES = 1 << 16   # a READY or a PING is tens of bytes; a peer not y
 HANDSHAKE_TIMEOUT = 30.0      # seconds to finish the greeting and READY (libzmq's ZMQ_HANDSHAKE_IVL)
 RECV_CHUNK = 1 << 18          # bytes one recv asks for
 READ_BUDGET = 1 << 22         # bytes read from one connection per pump, so that no client starves the rest
+# Parsed work held for the broker. Whole messages waiting to be taken: past this many, no connection
+# is read (its bytes wait in the kernel, and TCP holds the sender back), as libzmq's receive limit
+# did; 2-byte messages would otherwise turn every 4 MB read into ~2 million objects.
+MAX_PARSED = 1024
+# Frames and commands parsed from one connection per pump: the rest waits in its inbox (and it is
+# not read) until the next, so that a flood of tiny frames or PINGs does not hold the loop for seconds.
+PARSE_BUDGET = 256
 ACCEPT_BUDGET = 64            # connections accepted per pump
 ACCEPT_PAUSE = 0.5            # seconds the port stops accepting when the process is out of fds or memory
 _LONG_SIZE = struct.Struct(">Q")
@@ -152,6 +159,7 @@ class ZmtpRouter:
         self.by_fd: dict[int, Peer] = {}
         self.by_identity: dict[bytes, Peer] = {}
         self.messages: deque[list[Frame]] = deque()  # whole messages, the client's id first
+        self.backlogged: set[Peer] = set()             # peers whose inbox holds frames not parsed yet
         self.departed: list[bytes] = []                # clients whose connection closed
         self.next_id = 1
         self.closed = False
@@ -171,6 +179,10 @@ class ZmtpRouter:
             if not self.messages:
                 raise zmq.Again()
         return self.messages.popleft()
+
+    def has_backlog(self) -> bool:
+        """Whether work is held that the poll fd does not show: messages not taken, bytes not parsed."""
+        return bool(self.messages or self.backlogged)
 
     def getsockopt(self, option: int) -> int:
         if option == zmq.EVENTS:
@@ -216,6 +228,11 @@ class ZmtpRouter:
 
     def pump(self) -> None:
         """Handle whatever the connections have ready: new clients, bytes in, room to write."""
+        for peer in list(self.backlogged):
+            if len(self.messages) >= MAX_PARSED:
+                break
+            self.backlogged.discard(peer)
+            self.take(peer, peer.inbox)
         for fd, events in self.epoll.poll(0):
             if fd == self.listener.fileno():
                 self.accept()
@@ -225,7 +242,8 @@ class ZmtpRouter:
                 continue
             if events & select.EPOLLOUT:
                 self.flush(peer)
-            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and self.by_fd.get(fd) is peer:
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and self.by_fd.get(fd) is peer \
+                    and peer not in self.backlogged and len(self.messages) < MAX_PARSED:
                 self.read(peer)
 
     def tick(self, now: float) -> None:
@@ -284,23 +302,30 @@ class ZmtpRouter:
             if peer.inbox:
                 peer.inbox += data
                 data = peer.inbox
-            try:
-                used = self.parse(peer, data)
-            except ProtocolViolation as e:
-                self.drop(peer, refused=None if peer.ready else str(e), violation=str(e) if peer.ready else None)
-                return
-            if used == len(data):
-                peer.inbox = bytearray()
-            elif data is peer.inbox:
-                del peer.inbox[:used]
-            else:
-                peer.inbox = bytearray(memoryview(data)[used:])
-            if received < RECV_CHUNK:
-                return  # a short read: the socket is drained
+            if not self.take(peer, data) or received < RECV_CHUNK:
+                return  # closed, a backlog to parse first, or a short read: the socket is drained
+
+    def take(self, peer: Peer, data: bytes | bytearray) -> bool:
+        """Parse what `data` holds whole and keep the rest as the peer's inbox. False when the peer
+        was closed, or left with frames to parse at the next pump (then it is not read meanwhile)."""
+        try:
+            used = self.parse(peer, data)
+        except ProtocolViolation as e:
+            self.drop(peer, refused=None if peer.ready else str(e), violation=str(e) if peer.ready else None)
+            return False
+        if used == len(data):
+            peer.inbox = bytearray()
+        elif data is peer.inbox:
+            del peer.inbox[:used]
+        else:
+            peer.inbox = bytearray(memoryview(data)[used:])
+        return peer not in self.backlogged
 
     def parse(self, peer: Peer, data: bytes | bytearray) -> int:
-        """Take the greeting, commands and frames whole in `data`; returns how many bytes were used."""
-        pos, end = 0, len(data)
+        """Take the greeting, commands and frames whole in `data`, up to PARSE_BUDGET of them and
+        while fewer than MAX_PARSED messages wait (else the peer is marked backlogged); returns how
+        many bytes were used."""
+        pos, end, parsed = 0, len(data), 0
         if not peer.greeted:
             if data[0] != 0xFF or (end >= 10 and data[9] & 1 != 1):
                 raise ProtocolViolation("not ZMTP (no ZeroMQ greeting)")
@@ -313,6 +338,10 @@ class ZmtpRouter:
                 raise ProtocolViolation(f"security mechanism {mechanism}, and this port has none (-auth_dir is off)")
             peer.greeted, pos = True, 64
         while end - pos >= 2:
+            if parsed >= PARSE_BUDGET or len(self.messages) >= MAX_PARSED:
+                self.backlogged.add(peer)
+                break
+            parsed += 1
             flags = data[pos]
             if flags & LONG:
                 if end - pos < 9:
@@ -354,6 +383,8 @@ class ZmtpRouter:
                 raise ProtocolViolation(f"a {kind.decode('ascii', 'replace') or 'nameless'} socket, not a DEALER or REQ")
             self.name(peer, properties.get(b"identity", b""))
         elif name == b"PING" and peer.ready:  # answered with its context (after the 2-byte TTL)
+            if peer.queued - peer.sent > MAX_COMMAND_BYTES:
+                return  # it is not reading: no more for it to hold here (libzmq keeps one PONG pending)
             context = body[1 + 4 + 2:][:16]
             pong = b"\x04PONG" + context
             peer.put([memoryview(_frame_header(len(pong), COMMAND) + pong)], message=False)
@@ -396,6 +427,7 @@ class ZmtpRouter:
         """Close a connection. Before its handshake finished, that is a peer turned away."""
         if self.by_fd.pop(peer.fd, None) is None:
             return
+        self.backlogged.discard(peer)
         try:
             self.epoll.unregister(peer.fd)
         except OSError:

@@ -3,6 +3,7 @@ libzmq ROUTER did for the broker, it must do, and what libzmq turned away, it mu
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from service.zmtp import HANDSHAKE_TIMEOUT, MAX_FRAMES, ZmtpRouter
+from service.zmtp import (GREETING, HANDSHAKE_TIMEOUT, MAX_COMMAND_BYTES, MAX_FRAMES, MAX_PARSED, PARSE_BUDGET,
+                          ZmtpRouter, _ready_command)
 
 MAX_FRAME = 1 << 20
 
@@ -403,3 +405,106 @@ def test_a_req_socket_is_answered_as_a_rep_socket_would(port_kind, bundled_encod
         assert config["ok"] and config["result"]["dim"] == 384
         error = unpack_reply_header(ask([b'{"v": 1, "id": 3, "cmd": "encode"}', b"not json"])[0])
         assert error["id"] == 3 and not error["ok"] and error["error"] == "bad_request"
+
+
+PING = bytes([4, 7]) + b"\x04PING" + b"\x00\x00"  # a PING command with a TTL of 0 and no context
+EMPTY_MESSAGE = b"\x00\x00"                       # one frame of 0 bytes: a whole message
+
+
+class Flood:
+    """A raw ZMTP peer that says READY, then sends `unit` over and over for `seconds` (from a thread,
+    as the kernel lets it) and never reads: what a hostile or broken client can do to the port."""
+
+    def __init__(self, port: int, unit: bytes, seconds: float) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # our replies back up soon
+        self.sock.sendall(GREETING + _ready_command({b"Socket-Type": b"DEALER"}))
+        self.sock.settimeout(0.2)
+        self.chunk, self.until, self.sent = unit * 50_000, time.monotonic() + seconds, 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while time.monotonic() < self.until:
+            try:
+                self.sent += self.sock.send(self.chunk)
+            except socket.timeout:
+                pass
+            except OSError:
+                return  # closed by the other side
+
+    def stop(self) -> None:
+        self.until = 0.0
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("unit", [PING, EMPTY_MESSAGE], ids=["PINGs", "empty messages"])
+def test_a_flood_of_tiny_frames_is_parsed_in_bounded_steps_and_others_are_heard(router, context, unit):
+    """Millions of 2- to 9-byte frames from one peer: the messages held for the broker never pass
+    MAX_PARSED, the PONGs held for a peer that does not read never pass MAX_COMMAND_BYTES, and a
+    second client's message gets through within a bounded number of the flood's. (Parsed whole per
+    read, an empty-message flood held millions of objects and kept every other client waiting; a
+    PING flood grew the broker by 500 MB for 40 MB sent.)"""
+    flood = Flood(router.port, unit, seconds=30)
+    try:
+        wait_until(lambda: any(p.ready for p in router.by_fd.values()), router)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # the broker's loop takes the flood's messages meanwhile
+            router.pump()
+            assert len(router.messages) <= MAX_PARSED
+            for peer in router.by_fd.values():
+                assert peer.queued - peer.sent <= MAX_COMMAND_BYTES + 64
+            while router.messages:
+                router.recv_multipart()
+        assert flood.sent > 2_000_000, "the flood did not get going"
+        # The other client's handshake done first, and its message sent whole to the kernel before
+        # counting: what goes ahead of it is then the port's doing, not the connection's set-up.
+        other = socket.create_connection(("127.0.0.1", router.port))
+        other.sendall(GREETING + _ready_command({b"Socket-Type": b"DEALER", b"Identity": b"c-other"}))
+        deadline = time.monotonic() + 10
+        while b"c-other" not in router.by_identity:
+            assert time.monotonic() < deadline, "the other client's handshake did not get through"
+            router.pump()
+            while router.messages:
+                router.recv_multipart()
+        other.sendall(b"\x01\x06header\x00\x05texts")
+        taken, deadline = 0, time.monotonic() + 10
+        while True:
+            assert time.monotonic() < deadline, "the other client's message did not get through"
+            try:
+                message = [f.bytes for f in router.recv_multipart()]
+            except zmq.Again:
+                continue
+            if message[0] == b"c-other":
+                break
+            taken += 1
+        other.close()
+        assert message == [b"c-other", b"header", b"texts"]
+        assert taken <= MAX_PARSED + 2 * PARSE_BUDGET, f"{taken} of the flood's messages went first"
+    finally:
+        flood.stop()
+
+
+def test_a_real_server_under_a_flood_keeps_its_memory_and_serves_the_others(bundled_encoder):
+    """app.py, flooded by one peer with PINGs and by another with empty messages, neither reading
+    its replies: the broker's memory stays put, and a BertClient gets its vectors meanwhile."""
+    from service.client import BertClient
+    from service.harness import RunningServer, rss_kb
+
+    with RunningServer(["-num_worker", "1"]) as server, BertClient(port=server.port, timeout=60) as bc:
+        expected = bundled_encoder.encode(["a query while others flood"])
+        assert np.abs(bc.encode(["a query while others flood"]) - expected).max() < 1e-5
+        before = rss_kb(server.process.pid)
+        floods = [Flood(server.port, PING, seconds=30), Flood(server.port, EMPTY_MESSAGE, seconds=30)]
+        try:
+            time.sleep(2)
+            for _ in range(5):
+                assert np.abs(bc.encode(["a query while others flood"]) - expected).max() < 1e-5
+            assert all(f.sent > 1_000_000 for f in floods), [f.sent for f in floods]
+            growth_mb = (rss_kb(server.process.pid) - before) / 1024
+            assert growth_mb < 100, f"the broker grew by {growth_mb:.0f} MB under the flood"
+        finally:
+            for flood in floods:
+                flood.stop()
+        assert bc.server_status()["workers_ready"] == 1
