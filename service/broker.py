@@ -151,7 +151,6 @@ class Broker:
         self.intake: IntakeProcess | None = None
         self.monitor: zmq.Socket | None = None
         self.peers: dict[int, bytes] = {}     # front-end connection fd -> the client's routing id
-        self.enveloped: set[bytes] = set()    # clients on REQ sockets: their replies start with an empty frame
         self.owed_disconnects: dict[int, int] = {}  # fds whose closing was seen before the monitor said so
         self.next_expiry = 0.0
         self.last_drop_log = 0.0
@@ -384,25 +383,28 @@ class Broker:
     # ------------------------------------------------------------ clients
 
     def on_client_message(self, socket: zmq.Socket, frames: list) -> None:
-        client, body = frames[0].bytes, frames[1:]
+        client, body, enveloped = frames[0].bytes, frames[1:], False
         if socket is self.frontend:
             if self.monitor is not None:  # the ZMTP reader reports departures itself
                 self.note_peer(frames[-1], client)
             if len(body) >= 2 and len(body[0]) == 0 and body[1].bytes[:1] == b"{":
                 # A REQ socket's empty delimiter, then our request: answered as a REP socket would.
-                self.enveloped.add(client)
-                body = body[1:]
+                # Per message, not per client: a DEALER may send either kind.
+                enveloped, body = True, body[1:]
         try:
-            self.handle_request(socket, client, body)
+            self.handle_request(socket, client, body, enveloped)
         except Exception as e:  # a safety net: no message may take the broker down with it
             log.exception("unexpected error on a request from %s", client[:12].hex())
             # The request's id, so the client gets this error at once rather than a timeout.
             request_id = peek_id(body[0].bytes) if body and len(body[0]) <= MAX_HEADER_BYTES else None
-            self.reply(socket, client, pack_error(request_id, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"))
+            self.reply(socket, client, pack_error(request_id, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"),
+                       enveloped)
 
-    def handle_request(self, socket: zmq.Socket, client: bytes, body: list[zmq.Frame]) -> None:
+    def handle_request(self, socket: zmq.Socket, client: bytes, body: list[zmq.Frame],
+                       enveloped: bool = False) -> None:
         """Check sizes, then the small header; answer config and status; open and queue an encode
-        request (its texts parsed here when small, by the intake process otherwise)."""
+        request (its texts parsed here when small, by the intake process otherwise). `enveloped`:
+        it came from a REQ socket, whose replies start with an empty frame."""
         sizes = [len(frame) for frame in body]
         try:
             check_sizes(sizes, self.config.max_request_bytes)
@@ -410,24 +412,25 @@ class Broker:
         except BadRequestError as e:
             # The id, if the header is readable at all, so that even this error is matched to its request.
             request_id = peek_id(body[0].bytes) if body and sizes[0] <= MAX_HEADER_BYTES else None
-            self.refuse(socket, client, request_id, e)
+            self.refuse(socket, client, request_id, e, enveloped)
             return
         request_id = header["id"]
         if self.stop_requested:
-            self.reply(socket, client, pack_error(request_id, ERR_UNAVAILABLE, "the server is shutting down"))
+            self.reply(socket, client, pack_error(request_id, ERR_UNAVAILABLE, "the server is shutting down"), enveloped)
         elif header["cmd"] == "config":
-            self.reply(socket, client, pack_result(request_id, self.describe()))
+            self.reply(socket, client, pack_result(request_id, self.describe()), enveloped)
         elif header["cmd"] == "status":
-            self.reply(socket, client, pack_result(request_id, self.status()))
+            self.reply(socket, client, pack_result(request_id, self.status()), enveloped)
         else:
-            self.accept(socket, client, header, body[1])
+            self.accept(socket, client, header, body[1], enveloped)
 
-    def accept(self, socket: zmq.Socket, client: bytes, header: dict, texts: zmq.Frame) -> None:
+    def accept(self, socket: zmq.Socket, client: bytes, header: dict, texts: zmq.Frame,
+               enveloped: bool = False) -> None:
         received = time.monotonic()
         request = Request(socket, client, self.tenant_of(socket, client, header), header["id"],
                           self.scheduler.deadline(header.get("timeout"), received),
                           bool(header.get("show_tokens")), bool(header.get("is_tokenized")), received=received,
-                          echo=self.echo_of(socket, header))
+                          echo=self.echo_of(socket, header), enveloped=enveloped)
         refusal = self.scheduler.open(request)
         if refusal is None and len(texts) > INLINE_PARSE_BYTES and not self.intake.has_room(len(texts)):
             self.scheduler.release(request)
@@ -445,7 +448,7 @@ class Broker:
             chunks = prepare(texts.buffer, options)
         except BadRequestError as e:
             self.scheduler.release(request)
-            self.refuse(socket, client, request.request_id, e)
+            self.refuse(socket, client, request.request_id, e, enveloped)
             return
         self.queue(request, chunks)
 
@@ -455,7 +458,7 @@ class Broker:
             self.queue(request, chunks)
         elif error is not None:
             self.scheduler.release(request)
-            self.refuse(request.socket, request.client, request.request_id, BadRequestError(error))
+            self.refuse(request.socket, request.client, request.request_id, BadRequestError(error), request.enveloped)
         else:
             self.fail(request, ERR_SERVER, "the server could not read this request (its intake process died)")
 
@@ -486,21 +489,26 @@ class Broker:
         echo = header.get("echo")
         return echo if socket is self.door_socket and isinstance(echo, str) and len(echo) <= MAX_ECHO_CHARS else None
 
-    def refuse(self, socket: zmq.Socket, client: bytes, request_id: Any, error: BadRequestError) -> None:
+    def refuse(self, socket: zmq.Socket, client: bytes, request_id: Any, error: BadRequestError,
+               enveloped: bool = False) -> None:
         self.stats["bad_requests"] += 1
         log.warning("bad request from %s: %s", client[:12].hex(), error)
-        self.reply(socket, client, pack_error(request_id, ERR_BAD_REQUEST, str(error)))
+        self.reply(socket, client, pack_error(request_id, ERR_BAD_REQUEST, str(error)), enveloped)
 
     def busy(self, request: Request, message: str) -> None:
         request.finished = True
         self.stats["busy"] += 1
         log.warning("busy: refused request %s of %s: %s", request.request_id, request.client[:12].hex(), message)
-        self.reply(request.socket, request.client, pack_error(request.request_id, ERR_BUSY, message, request.echo))
+        self.reply(request.socket, request.client, pack_error(request.request_id, ERR_BUSY, message, request.echo),
+                   request.enveloped)
 
-    def reply(self, socket: zmq.Socket, client: bytes, frames: list) -> None:
+    def reply(self, socket: zmq.Socket, client: bytes, frames: list, enveloped: bool = False) -> None:
         """Send without ever blocking. A reply the client's pipe has no room for (it holds
         -max_unread_replies) waits in the client's outbox, which holds at most OUTBOX_BYTES
-        (and always one reply): past that the client is not reading, and the reply is dropped."""
+        (and always one reply): past that the client is not reading, and the reply is dropped.
+        `enveloped`: to a REQ socket's request, so it starts with the empty delimiter."""
+        if enveloped:
+            frames = [b"", *frames]
         box = self.outboxes.get((socket, client))
         if box is None:
             if self.send(socket, client, frames):
@@ -522,8 +530,6 @@ class Broker:
 
     def send(self, socket: zmq.Socket, client: bytes, frames: list) -> bool:
         """Send one reply; False when the client's pipe is full. A client that has gone counts as sent."""
-        if client in self.enveloped and socket is self.frontend:
-            frames = [b"", *frames]
         try:
             socket.send_multipart([client, *frames], zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -549,7 +555,8 @@ class Broker:
             return
         request.finished = True
         self.stats["errors"] += 1
-        self.reply(request.socket, request.client, pack_error(request.request_id, code, message, request.echo))
+        self.reply(request.socket, request.client, pack_error(request.request_id, code, message, request.echo),
+                   request.enveloped)
 
     def expire(self, now: float) -> None:
         for request in self.scheduler.expire(now):
@@ -595,7 +602,6 @@ class Broker:
     def drop_client(self, client: bytes) -> None:
         """Its queued work is dropped (no one would read the replies); jobs on workers finish."""
         self.outboxes.pop((self.frontend, client), None)
-        self.enveloped.discard(client)
         dropped = self.scheduler.drop_client(self.frontend, client)
         for request in dropped:
             request.finished = True
@@ -813,7 +819,8 @@ class Broker:
         buffers = [part[1] for part in request.parts]
         tokens = [t for part in request.parts for t in part[2]] if request.show_tokens else None
         self.reply(request.socket, request.client,
-                   pack_vectors(request.request_id, dtype, shapes, buffers, tokens, request.n_tokens, request.echo))
+                   pack_vectors(request.request_id, dtype, shapes, buffers, tokens, request.n_tokens, request.echo),
+                   request.enveloped)
         self.stats["requests"] += 1
         self.stats["sentences"] += request.sentences
         self.metrics.observe(request.received, request.dispatched, request.compute_ms, request.n_tokens)

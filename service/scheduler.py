@@ -72,6 +72,7 @@ class Request:
     n_tokens: int = 0
     compute_ms: float = 0.0
     echo: str | None = None      # a door's note, returned with the reply (a restarted door routes by it)
+    enveloped: bool = False      # from a REQ socket: the reply starts with its empty delimiter
 
 
 @dataclass(eq=False)

@@ -405,6 +405,15 @@ def test_a_req_socket_is_answered_as_a_rep_socket_would(port_kind, bundled_encod
         assert config["ok"] and config["result"]["dim"] == 384
         error = unpack_reply_header(ask([b'{"v": 1, "id": 3, "cmd": "encode"}', b"not json"])[0])
         assert error["id"] == 3 and not error["ok"] and error["error"] == "bad_request"
+        # A DEALER may send either kind, in any order: each reply takes its own request's shape.
+        mixed = dealer(context, server.port)
+        for request_id, envelope in ((4, [b""]), (5, []), (6, [b""]), (7, [])):
+            mixed.send_multipart(envelope + pack_request(request_id, "config"))
+            assert mixed.poll(60_000), "no reply to the DEALER"
+            reply = mixed.recv_multipart()
+            assert reply[:len(envelope)] == envelope and unpack_reply_header(reply[len(envelope)])["id"] == request_id
+        mixed.send_multipart([b""])  # an empty frame alone is no envelope: a bad request, answered plainly
+        assert mixed.poll(60_000) and unpack_reply_header(mixed.recv_multipart()[0])["error"] == "bad_request"
 
 
 PING = bytes([4, 7]) + b"\x04PING" + b"\x00\x00"  # a PING command with a TTL of 0 and no context
