@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
 from service.zmtp import (GREETING, HANDSHAKE_TIMEOUT, MAX_COMMAND_BYTES, MAX_FRAMES, MAX_PARSED, PARSE_BUDGET,
@@ -517,3 +519,59 @@ def test_a_real_server_under_a_flood_keeps_its_memory_and_serves_the_others(bund
             for flood in floods:
                 flood.stop()
         assert bc.server_status()["workers_ready"] == 1
+
+
+# ---------------------------------------------------------------- bytes from anyone
+
+def _zmtp_frame(body: bytes, flags: int) -> bytes:
+    if len(body) > 255:
+        return bytes([flags | 2]) + len(body).to_bytes(8, "big") + body
+    return bytes([flags, len(body)]) + body
+
+
+_HANDSHAKE = GREETING + _ready_command({b"Socket-Type": b"DEALER"})
+_frames = st.lists(st.tuples(st.binary(max_size=300), st.integers(0, 7)), max_size=6).map(
+    lambda fs: b"".join(_zmtp_frame(body, flags) for body, flags in fs))
+_stream = st.one_of(
+    st.binary(max_size=200),                                      # anything at all, from the first byte
+    st.builds(lambda g, rest: g + rest, st.sampled_from([GREETING, _HANDSHAKE]), st.binary(max_size=200)),
+    st.builds(lambda rest: _HANDSHAKE + rest, _frames),           # well-framed, any flags: MORE, LONG, COMMAND
+    st.builds(lambda cut: _HANDSHAKE[:cut], st.integers(0, len(_HANDSHAKE))),  # a handshake cut short
+)
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # one router, kept clean
+@given(data=_stream, split=st.integers(0, 400))
+def test_any_bytes_leave_the_port_consistent_and_serving(router, data, split):
+    """Whatever a peer sends, in whatever pieces: no exception leaves `pump` (it would stop the
+    broker's loop), the connection is either open with its state consistent or gone, what was
+    handed over is whole messages from a peer that said READY, and the next client is served."""
+    raw = socket.create_connection(("127.0.0.1", router.port))
+    for piece in (data[:split], data[split:]):
+        if piece:
+            raw.sendall(piece)
+        for _ in range(3):
+            router.pump()
+    messages = []
+    while True:
+        try:
+            messages.append(router.recv_multipart())
+        except zmq.Again:
+            break
+    for message in messages:
+        assert len(message) >= 2 and all(isinstance(f, bytes) for f in message)
+        assert router.by_identity.get(bytes(message[0])) is not None or bytes(message[0]) in router.departed
+    for peer in router.by_fd.values():
+        assert len(peer.parts) < MAX_FRAMES and peer.parts_bytes <= MAX_FRAME
+        assert peer.ready == (peer.identity in router.by_identity)
+    raw.close()
+    wait_until(lambda: not router.by_fd, router)  # its closing is seen
+    with zmq.Context() as ctx:
+        good = dealer(ctx, router.port, identity=b"c-next")
+        good.send_multipart([b"still", b"here"])
+        got = receive(router)[0]
+        good.close(0)
+    assert got == [b"c-next", b"still", b"here"]
+    wait_until(lambda: not router.by_fd, router)
+    router.take_departed()
