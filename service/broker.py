@@ -55,7 +55,7 @@ from .doors import Doors
 from .errors import StartupError
 from .handshakes import EVENTS as HANDSHAKE_EVENTS, HandshakeWatch
 from .intake import INLINE_PARSE_BYTES, MAX_HEADER_BYTES, IntakeProcess, check_sizes, peek_id, prepare
-from .link import BrokerSide, LinkClosed, LinkListener, poll_key
+from .link import POLLIN, POLLOUT, BrokerSide, LinkClosed, LinkListener, poll_key
 from .metrics import RequestMetrics
 from .scheduler import DEFAULT_MAX_SEQ_LEN, Job, Limits, Request, Scheduler
 from .worker import worker_main
@@ -69,6 +69,9 @@ POLL_MS = 250          # the loop wakes at least this often
 DRAIN_MESSAGES = 1000  # read at most this many messages from one socket per turn...
 DRAIN_SECONDS = 0.05   # ...and for at most this long, so no socket starves the others
 EXPIRE_INTERVAL = 0.5  # seconds between sweeps of the queue for requests past their deadline
+# Seconds between looks at the worker, door and intake processes (an exit code is a system call per
+# process): at every turn they cost ~20 us of each one-sentence query's ~0.4 ms of broker CPU (issue 13).
+PROCESS_CHECK_INTERVAL = 0.02
 DROP_LOG_INTERVAL = 10.0  # seconds between log lines about dropped replies
 OUTBOX_BYTES = 16 * 1024 * 1024  # replies held in the broker for one client whose pipe is full
 OUTBOX_POLL_MS = 20    # how often replies held back are retried
@@ -135,6 +138,8 @@ class Broker:
         self.listener = LinkListener(self.backend_address)  # the local workers' links
         self.strangers = LogLimiter(log)  # connections to it from processes this broker did not spawn
         self.poller: zmq.Poller | None = None
+        self.listener_key: Any = None              # the sources `watch` polls, as the poll names them
+        self.client_sockets: list[tuple[Any, Any]] = []
         self.frontend: zmq.Socket | ZmtpRouter | None = None  # the client port (see open_frontend)
         self.reader: ZmtpRouter | None = None  # the same, when it is the broker's own ZMTP reader
         self.handshakes: HandshakeWatch | None = None
@@ -175,7 +180,8 @@ class Broker:
         self.open_frontend()
         if self.config.worker_port is not None:
             self.worker_port = WorkerPort(self.context, self.config, self.authenticator)
-        self.open_door_socket()
+        if self.doors.doors:  # else unused: a ZeroMQ socket in the poll costs system calls at every turn
+            self.open_door_socket()
         self.intake = IntakeProcess(self.context, self.runtime_dir, self.config.max_request_bytes, self.config.verbose,
                                     self._mp, self.on_intake_done)
         self.intake.start()
@@ -281,7 +287,7 @@ class Broker:
         down cleanly. `on_ready()` is called once, when every worker has loaded the model."""
         self.watch(self.frontend, self.door_socket, self.intake.socket, self.monitor,
                    self.worker_port.socket if self.worker_port else None)
-        next_heartbeat = 0.0
+        next_heartbeat = next_process_check = 0.0
         while not self.stop_requested:
             before_poll = time.monotonic()
             events = dict(self.poller.poll(0 if self.frontend_backlog() else OUTBOX_POLL_MS if self.outboxes
@@ -303,10 +309,9 @@ class Broker:
                     gc.freeze()  # what start-up made lives on: a full collection no longer walks it (9 ms -> ~0)
                     if on_ready is not None:
                         on_ready()
-            elif not self.stop_requested:  # a signal during the poll: workers may have had it too
-                self.check_workers(now)
-                self.doors.check(now)
-            self.intake.check()
+            if now >= next_process_check:
+                next_process_check = now + PROCESS_CHECK_INTERVAL
+                self.check_processes(now)
             if now >= self.next_expiry:
                 self.expire(now)
                 if self.reader is not None:
@@ -319,6 +324,13 @@ class Broker:
             self.note_turn(end - woke)
         self.shutdown()
 
+    def check_processes(self, now: float) -> None:
+        """Replace the worker, door and intake processes that exited (workers also when silent)."""
+        if not self.starting and not self.stop_requested:  # a signal during the poll: workers may have had it too
+            self.check_workers(now)
+            self.doors.check(now)
+        self.intake.check()
+
     def watch(self, *sockets: zmq.Socket | None) -> None:
         """Poll `sockets` (None: not open), the local workers' listener and their links from now on."""
         self.poller = zmq.Poller()
@@ -329,6 +341,9 @@ class Broker:
             if slot.link is not None:
                 slot.link.polled = 0
         self.poll_link_output()
+        # What the poll names them by, found once rather than at every turn.
+        self.listener_key = poll_key(self.listener) if self.listener is not None else None
+        self.client_sockets = [(s, poll_key(s)) for s in (self.frontend, self.door_socket) if s is not None]
 
     def read_sockets(self, events: dict) -> None:
         # Disconnections first: a fd they free may already carry a new client's messages.
@@ -339,8 +354,8 @@ class Broker:
             self.drain(self.worker_port.socket, self.on_remote_message)
         if self.intake.socket in events:
             self.drain(self.intake.socket, self.intake.on_message)
-        for socket in (self.frontend, self.door_socket):
-            if poll_key(socket) in events or socket is self.frontend and self.frontend_backlog():
+        for socket, key in self.client_sockets:
+            if key in events or socket is self.frontend and self.frontend_backlog():
                 self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
         if self.reader is not None:
             for client in self.reader.take_departed():
@@ -364,7 +379,7 @@ class Broker:
             handler(frames)
             # Asked, not tried: a failed receive raises, and building that exception costs more than
             # the question (most turns hold one message, so this is on every query's path).
-            if time.monotonic() > stop or not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if time.monotonic() > stop or not socket.getsockopt(zmq.EVENTS) & POLLIN:
                 return
 
     def forgive_own_stall(self, seconds: float) -> None:
@@ -522,6 +537,8 @@ class Broker:
         box.size += size
 
     def flush_outboxes(self) -> None:
+        if not self.outboxes:  # the usual case, at every turn
+            return
         for key, box in list(self.outboxes.items()):
             while box.replies and self.send(*key, box.replies[0]):
                 box.size -= sum(len(frame) for frame in box.replies.popleft())
@@ -619,7 +636,7 @@ class Broker:
 
     def dispatch(self) -> None:
         """Give queued jobs to ready workers, least loaded first, in the scheduler's fair order."""
-        while True:
+        while self.scheduler.active:  # asked first: finding the least loaded worker costs more
             slot = self.least_loaded()
             if slot is None:
                 return
@@ -669,20 +686,20 @@ class Broker:
                 continue
             slot.link = BrokerSide(conn)
             if self.poller is not None:
-                self.poller.register(slot.link, zmq.POLLIN)
-                slot.link.polled = zmq.POLLIN
+                self.poller.register(slot.link, POLLIN)
+                slot.link.polled = POLLIN
             log.debug("worker %d (pid %s) linked", slot.index, pid)
 
     def read_links(self, events: dict) -> None:
-        if poll_key(self.listener) in events:
+        if self.listener_key in events:
             self.accept_links()
         for slot in self.slots:
             link = slot.link
-            flags = events.get(poll_key(link), 0) if link is not None else 0
+            flags = events.get(link.fileno(), 0) if link is not None else 0
             try:
-                if flags & zmq.POLLOUT:
+                if flags & POLLOUT:
                     link.flush()
-                if flags & zmq.POLLIN:
+                if flags & POLLIN:
                     for frames in link.read(DRAIN_MESSAGES):
                         self.on_worker_message(slot, frames)
             except LinkClosed as e:
@@ -694,7 +711,7 @@ class Broker:
         for slot in self.slots:
             link = slot.link
             if link is not None and self.poller is not None:
-                wanted = zmq.POLLIN | (zmq.POLLOUT if link.wants_write else 0)
+                wanted = POLLIN | (POLLOUT if link.wants_write else 0)
                 if wanted != link.polled:
                     self.poller.register(link, wanted)
                     link.polled = wanted
@@ -930,8 +947,8 @@ class Broker:
                 self.read_links(events)
                 if remote is not None and remote in events:
                     self.drain(remote, self.on_remote_message)
-                for socket in (self.frontend, self.door_socket):
-                    if poll_key(socket) in events:
+                for socket, key in self.client_sockets:
+                    if key in events:
                         self.drain(socket, lambda frames, s=socket: self.on_client_message(s, frames))
                 for slot in self.slots:
                     if slot.in_flight and slot.process.exitcode is not None:  # died: no replacement now

@@ -79,6 +79,11 @@ def _split(body: bytearray, lengths: list[int], views_over: int) -> list:
     return frames
 
 
+# pyzmq's flags are enum.IntFlag members, and `int & zmq.POLLIN` runs enum's Python code (an enum
+# object made per operation): on every query's path, the loops use these plain ints instead.
+POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
+
+
 def poll_key(source: Any) -> Any:
     """What `zmq.Poller.poll` names a registered source by: a ZeroMQ socket itself, anything else
     (a link, a listener) by its file descriptor."""
@@ -140,12 +145,11 @@ class WorkerSide:
 
 def advance(views: list[memoryview], sent: int) -> list[memoryview]:
     """`views` less their first `sent` bytes."""
-    while views and sent >= views[0].nbytes:
-        sent -= views[0].nbytes
-        views = views[1:]
-    if views and sent:
-        views = [views[0][sent:], *views[1:]]
-    return views
+    for i, view in enumerate(views):
+        if sent < view.nbytes:
+            return [view[sent:], *views[i + 1:]] if sent else views[i:]
+        sent -= view.nbytes
+    return []
 
 
 # ---------------------------------------------------------------- the broker's side

@@ -39,7 +39,7 @@ from typing import Callable
 
 import zmq
 
-from .link import advance, bytes_of
+from .link import POLLIN, advance, bytes_of
 from .logs import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class ZmtpRouter:
 
     def getsockopt(self, option: int) -> int:
         if option == zmq.EVENTS:
-            return zmq.POLLIN if self.messages else 0
+            return POLLIN if self.messages else 0
         raise zmq.ZMQError(zmq.EINVAL)
 
     def send_multipart(self, frames: list, flags: int = 0, copy: bool = True) -> None:

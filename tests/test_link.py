@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from service import protocol as P
-from service.link import HEADER, RECV_CHUNK, BrokerSide, LinkClosed, LinkListener, WorkerSide, poll_key
+from service.link import HEADER, RECV_CHUNK, BrokerSide, LinkClosed, LinkListener, WorkerSide, advance, poll_key
 
 
 @pytest.fixture
@@ -39,6 +39,22 @@ def read_until(broker: BrokerSide, count: int, seconds: float = 10.0) -> list:
         select.select([broker], [], [], 0.1)
         messages += broker.read(100)
     return messages
+
+
+@pytest.mark.parametrize("sizes", [(5,), (3, 0, 4), (0, 0), (1, 1, 1, 1), (2, 7, 0, 3, 1)])
+def test_advance_leaves_exactly_the_bytes_not_sent(sizes):
+    """What a partial `sendmsg` leaves of a list of views (both ends' outboxes and the client port's),
+    at every count of bytes sent, empty frames included."""
+    whole = bytes(range(sum(sizes)))
+    views, start = [], 0
+    for n in sizes:
+        views.append(memoryview(whole)[start:start + n])
+        start += n
+    for sent in range(len(whole) + 1):
+        rest = advance(views, sent)
+        assert b"".join(bytes(v) for v in rest) == whole[sent:]
+        assert all(v.nbytes for v in rest[:1]) or not rest  # the first one left is never an emptied view
+    assert advance([], 0) == []
 
 
 def test_messages_cross_both_ways_as_their_frames(pair):
