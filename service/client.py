@@ -165,6 +165,10 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 
+# pyzmq's flags are enum.IntFlag members, and `send_multipart` ORs them per frame in enum's Python
+# code (an enum object made each time): a query's frames are sent one by one with these plain ints.
+_NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
+
 # `json.dumps(texts, ensure_ascii=False)` builds a new encoder at every call; this one is built once.
 _TEXTS_TO_JSON = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -541,7 +545,10 @@ class BertClient:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:
-                self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                # As send_multipart does: once the first frame is taken, ZeroMQ takes the whole message.
+                for frame in frames[:-1]:
+                    self._socket.send(frame, _NOBLOCK_MORE, copy=False)
+                self._socket.send(frames[-1], _NOBLOCK, copy=False)
                 return
             except zmq.Again:
                 pass
