@@ -139,6 +139,7 @@ class Broker:
         self.strangers = LogLimiter(log)  # connections to it from processes this broker did not spawn
         self.poller: zmq.Poller | None = None
         self.listener_key: Any = None              # the sources `watch` polls, as the poll names them
+        self.intake_key: Any = None
         self.client_sockets: list[tuple[Any, Any]] = []
         self.frontend: zmq.Socket | ZmtpRouter | None = None  # the client port (see open_frontend)
         self.reader: ZmtpRouter | None = None  # the same, when it is the broker's own ZMTP reader
@@ -285,13 +286,12 @@ class Broker:
     def serve_forever(self, on_ready=None) -> None:
         """Serve until `stop_requested` is set (by a signal handler, or a failed start), then shut
         down cleanly. `on_ready()` is called once, when every worker has loaded the model."""
-        self.watch(self.frontend, self.door_socket, self.intake.socket, self.monitor,
+        self.watch(self.frontend, self.door_socket, self.intake, self.monitor,
                    self.worker_port.socket if self.worker_port else None)
         next_heartbeat = next_process_check = 0.0
         while not self.stop_requested:
             before_poll = time.monotonic()
-            events = dict(self.poller.poll(0 if self.frontend_backlog() else OUTBOX_POLL_MS if self.outboxes
-                                           else POLL_MS))
+            events = dict(self.poller.poll(self.poll_timeout_ms()))
             woke = time.monotonic()
             self.forgive_own_stall(woke - before_poll - POLL_MS / 1000)  # the poll itself came back late
             self.flush_outboxes()
@@ -331,18 +331,20 @@ class Broker:
             self.doors.check(now)
         self.intake.check()
 
-    def watch(self, *sockets: zmq.Socket | None) -> None:
-        """Poll `sockets` (None: not open), the local workers' listener and their links from now on."""
+    def watch(self, *sockets: Any) -> None:
+        """Poll `sockets` (ZeroMQ sockets, or anything with a fileno(); None: not open), the local
+        workers' listener and their links from now on."""
         self.poller = zmq.Poller()
         for socket in (*sockets, self.listener):
-            if socket is not None:
-                self.poller.register(socket, zmq.POLLIN)
+            if socket is not None:  # by its fd, or pyzmq would call its fileno() at every poll
+                self.poller.register(poll_key(socket), POLLIN)
         for slot in self.slots:
             if slot.link is not None:
                 slot.link.polled = 0
         self.poll_link_output()
         # What the poll names them by, found once rather than at every turn.
         self.listener_key = poll_key(self.listener) if self.listener is not None else None
+        self.intake_key = poll_key(self.intake) if self.intake in sockets else None
         self.client_sockets = [(s, poll_key(s)) for s in (self.frontend, self.door_socket) if s is not None]
 
     def read_sockets(self, events: dict) -> None:
@@ -352,7 +354,7 @@ class Broker:
         self.read_links(events)
         if self.worker_port is not None and self.worker_port.socket in events:
             self.drain(self.worker_port.socket, self.on_remote_message)
-        if self.intake.socket in events:
+        if self.intake.has_messages(self.intake_key in events):
             self.drain(self.intake.socket, self.intake.on_message)
         for socket, key in self.client_sockets:
             if key in events or socket is self.frontend and self.frontend_backlog():
@@ -360,6 +362,14 @@ class Broker:
         if self.reader is not None:
             for client in self.reader.take_departed():
                 self.drop_client(client)
+
+    def poll_timeout_ms(self) -> int:
+        """How long the next poll may wait: not at all while messages already wait unseen by it (the
+        client port's parsed backlog; an intake answer whose ZMQ_FD signal a send took, see
+        IntakeProcess.has_messages, asked here, after the turn's last send), less while replies are held."""
+        if self.frontend_backlog() or self.intake.has_messages(False):
+            return 0
+        return OUTBOX_POLL_MS if self.outboxes else POLL_MS
 
     def frontend_backlog(self) -> bool:
         """Whether the client port holds messages or bytes already read (a drain stops at its bound;

@@ -202,6 +202,21 @@ class IntakeProcess:
                                        args=(self.address, self.identity, os.getpid(), self.verbose))
         self.process.start()
 
+    def fileno(self) -> int:
+        """What the broker polls: the socket's ZMQ_FD, readable when the socket's state may have
+        changed. Polled as the socket itself, the socket would cost the broker four system calls at every
+        turn of its loop, for a process most queries never use."""
+        return self.socket.getsockopt(zmq.FD)
+
+    def has_messages(self, signalled: bool) -> bool:
+        """Whether a message waits. ZMQ_FD signals a change once (an edge), and a send on the socket
+        can take that signal for a message that then waits unseen: so while an answer is awaited (the
+        process's READY, or a result) the socket is asked before each poll and after it; otherwise
+        only when its fd signalled."""
+        if not (signalled or self.pending or not self.ready):
+            return False
+        return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
     def has_room(self, size: int) -> bool:
         return self.backlog + size <= self.max_backlog
 

@@ -183,6 +183,54 @@ def test_an_intake_process_that_dies_fails_what_it_held_and_is_replaced(server, 
     assert_serving(server, tiny_encoder)
 
 
+def test_an_intake_answer_is_found_after_a_send_took_its_signal(tmp_path):
+    """The broker polls the intake socket's ZMQ_FD, which signals a change once: a send on the socket
+    (the next big request) can take the signal of an answer already waiting, and the fd then stays
+    quiet. With an answer awaited, `has_messages` asks the socket itself, so none waits for a timeout."""
+    import multiprocessing
+    import select
+
+    from service.intake import IntakeProcess
+
+    answers = []
+    context = zmq.Context()
+    intake = IntakeProcess(context, str(tmp_path), MAX_BYTES, False, multiprocessing.get_context("spawn"),
+                           lambda request, chunks, error: answers.append((request, chunks, error)))
+    intake.start()
+    try:
+        fd = intake.fileno()
+
+        def read_while_signalled(seconds: float) -> None:
+            select.select([fd], [], [], seconds)
+            while intake.has_messages(True):
+                intake.on_message(intake.socket.recv_multipart(copy=False))
+
+        deadline = time.monotonic() + 60
+        while not intake.ready and time.monotonic() < deadline:
+            read_while_signalled(0.1)
+        assert intake.ready, "the intake process did not say READY within 60 s"
+        options = {"is_tokenized": False, "max_sentences": MAX_SENTENCES, "max_batch_size": BATCH, "max_seq_len": 64}
+        texts = zmq.Frame(json.dumps([f"sentence {i}" for i in range(20)]).encode())
+        intake.submit("first", texts, options)
+        deadline = time.monotonic() + 60
+        while not intake.has_messages(False) and time.monotonic() < deadline:  # asking takes the fd's signal
+            time.sleep(0.01)
+        intake.submit("second", texts, options)   # a send on the socket, the first answer unread
+        quiet = not select.select([fd], [], [], 0)[0]
+        assert intake.has_messages(False), f"the first answer is not found (fd {'quiet' if quiet else 'readable'})"
+        deadline = time.monotonic() + 60
+        while len(answers) < 2 and time.monotonic() < deadline:
+            if intake.has_messages(False):
+                intake.on_message(intake.socket.recv_multipart(copy=False))
+            else:
+                time.sleep(0.01)
+        assert [a[0] for a in answers] == ["first", "second"] and all(a[1] and a[2] is None for a in answers), answers
+        assert not intake.pending and not intake.has_messages(False)
+    finally:
+        intake.stop()
+        context.term()
+
+
 # ---------------------------------------------------------------- fair sharing
 
 
