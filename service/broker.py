@@ -286,7 +286,7 @@ class Broker:
     def serve_forever(self, on_ready=None) -> None:
         """Serve until `stop_requested` is set (by a signal handler, or a failed start), then shut
         down cleanly. `on_ready()` is called once, when every worker has loaded the model."""
-        self.watch(self.frontend, self.door_socket, self.intake, self.monitor,
+        self.watch(self.frontend, self.door_socket, self.intake.polled, self.monitor,
                    self.worker_port.socket if self.worker_port else None)
         next_heartbeat = next_process_check = 0.0
         while not self.stop_requested:
@@ -344,7 +344,7 @@ class Broker:
         self.poll_link_output()
         # What the poll names them by, found once rather than at every turn.
         self.listener_key = poll_key(self.listener) if self.listener is not None else None
-        self.intake_key = poll_key(self.intake) if self.intake in sockets else None
+        self.intake_key = poll_key(self.intake.polled) if self.intake.polled in sockets else None
         self.client_sockets = [(s, poll_key(s)) for s in (self.frontend, self.door_socket) if s is not None]
 
     def read_sockets(self, events: dict) -> None:
@@ -354,7 +354,7 @@ class Broker:
         self.read_links(events)
         if self.worker_port is not None and self.worker_port.socket in events:
             self.drain(self.worker_port.socket, self.on_remote_message)
-        if self.intake.has_messages(self.intake_key in events):
+        if self.intake.polled.has_message(self.intake_key in events):
             self.drain(self.intake.socket, self.intake.on_message)
         for socket, key in self.client_sockets:
             if key in events or socket is self.frontend and self.frontend_backlog():
@@ -365,9 +365,9 @@ class Broker:
 
     def poll_timeout_ms(self) -> int:
         """How long the next poll may wait: not at all while messages already wait unseen by it (the
-        client port's parsed backlog; an intake answer whose ZMQ_FD signal a send took, see
-        IntakeProcess.has_messages, asked here, after the turn's last send), less while replies are held."""
-        if self.frontend_backlog() or self.intake.has_messages(False):
+        client port's parsed backlog; an intake answer whose fd signal a send took, see PolledByFd:
+        asked here, after the turn's last send), less while replies are held."""
+        if self.frontend_backlog() or self.intake.polled.has_message():
             return 0
         return OUTBOX_POLL_MS if self.outboxes else POLL_MS
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import zmq
 
 from .client import BadRequestError, check_texts
-from .link import POLLIN
+from .link import PolledByFd
 from .scheduler import estimate_tokens, split
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,9 @@ class IntakeProcess:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.address = f"ipc://{runtime_dir}/intake"
         self.socket.bind(self.address)
+        # What the broker polls: most queries never use this process, so its socket costs no system
+        # calls at their turns; an answer is awaited while requests are out, and READY before it.
+        self.polled = PolledByFd(self.socket, lambda: bool(self.pending) or not self.ready)
         self.max_backlog = INTAKE_BACKLOG_REQUESTS * max_request_bytes
         self.verbose = verbose
         self.mp = mp
@@ -202,21 +205,6 @@ class IntakeProcess:
         self.process = self.mp.Process(target=intake_main, name="intake", daemon=True,
                                        args=(self.address, self.identity, os.getpid(), self.verbose))
         self.process.start()
-
-    def fileno(self) -> int:
-        """What the broker polls: the socket's ZMQ_FD, readable when the socket's state may have
-        changed. Polled as the socket itself, the socket would cost the broker two to four system calls at
-        every turn of its loop (libzmq asks its state at each pass), for a process most queries never use."""
-        return self.socket.getsockopt(zmq.FD)
-
-    def has_messages(self, signalled: bool) -> bool:
-        """Whether a message waits. ZMQ_FD signals a change once (an edge), and a send on the socket
-        can take that signal for a message that then waits unseen: so while an answer is awaited (the
-        process's READY, or a result) the socket is asked before each poll and after it; otherwise
-        only when its fd signalled."""
-        if not (signalled or self.pending or not self.ready):
-            return False
-        return bool(self.socket.getsockopt(zmq.EVENTS) & POLLIN)
 
     def has_room(self, size: int) -> bool:
         return self.backlog + size <= self.max_backlog

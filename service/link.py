@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import zmq
 
@@ -82,6 +82,27 @@ def _split(body: bytearray, lengths: list[int], views_over: int) -> list:
 # pyzmq's flags are enum.IntFlag members, and `int & zmq.POLLIN` runs enum's Python code (an enum
 # object made per operation): on every query's path, the loops use these plain ints instead.
 POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
+
+
+class PolledByFd:
+    """A ZeroMQ socket polled by its ZMQ_FD rather than as a socket. In a `zmq.Poller` a socket costs
+    two system calls at every pass (libzmq asks its state: a `getpid`, a `poll` of its mailbox), and a
+    poll that waits makes two passes. The fd only signals that the state may have changed, once (an
+    edge), and any operation on the socket (a send, a receive) can take the signal of a message that
+    then waits unseen. So while a message is `awaited()`, the socket itself is asked, before each
+    poll (to poll without waiting) and after it; otherwise only when its fd signalled."""
+
+    def __init__(self, socket: zmq.Socket, awaited: Callable[[], bool]) -> None:
+        self.socket, self.awaited = socket, awaited
+        self.fd = socket.getsockopt(zmq.FD)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def has_message(self, signalled: bool = False) -> bool:
+        if not (signalled or self.awaited()):
+            return False
+        return bool(self.socket.getsockopt(zmq.EVENTS) & POLLIN)
 
 
 def poll_key(source: Any) -> Any:

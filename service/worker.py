@@ -38,7 +38,7 @@ from . import protocol as P
 from .backend import jobs_wanted
 from .client import ERR_SERVER, ERR_TIMEOUT
 from .config import ServerConfig
-from .link import POLLIN, WorkerSide, poll_key
+from .link import PolledByFd, WorkerSide, poll_key
 from .logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -262,21 +262,18 @@ class Worker:
     # ------------------------------------------------------------ I/O thread
 
     def io_loop(self, results: zmq.Socket) -> None:
+        in_flight = 0  # jobs handed to the stages, their results awaited
+        # The stages' results by their socket's fd: no system calls for it at the turns of a small job
+        # this thread encodes itself (see PolledByFd).
+        staged = PolledByFd(results, lambda: in_flight > 0)
         poller = zmq.Poller()
-        poller.register(poll_key(self.socket), POLLIN)
-        # The results socket by its ZMQ_FD: polled as a socket it cost two to four system calls at every
-        # turn, also for the small jobs this thread encodes itself. That fd signals a change once (an
-        # edge), and a receive can take the signal of the next result: so while results are awaited
-        # the socket is asked before each poll and after it.
-        results_fd = results.getsockopt(zmq.FD)
-        poller.register(results_fd, POLLIN)
+        poller.register(poll_key(self.socket), zmq.POLLIN)
+        poller.register(staged.fd, zmq.POLLIN)
         broker = poll_key(self.socket)
         broker_seen = next_heartbeat = next_parent_check = time.monotonic()
-        in_flight = 0
         stopping = stalled = False
         while True:
-            waiting = in_flight > 0 and results.getsockopt(zmq.EVENTS) & POLLIN
-            events = dict(poller.poll(0 if waiting else int(P.HEARTBEAT_INTERVAL * 250)))
+            events = dict(poller.poll(0 if staged.has_message() else int(P.HEARTBEAT_INTERVAL * 250)))
             now = time.monotonic()
             if self.stage_exit_code is not None:
                 os._exit(self.stage_exit_code)  # the threads of a broken process are not joined
@@ -297,7 +294,7 @@ class Worker:
                 elif frames[0] == P.STOP:
                     log.debug("stop received; finishing %d jobs", in_flight)
                     stopping = True
-            if (results_fd in events or in_flight > 0) and results.getsockopt(zmq.EVENTS) & POLLIN:
+            if staged.has_message(staged.fd in events):
                 frames = results.recv_multipart(copy=False)
                 self.socket.send_multipart([P.RESULT, *frames], copy=False)
                 in_flight -= 1

@@ -186,7 +186,7 @@ def test_an_intake_process_that_dies_fails_what_it_held_and_is_replaced(server, 
 def test_an_intake_answer_is_found_after_a_send_took_its_signal(tmp_path):
     """The broker polls the intake socket's ZMQ_FD, which signals a change once: a send on the socket
     (the next big request) can take the signal of an answer already waiting, and the fd then stays
-    quiet. With an answer awaited, `has_messages` asks the socket itself, so none waits for a timeout."""
+    quiet. With an answer awaited, `has_message` asks the socket itself, so none waits for a timeout."""
     import multiprocessing
     import select
 
@@ -198,11 +198,11 @@ def test_an_intake_answer_is_found_after_a_send_took_its_signal(tmp_path):
                            lambda request, chunks, error: answers.append((request, chunks, error)))
     intake.start()
     try:
-        fd = intake.fileno()
+        fd = intake.polled.fileno()
 
         def read_while_signalled(seconds: float) -> None:
             select.select([fd], [], [], seconds)
-            while intake.has_messages(True):
+            while intake.polled.has_message(True):
                 intake.on_message(intake.socket.recv_multipart(copy=False))
 
         deadline = time.monotonic() + 60
@@ -213,19 +213,19 @@ def test_an_intake_answer_is_found_after_a_send_took_its_signal(tmp_path):
         texts = zmq.Frame(json.dumps([f"sentence {i}" for i in range(20)]).encode())
         intake.submit("first", texts, options)
         deadline = time.monotonic() + 60
-        while not intake.has_messages(False) and time.monotonic() < deadline:  # asking takes the fd's signal
+        while not intake.polled.has_message() and time.monotonic() < deadline:  # asking takes the fd's signal
             time.sleep(0.01)
         intake.submit("second", texts, options)   # a send on the socket, the first answer unread
         quiet = not select.select([fd], [], [], 0)[0]
-        assert intake.has_messages(False), f"the first answer is not found (fd {'quiet' if quiet else 'readable'})"
+        assert intake.polled.has_message(), f"the first answer is not found (fd {'quiet' if quiet else 'readable'})"
         deadline = time.monotonic() + 60
         while len(answers) < 2 and time.monotonic() < deadline:
-            if intake.has_messages(False):
+            if intake.polled.has_message():
                 intake.on_message(intake.socket.recv_multipart(copy=False))
             else:
                 time.sleep(0.01)
         assert [a[0] for a in answers] == ["first", "second"] and all(a[1] and a[2] is None for a in answers), answers
-        assert not intake.pending and not intake.has_messages(False)
+        assert not intake.pending and not intake.polled.has_message()
     finally:
         intake.stop()
         context.term()
