@@ -139,7 +139,6 @@ class Broker:
         self.strangers = LogLimiter(log)  # connections to it from processes this broker did not spawn
         self.poller: zmq.Poller | None = None
         self.listener_key: Any = None              # the sources `watch` polls, as the poll names them
-        self.intake_key: Any = None
         self.client_sockets: list[tuple[Any, Any]] = []
         self.frontend: zmq.Socket | ZmtpRouter | None = None  # the client port (see open_frontend)
         self.reader: ZmtpRouter | None = None  # the same, when it is the broker's own ZMTP reader
@@ -344,7 +343,6 @@ class Broker:
         self.poll_link_output()
         # What the poll names them by, found once rather than at every turn.
         self.listener_key = poll_key(self.listener) if self.listener is not None else None
-        self.intake_key = poll_key(self.intake.polled) if self.intake.polled in sockets else None
         self.client_sockets = [(s, poll_key(s)) for s in (self.frontend, self.door_socket) if s is not None]
 
     def read_sockets(self, events: dict) -> None:
@@ -354,7 +352,7 @@ class Broker:
         self.read_links(events)
         if self.worker_port is not None and self.worker_port.socket in events:
             self.drain(self.worker_port.socket, self.on_remote_message)
-        if self.intake.polled.has_message(self.intake_key in events):
+        if self.intake.polled.has_message(self.intake.polled.fd in events):
             self.drain(self.intake.socket, self.intake.on_message)
         for socket, key in self.client_sockets:
             if key in events or socket is self.frontend and self.frontend_backlog():

@@ -304,11 +304,10 @@ class Worker:
             if now >= next_heartbeat and not stalled:
                 self.socket.send_multipart([P.HEARTBEAT])
                 next_heartbeat = now + P.HEARTBEAT_INTERVAL
+            parent_gone = False
             if now >= next_parent_check:  # a system call: once a heartbeat interval, not at every job
                 next_parent_check = now + P.HEARTBEAT_INTERVAL
                 parent_gone = os.getppid() != self.parent_pid
-            else:
-                parent_gone = False
             if now - broker_seen > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS * 3 or parent_gone:
                 log.warning("broker is gone; worker exits")
                 return

@@ -80,7 +80,7 @@ def wait_for_new_file(folder: Path, before: set[Path], timeout: float = 60.0) ->
     while time.monotonic() < deadline:
         new = [p for p in folder.iterdir() if p not in before and p.stat().st_size > 0]
         if new:
-            time.sleep(0.2)  # written whole by the time callgrind_control returns; be safe
+            time.sleep(0.2)  # callgrind_control may return while the dump is still being written
             return new[0]
         time.sleep(0.1)
     raise RuntimeError(f"callgrind wrote no dump into {folder}")
