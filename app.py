@@ -140,6 +140,11 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     compute.add_argument("-cpu_engine", choices=CPU_ENGINES, default="onnx",
                          help="what runs the model on a CPU in fp32: onnx (ONNX Runtime on a graph exported from "
                               "the same weights at start-up and cached; about 2x lower latency) or torch")
+    compute.add_argument("-cpu_spin", type=str_to_bool, nargs="?", const=True, default=True,
+                         help="ONNX Runtime's threads spin for ~50 ms after each forward pass, ready for the next "
+                              "(default: yes; lowest latency, but a core busy after every request); no: they sleep "
+                              "when a pass is done: a quarter of the CPU at a few requests a second, for a "
+                              "higher latency (see the README's speed section)")
     compute.add_argument("-onnx_cache_dir", default=None,
                          help="where exported ONNX graphs are cached (default: ~/.cache/bert-as-service/onnx)")
     net = p.add_argument_group("network and limits")
@@ -196,7 +201,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         pooling_layer=tuple(args.pooling_layer) if args.pooling_layer else None, mask_cls_sep=args.mask_cls_sep,
         normalize=args.normalize, max_seq_len=args.max_seq_len, do_lower_case=args.do_lower_case,
         dtype=args.dtype, max_batch_tokens=args.max_batch_tokens, cpu_engine=args.cpu_engine,
-        onnx_cache_dir=args.onnx_cache_dir)
+        onnx_cache_dir=args.onnx_cache_dir, cpu_spin=args.cpu_spin)
     return ServerConfig(
         encoder=encoder, num_worker=args.num_worker, host=args.host, port=args.port,
         max_batch_size=args.max_batch_size, max_client_batch_size=args.max_client_batch_size,

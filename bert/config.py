@@ -205,6 +205,8 @@ class EncoderOptions:
     - `cpu_engine`: what runs the model on a CPU in fp32: 'torch', or 'onnx' (ONNX Runtime on a graph
       exported from the same model; the server's default, for its lower latency). GPUs run PyTorch.
     - `onnx_cache_dir`: where exported graphs are kept (None: ~/.cache/bert-as-service/onnx).
+    - `cpu_spin`: ONNX Runtime's threads keep spinning after a forward pass, ready for the next (its own
+      default; they spin ~50 ms, a core busy after every request). False: they sleep once a pass is done.
     """
 
     model_dir: str | None = None
@@ -219,6 +221,7 @@ class EncoderOptions:
     max_batch_tokens: int | None = None
     cpu_engine: str = "torch"
     onnx_cache_dir: str | None = None
+    cpu_spin: bool = True
 
     def __post_init__(self) -> None:
         if self.cpu_engine not in CPU_ENGINES:

@@ -74,7 +74,7 @@ class Encoder:
         """The ONNX Runtime engine, or None (PyTorch then runs the model) when it cannot be built."""
         try:
             return OnnxEngine.load(self.model, self.layers, self.pooling, self.tokenizer.pad_id,
-                                   self.options.onnx_cache_dir, torch.get_num_threads())
+                                   self.options.onnx_cache_dir, torch.get_num_threads(), self.options.cpu_spin)
         except Exception as e:  # onnxruntime missing, an export failure, a graph over 2 GB...
             log.warning("ONNX Runtime cannot run this model (%s: %s); running it with PyTorch",
                         type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")

@@ -6,6 +6,8 @@ Every exported graph goes to a temporary folder, never to the user's home."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from bert import Encoder
 from service.client import BertClient
 from service.corpus import corpus_sentences
-from service.harness import RunningServer
+from service.harness import RunningServer, group_pids, proc_stat
 
 TOLERANCE = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
@@ -154,6 +156,21 @@ def test_bf16_on_the_cpu_stays_with_pytorch(random_bert, tmp_path):
     assert not list(tmp_path.glob("*.onnx"))
 
 
+def spin_stop_setting(encoder: Encoder) -> str | None:
+    """The session's "stop spinning after a pass" entry; None when unset (ONNX Runtime's default)."""
+    try:
+        return encoder.onnx.session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+    except RuntimeError:  # "does not have configuration with key"
+        return None
+
+
+def test_a_session_told_not_to_spin_stops_its_threads_after_each_pass(onnx_encoder, cache_dir, sentences):
+    sleeper = Encoder.from_dir(device="cpu", cpu_engine="onnx", onnx_cache_dir=str(cache_dir), cpu_spin=False)
+    assert spin_stop_setting(sleeper) == "1"
+    assert spin_stop_setting(onnx_encoder) is None
+    np.testing.assert_array_equal(sleeper.encode(sentences[:8]), onnx_encoder.encode(sentences[:8]))
+
+
 def test_an_unknown_engine_is_refused():
     with pytest.raises(ValueError, match="cpu_engine must be one of"):
         Encoder.from_dir(cpu_engine="tensorrt")
@@ -192,3 +209,28 @@ def test_the_server_can_be_told_to_run_pytorch(random_bert):
         assert config["cpu_engine"] == "torch" and config["engine"] == "torch"
         np.testing.assert_allclose(bc.encode(["hello"]), Encoder.from_dir(str(folder)).encode(["hello"]),
                                    atol=TOLERANCE, rtol=0)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        fields = proc_stat(pid)
+        if fields:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_server_told_not_to_spin_rests_between_requests(cache_dir, bundled_encoder):
+    """-cpu_spin no: after a reply the worker's threads sleep. With ONNX Runtime's default they spin
+    for up to ~50 ms after every pass (how long depends on the CPU, so only this side is checked)."""
+    with RunningServer(["-cpu_engine", "onnx", "-onnx_cache_dir", str(cache_dir), "-cpu_spin", "no"]) as server, \
+            BertClient(port=server.port, timeout=60) as bc:
+        assert bc.server_config()["cpu_spin"] is False
+        pids = group_pids(server.process.pid)
+        for text in ["one", "two sentences", "and a third, longer one"]:
+            vectors = bc.encode([text])
+        used = cpu_seconds(pids)
+        time.sleep(0.5)
+        used = cpu_seconds(pids) - used
+    np.testing.assert_allclose(vectors, bundled_encoder.encode(["and a third, longer one"]), atol=TOLERANCE, rtol=0)
+    assert used < 0.025, f"the server used {used * 1000:.0f} ms of CPU in the 0.5 s after its last reply"
