@@ -253,3 +253,15 @@ def test_a_server_runs_from_the_checkout_it_is_given(tmp_path):
         assert bc.encode(["hello"]).shape == (1, 384)
         cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().split(b"\0")
         assert str(checkout / "app.py").encode() in cmdline
+
+
+def test_the_hop_timeline_marks_every_hop_of_a_real_server():
+    """tools/hop_timeline.py wraps the server's functions by name: a rename must not leave it blind."""
+    from tools.hop_timeline import SPANS, run
+
+    marks = run(queries=20, server_args=["-max_seq_len", "64"])
+    for start, end, _ in SPANS:
+        assert len(marks[start]) == len(marks[end]) == 20
+        assert (marks[end] > marks[start]).all(), f"{end} before {start}"
+    # Each query's hops follow one another, and the next query starts after the last one is back.
+    assert (marks["client_send"][1:] > marks["client_back"][:-1]).all()
