@@ -33,6 +33,9 @@ def settings_warnings(config: ServerConfig, resolved: ResolvedEncoder) -> list[s
         warnings.append(half_precision_on_cpu(options.dtype))
     if config.cpu and config.device_map:
         warnings.append(f"-device_map {' '.join(map(str, config.device_map))} has no effect with -cpu")
+    if not options.cpu_spin and options.cpu_engine != "onnx":
+        warnings.append(f"-cpu_spin no has no effect with -cpu_engine {options.cpu_engine}: it is a setting of "
+                        "ONNX Runtime's threads")
     if options.mask_cls_sep and not {"mean", "max"} & set(resolved.pooling.modes):
         warnings.append(f"-mask_cls_sep has no effect with {resolved.pooling_strategy or resolved.pooling.modes}: "
                         "it only changes mean and max pooling")

@@ -132,6 +132,9 @@ def test_settings_without_effect_are_warned_about():
     assert warning.startswith("-mask_cls_sep has no effect with CLS_TOKEN")
     (warning,) = warnings_for("-cpu", "-num_worker", "2", "-cpu_threads", str(os.cpu_count()))
     assert "more threads than the" in warning
+    assert warnings_for("-cpu", "-cpu_engine", "torch", "-cpu_spin", "no") == [
+        "-cpu_spin no has no effect with -cpu_engine torch: it is a setting of ONNX Runtime's threads"]
+    assert warnings_for("-cpu", "-cpu_spin", "no") == []
 
 
 def test_device_warnings_from_what_the_workers_report():
