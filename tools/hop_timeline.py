@@ -2,6 +2,7 @@
 
     python tools/hop_timeline.py                    # bundled model, one worker, 1,000 one-sentence queries
     python tools/hop_timeline.py -queries 3000 -server_args -cpu_spin no
+    python tools/hop_timeline.py -queries 300 -gap_ms 200     # sporadic queries: caches and cores gone cold
 
 The server runs unchanged: a `sitecustomize` module in a temporary folder on its PYTHONPATH wraps a
 few of its functions in the broker's and the worker's processes (nothing is traced in a normal run,
@@ -120,8 +121,8 @@ if os.environ.get("HOP_TIMELINE_DIR"):
 '''
 
 
-def run(queries: int, server_args: list[str]) -> dict[str, np.ndarray]:
-    """Every mark's times (seconds), `queries` of each, in query order."""
+def run(queries: int, server_args: list[str], gap: float = 0.0) -> dict[str, np.ndarray]:
+    """Every mark's times (seconds), `queries` of each, in query order; `gap` seconds between queries."""
     sentences, _ = corpus_sentences(WARMUP + queries)
     with tempfile.TemporaryDirectory(prefix="hop-timeline-") as folder:
         Path(folder, "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
@@ -133,6 +134,8 @@ def run(queries: int, server_args: list[str]) -> dict[str, np.ndarray]:
             for text in sentences[:WARMUP]:
                 client.encode([text])
             for text in sentences[WARMUP:]:
+                if gap:
+                    time.sleep(gap)
                 marks["client_send"].append(time.perf_counter())
                 client.encode([text])
                 marks["client_back"].append(time.perf_counter())
@@ -155,12 +158,15 @@ def run(queries: int, server_args: list[str]) -> dict[str, np.ndarray]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-queries", type=int, default=1000, help="timed one-sentence queries (after 100 untimed)")
+    parser.add_argument("-gap_ms", type=float, default=0.0,
+                        help="pause between queries (sporadic traffic: cores asleep, caches cold); default none")
     parser.add_argument("-server_args", nargs=argparse.REMAINDER, default=[],
                         help="passed to app.py (which already gets -cpu -num_worker 1 and a free port)")
     args = parser.parse_args()
-    marks = run(args.queries, args.server_args)
+    marks = run(args.queries, args.server_args, args.gap_ms / 1000)
     shown = " ".join(["-cpu -num_worker 1", *args.server_args])
-    print(f"{args.queries} one-sentence queries to app.py {shown}; ms per query")
+    gap = f", {args.gap_ms:g} ms apart" if args.gap_ms else ", back to back"
+    print(f"{args.queries} one-sentence queries to app.py {shown}{gap}; ms per query")
     print(f"{'span':28s} {'p50':>7s} {'mean':>7s} {'p90':>7s}")
     for start, end, what in SPANS:
         span = (marks[end] - marks[start]) * 1000
