@@ -72,7 +72,7 @@ from bert.random_model import build_random_bert
 from service.checks import cpuinfo
 from service.client import BertClient
 from service.corpus import DEFAULT_CORPUS, corpus_sentences
-from service.harness import ROOT, RunningServer, free_port, group_pids, proc_stat
+from service.harness import ROOT, RunningServer, cpu_ticks, free_port, group_pids
 
 DEFAULT_OUT = ROOT / "bench_out"
 CLIENT_TIMEOUT = 900.0  # seconds; one large request to a slow CPU server can take minutes
@@ -149,11 +149,6 @@ def _machine_jiffies() -> tuple[int, int]:
     return busy, busy + idle + iowait
 
 
-def _process_jiffies(pids: Sequence[int]) -> int:
-    """utime + stime of every thread of these processes (those that exited meanwhile count 0)."""
-    return sum(int(fields[11]) + int(fields[12]) for fields in map(proc_stat, pids) if fields)
-
-
 class CpuMeter:
     """Share of the machine's CPU used by processes other than this benchmark and its server.
 
@@ -168,14 +163,14 @@ class CpuMeter:
 
     def start(self) -> None:
         if self.available:
-            self._start = (*_machine_jiffies(), _process_jiffies(self.own_pids()))
+            self._start = (*_machine_jiffies(), cpu_ticks(self.own_pids()))
 
     def stop(self) -> float | None:
         """The share (0..1 of all cores) others used since `start()`, or None where unknown."""
         if not self.available or self._start is None:
             return None
         busy, total = _machine_jiffies()
-        ours = _process_jiffies(self.own_pids())
+        ours = cpu_ticks(self.own_pids())
         busy0, total0, ours0 = self._start
         if total <= total0:
             return None

@@ -15,7 +15,7 @@ import pytest
 from bert import Encoder
 from service.client import BertClient
 from service.corpus import corpus_sentences
-from service.harness import RunningServer, group_pids, proc_stat
+from service.harness import RunningServer, cpu_ticks, group_pids
 
 TOLERANCE = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
@@ -211,15 +211,6 @@ def test_the_server_can_be_told_to_run_pytorch(random_bert):
                                    atol=TOLERANCE, rtol=0)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
-    for pid in pids:
-        fields = proc_stat(pid)
-        if fields:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def test_a_server_told_not_to_spin_rests_between_requests(cache_dir, bundled_encoder):
     """-cpu_spin no: after a reply the worker's threads sleep. With ONNX Runtime's default they spin
     for up to ~50 ms after every pass (how long depends on the CPU, so only this side is checked)."""
@@ -229,8 +220,8 @@ def test_a_server_told_not_to_spin_rests_between_requests(cache_dir, bundled_enc
         pids = group_pids(server.process.pid)
         for text in ["one", "two sentences", "and a third, longer one"]:
             vectors = bc.encode([text])
-        used = cpu_seconds(pids)
+        used = cpu_ticks(pids)
         time.sleep(0.5)
-        used = cpu_seconds(pids) - used
+        used = (cpu_ticks(pids) - used) / os.sysconf("SC_CLK_TCK")
     np.testing.assert_allclose(vectors, bundled_encoder.encode(["and a third, longer one"]), atol=TOLERANCE, rtol=0)
     assert used < 0.025, f"the server used {used * 1000:.0f} ms of CPU in the 0.5 s after its last reply"
