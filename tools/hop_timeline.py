@@ -14,19 +14,16 @@ process sends one sentence at a time, with its own marks around each `encode()`.
 The marks, in a query's order:
   client_send   BertClient.encode called                     (this process)
   broker_in     the broker's handler gets the request         Broker.on_client_message
-  job_sent      the job's send to the worker returned         Broker.send_to_worker
   worker_in     the worker's I/O thread has read the job      WorkerSide.recv_multipart
   pass_start    the forward pass starts                       Encoder.vectors (tokenized, padded)
   pass_end      the forward pass returned
   result_sent   the worker starts sending the result          DirectReply.send_multipart
   broker_result the broker's handler gets the result          Broker.on_result
-  broker_reply  the broker's reply to the client was sent     Broker.complete
   client_back   BertClient.encode returned                    (this process)
 
-A send returns only when the kernel lets the sender run again, often after the woken process has
-run, so `job_sent` and `broker_reply` may come after the marks they caused: the table shows spans
-between marks that follow one another in time (client_send -> broker_in -> worker_in -> pass_start,
-pass_end -> result_sent -> broker_result -> client_back). Small one-sentence jobs are encoded by the
+Every mark is taken where a process starts on its part, not where a send returns: a send returns
+only when the kernel lets the sender run again, often after the woken process has run, so marks
+after sends would come after the marks they caused. Small one-sentence jobs are encoded by the
 worker's I/O thread itself (the inline path); that is the path timed here.
 """
 from __future__ import annotations
@@ -96,10 +93,7 @@ def _install():
         setattr(cls, name, wrapped)
 
     around(broker.Broker, "on_client_message", before=lambda *a: _note("broker_in"))
-    around(broker.Broker, "send_to_worker",
-           after=lambda r, self, slot, frames: frames[0] == protocol.JOB and _note("job_sent"))
     around(broker.Broker, "on_result", before=lambda *a: _note("broker_result"))
-    around(broker.Broker, "complete", after=lambda *a: _note("broker_reply"))
     around(link.WorkerSide, "recv_multipart", after=lambda frames, *a: frames[0] == protocol.JOB and _note("worker_in"))
     around(worker.DirectReply, "send_multipart", before=lambda *a: _note("result_sent"))
 
@@ -149,7 +143,7 @@ def run(queries: int, server_args: list[str], gap: float = 0.0) -> dict[str, np.
             for line in file.read_text().splitlines():
                 tag, moment = line.split()
                 marks.setdefault(tag, []).append(float(moment))
-    missing = [tag for _, tag, _ in SPANS if len(marks.get(tag, [])) < queries]
+    missing = [tag for start, end, _ in SPANS for tag in (start, end) if len(marks.get(tag, [])) < queries]
     if missing:
         raise RuntimeError(f"too few marks for {', '.join(missing)}: did the queries take the inline path?")
     return {tag: np.array(times[-queries:]) for tag, times in marks.items()}
@@ -169,13 +163,15 @@ def main() -> int:
     print(f"{args.queries} one-sentence queries to app.py {shown}{gap}; ms per query")
     print(f"{'span':28s} {'p50':>7s} {'mean':>7s} {'p90':>7s}")
     for start, end, what in SPANS:
-        span = (marks[end] - marks[start]) * 1000
-        print(f"{start + ' -> ' + end:28s} {np.median(span):7.3f} {span.mean():7.3f} {np.percentile(span, 90):7.3f}  {what}")
+        print_row(f"{start} -> {end}", (marks[end] - marks[start]) * 1000, what)
     total = (marks["client_back"] - marks["client_send"]) * 1000
-    outside = total - (marks["pass_end"] - marks["pass_start"]) * 1000
-    print(f"{'whole call':28s} {np.median(total):7.3f} {total.mean():7.3f} {np.percentile(total, 90):7.3f}")
-    print(f"{'outside the pass':28s} {np.median(outside):7.3f} {outside.mean():7.3f} {np.percentile(outside, 90):7.3f}")
+    print_row("whole call", total)
+    print_row("outside the pass", total - (marks["pass_end"] - marks["pass_start"]) * 1000)
     return 0
+
+
+def print_row(name: str, ms: np.ndarray, what: str = "") -> None:
+    print(f"{name:28s} {np.median(ms):7.3f} {ms.mean():7.3f} {np.percentile(ms, 90):7.3f}  {what}".rstrip())
 
 
 if __name__ == "__main__":
