@@ -145,6 +145,10 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
                               "(default: yes; lowest latency, but a core busy after every request); no: they sleep "
                               "when a pass is done: a quarter of the CPU at a few requests a second, for a "
                               "higher latency (see the README's speed section)")
+    compute.add_argument("-cuda_graphs", type=str_to_bool, nargs="?", const=True, default=True,
+                         help="on a GPU, capture CUDA graphs at start-up for batches of up to 8 sentences and "
+                              "replay them: one launch per query instead of one per operator (default: yes; "
+                              "a few seconds more at start-up). No effect on a CPU")
     compute.add_argument("-onnx_cache_dir", default=None,
                          help="where exported ONNX graphs are cached (default: ~/.cache/bert-as-service/onnx)")
     net = p.add_argument_group("network and limits")
@@ -201,7 +205,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         pooling_layer=tuple(args.pooling_layer) if args.pooling_layer else None, mask_cls_sep=args.mask_cls_sep,
         normalize=args.normalize, max_seq_len=args.max_seq_len, do_lower_case=args.do_lower_case,
         dtype=args.dtype, max_batch_tokens=args.max_batch_tokens, cpu_engine=args.cpu_engine,
-        onnx_cache_dir=args.onnx_cache_dir, cpu_spin=args.cpu_spin)
+        onnx_cache_dir=args.onnx_cache_dir, cpu_spin=args.cpu_spin, cuda_graphs=args.cuda_graphs)
     return ServerConfig(
         encoder=encoder, num_worker=args.num_worker, host=args.host, port=args.port,
         max_batch_size=args.max_batch_size, max_client_batch_size=args.max_client_batch_size,

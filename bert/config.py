@@ -207,6 +207,8 @@ class EncoderOptions:
     - `onnx_cache_dir`: where exported graphs are kept (None: ~/.cache/bert-as-service/onnx).
     - `cpu_spin`: ONNX Runtime's threads keep spinning after a forward pass, ready for the next (its own
       default; they spin ~50 ms, a core busy after every request). False: they sleep once a pass is done.
+    - `cuda_graphs`: on a GPU, capture CUDA graphs at start-up for batches of up to 8 sentences and
+      replay them (bert/cuda_graphs.py): one launch per query instead of one per operator.
     """
 
     model_dir: str | None = None
@@ -222,6 +224,7 @@ class EncoderOptions:
     cpu_engine: str = "torch"
     onnx_cache_dir: str | None = None
     cpu_spin: bool = True
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.cpu_engine not in CPU_ENGINES:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -16,7 +17,8 @@ import torch
 
 from .batching import plan_batches
 from .checkpoint import ModelFolder, inspect_folder, load_weights, weights_source
-from .config import EncoderOptions, effective_dtype
+from .config import EncoderOptions, PoolingConfig, effective_dtype
+from .cuda_graphs import SmallBatchGraphs
 from .errors import CheckpointError
 from .modeling import BertModel
 from .onnx_engine import OnnxEngine
@@ -40,6 +42,12 @@ def _nothing() -> None:
     pass
 
 
+def forward_padded(model: BertModel, layers: tuple[int, ...], pooling: PoolingConfig, ids: torch.Tensor,
+                   mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+    """The model and pooling over a padded batch already on the device: (B, dim) float32 vectors."""
+    return pool(model(ids, mask, keep=layers, token_type_ids=types), mask, pooling)
+
+
 class Encoder:
     """Tokenizer, truncated BERT and pooling, ready to turn sentences into vectors."""
 
@@ -55,6 +63,7 @@ class Encoder:
         self.max_batch_tokens = options.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(self.device.type, 1024)
         self.model = self._build_model(max(self.layers))
         self.onnx = self._build_onnx_engine() if self._runs_onnx() else None
+        self.graphs = self._capture_graphs() if self.device.type == "cuda" and options.cuda_graphs else None
 
     def _build_model(self, num_layers: int) -> BertModel:
         weights = load_weights(self.folder, num_layers)
@@ -79,6 +88,23 @@ class Encoder:
             log.warning("ONNX Runtime cannot run this model (%s: %s); running it with PyTorch",
                         type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
             return None
+
+    def _capture_graphs(self) -> SmallBatchGraphs | None:
+        """CUDA graphs for small batches (bert/cuda_graphs.py), or None (eager passes) when capture fails."""
+        # The graphs hold the model, not this encoder: no reference cycle, so a dropped encoder's graphs
+        # go at once, not in a garbage collection during another encoder's capture.
+        run = functools.partial(forward_padded, self.model, self.layers, self.pooling)
+        graphs = SmallBatchGraphs(run, self.device, self.max_seq_len, self.tokenizer.pad_id, self.pooling.per_token)
+        try:
+            with torch.inference_mode():
+                seconds = graphs.capture_all()
+        except Exception as e:  # an operator that cannot be captured, out of memory...
+            log.warning("CUDA graphs for small batches could not be captured (%s: %s); small batches run "
+                        "eagerly", type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            return None
+        log.info("captured %d CUDA graphs for small batches (up to %d sentences of up to %d tokens) in %.1f s",
+                 len(graphs.graphs), graphs.batch_sizes[-1], graphs.lengths[-1], seconds)
+        return graphs
 
     @property
     def engine(self) -> str:
@@ -114,7 +140,7 @@ class Encoder:
             "mask_cls_sep": self.pooling.mask_cls_sep, "normalize": self.pooling.normalize,
             "max_seq_len": self.max_seq_len, "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."), "max_batch_tokens": self.max_batch_tokens,
-            "engine": self.engine,
+            "engine": self.engine, "cuda_graphs": self.graphs is not None,
         }
 
     # ------------------------------------------------------------ encoding
@@ -133,12 +159,13 @@ class Encoder:
         while the device computes this one.
         """
         input_ids, mask = batch.padded(self.tokenizer.pad_id)
+        type_ids = batch.padded_type_ids()  # None unless a sentence pair is in the batch
+        if type_ids is None and self.graphs is not None and self.graphs.fits(*input_ids.shape):
+            return self.graphs.replay(input_ids, mask)
         ids_t = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
         mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
-        type_ids = batch.padded_type_ids()  # None unless a sentence pair is in the batch
         types_t = None if type_ids is None else torch.from_numpy(type_ids).to(self.device, non_blocking=True)
-        hidden = self.model(ids_t, mask_t, keep=self.layers, token_type_ids=types_t)
-        return pool(hidden, mask_t, self.pooling)
+        return forward_padded(self.model, self.layers, self.pooling, ids_t, mask_t, types_t)
 
     def encode_tokens(self, batch: TokenBatch, on_pass: Callable[[], object] = _nothing) -> np.ndarray:
         """Vectors for tokenized sentences, in their order: (n, dim), or (n, T, dim) for NONE.

@@ -147,6 +147,7 @@ class ServerConfig:
             "mask_cls_sep": e.mask_cls_sep, "normalize": e.normalize, "max_seq_len": e.max_seq_len,
             "do_lower_case": e.do_lower_case, "dtype": e.dtype, "max_batch_tokens": e.max_batch_tokens,
             "cpu_engine": e.cpu_engine, "onnx_cache_dir": e.onnx_cache_dir, "cpu_spin": e.cpu_spin,
+            "cuda_graphs": e.cuda_graphs,
             "num_worker": self.num_worker, "host": self.host, "port": self.port, "cpu": self.cpu,
             "device_map": list(self.device_map), "cpu_threads": self.threads_per_worker,
             "max_batch_size": self.max_batch_size, "max_client_batch_size": self.max_client_batch_size,

@@ -16,6 +16,7 @@ import pytest
 
 from bert import Encoder
 from bert.batching import plan_batches
+from bert.cuda_graphs import bucket_for, length_buckets
 from helpers import (GOOGLE_TINY, HARD_TEXTS, HF_TINY, hf_hidden_states, hf_token_ids, mixed_batch,
                      real_sentences, reference_vectors, sentence_transformers_folder)
 from service.harness import ROOT
@@ -325,3 +326,20 @@ def test_a_pass_too_large_for_memory_is_encoded_again_in_smaller_passes():
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     retries = re.findall(r"out of memory in passes of (\d+) tokens", result.stderr)
     assert len(retries) >= 1 and int(retries[0]) == 1 << 24, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("max_seq_len", [8, 25, 128, 256, 512])
+def test_cuda_graph_length_buckets_hold_every_length_with_under_a_third_padding(max_seq_len):
+    """The lengths graphs are captured for (bert/cuda_graphs.py; the graphs themselves are tested on a
+    GPU in test_precision.py): every sentence up to max_seq_len has one, padded by under a third."""
+    buckets = length_buckets(max_seq_len)
+    assert buckets[-1] == max_seq_len and list(buckets) == sorted(set(buckets))
+    for length in range(1, max_seq_len + 1):
+        bucket = bucket_for(length, buckets)
+        assert bucket is not None and bucket >= length
+        assert length <= 16 or (bucket - length) / bucket <= 1 / 3
+    assert bucket_for(max_seq_len + 1, buckets) is None
+
+
+def test_a_cpu_encoder_captures_no_cuda_graphs(bundled_encoder):
+    assert bundled_encoder.graphs is None and bundled_encoder.describe()["cuda_graphs"] is False
