@@ -646,9 +646,10 @@ class Broker:
         """Give queued jobs to ready workers, least loaded first, in the scheduler's fair order."""
         while self.scheduler.active:  # asked first: finding the least loaded worker costs more
             slot = self.least_loaded()
-            if slot is None:
+            queries_only = slot is None
+            if queries_only and (slot := self.free_for_a_query()) is None:
                 return
-            job, expired = self.scheduler.next_job(time.monotonic())
+            job, expired = self.scheduler.next_job(time.monotonic(), queries_only)
             for request in expired:
                 self.time_out(request)
             if job is None:
@@ -656,13 +657,21 @@ class Broker:
             slot.in_flight[job.job_id] = job
             # The time left, not a time of day: workers on other hosts share no clock with the broker.
             left = None if job.request.deadline is None else round(job.request.deadline - time.monotonic(), 3)
-            header = P.job_header(job.job_id, left, job.is_tokenized, job.request.show_tokens)
+            header = P.job_header(job.job_id, left, job.is_tokenized, job.request.show_tokens, job.is_query)
             self.send_to_worker(slot, [P.JOB, header, job.payload])
 
     def least_loaded(self) -> WorkerSlot | None:
         """The ready worker with the least work for the jobs it asked to hold (READY's capacity)."""
         free = [s for s in self.workers() if s.ready and len(s.in_flight) < s.capacity]
         return min(free, key=lambda s: (len(s.in_flight) / s.capacity, s.load), default=None)
+
+    def free_for_a_query(self) -> WorkerSlot | None:
+        """A ready worker whose hands are full may still take one query (a one-job request of a few
+        sentences), which it encodes between the forward passes of the bulk work it holds
+        (service/lanes.py): otherwise a query waits in the queue until a whole window of bulk jobs
+        is done. The least loaded one without a query in hand, if any."""
+        free = [s for s in self.workers() if s.ready and not any(j.is_query for j in s.in_flight.values())]
+        return min(free, key=lambda s: s.load, default=None)
 
     def workers(self) -> list[WorkerSlot]:
         """Every worker: this host's, then those of other hosts that joined."""

@@ -46,6 +46,9 @@ HEARTBEAT_INTERVAL = 1.0   # seconds between heartbeats, both ways
 HEARTBEAT_LIVENESS = 5     # silent intervals before the other side is taken for dead
 MAX_JOB_ATTEMPTS = 3       # a job on a worker that died this many times is failed, not retried again
 WORKER_PREFETCH_JOBS = 4   # jobs a worker holds at once, so it can merge them into one forward pass
+# A query: a job of at most this many bytes of texts (about 10 sentences of 20 words). The broker gives
+# a worker whose hands are full one query more; the worker encodes queries ahead of bulk jobs.
+QUERY_MAX_BYTES = 2048
 RESPAWN_BACKOFF_MAX = 30.0  # seconds; replacements of a worker that keeps dying start ever later
 MAX_REMOTE_WORKERS = 1024  # workers of other hosts a head takes; more are refused
 MAX_WORKER_CAPACITY = 64   # jobs in hand a worker may ask for in READY; more is cut to this
@@ -60,25 +63,30 @@ def dumps(value: Any) -> bytes:
 # just emptied: there a `json.loads` of a small header costs ~70 us and a `struct.unpack` ~15 us
 # (measured after a MiniLM pass on 2 cores), so their fixed fields are packed, little-endian.
 JOB_HEADER = struct.Struct("<QdB")  # job id, seconds left (NaN: no deadline), flags
-_IS_TOKENIZED, _SHOW_TOKENS = 1, 2
+_IS_TOKENIZED, _SHOW_TOKENS, _IS_QUERY = 1, 2, 4  # a worker of an older version ignores the query bit
 # A RESULT header is this struct, or a JSON object (a failed job, or one with `tokens`), which starts with "{".
 RESULT_HEADER = struct.Struct("<cQBB3QQd")  # b"R", job id, dtype, ndim, shape (3, 0-filled), n_tokens, compute_ms
 _RESULT_TAG = b"R"
 RESULT_DTYPES = ("float32", "float16")
 
 
-def job_header(job_id: int, seconds_left: float | None, is_tokenized: bool, show_tokens: bool) -> bytes:
-    flags = (_IS_TOKENIZED if is_tokenized else 0) | (_SHOW_TOKENS if show_tokens else 0)
+def job_header(job_id: int, seconds_left: float | None, is_tokenized: bool, show_tokens: bool,
+               is_query: bool = False) -> bytes:
+    """`is_query`: the job is a whole small request (service/scheduler.py `Job.is_query`), which the
+    worker encodes ahead of bulk jobs (service/lanes.py)."""
+    flags = (_IS_TOKENIZED if is_tokenized else 0) | (_SHOW_TOKENS if show_tokens else 0) | (_IS_QUERY if is_query else 0)
     return JOB_HEADER.pack(job_id, math.nan if seconds_left is None else seconds_left, flags)
 
 
-def read_job_header(frame: bytes) -> tuple[int, float | None, bool, bool]:
-    """(job id, seconds left or None, is_tokenized, show_tokens); ValueError if `frame` is not a JOB header."""
+def read_job_header(frame: bytes) -> tuple[int, float | None, bool, bool, bool]:
+    """(job id, seconds left or None, is_tokenized, show_tokens, is_query); ValueError if `frame` is
+    not a JOB header."""
     try:
         job_id, left, flags = JOB_HEADER.unpack(frame)
     except struct.error as e:
         raise ValueError(f"not a JOB header ({len(frame)} bytes): {e}") from None
-    return job_id, None if math.isnan(left) else left, bool(flags & _IS_TOKENIZED), bool(flags & _SHOW_TOKENS)
+    return (job_id, None if math.isnan(left) else left, bool(flags & _IS_TOKENIZED), bool(flags & _SHOW_TOKENS),
+            bool(flags & _IS_QUERY))
 
 
 def result_header(job_id: int, dtype: str, shape: tuple[int, ...], n_tokens: int, compute_ms: float) -> bytes:

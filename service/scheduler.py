@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Sequence
 
-from .protocol import MAX_JOB_ATTEMPTS
+from .protocol import MAX_JOB_ATTEMPTS, QUERY_MAX_BYTES
 
 DEFAULT_MAX_SEQ_LEN = 512   # the cap of a token estimate while no worker has told the model's own
 CHARS_PER_TOKEN = 4         # WordPiece on English text: about 4 characters a token; other scripts ~1
@@ -85,6 +85,11 @@ class Job:
     tokens: int                  # estimated
     is_tokenized: bool = False
     attempts: int = 0
+
+    @property
+    def is_query(self) -> bool:
+        """A whole request in one small job (a search query, say), not a mini-batch of a bulk request."""
+        return self.request.n_jobs == 1 and len(self.payload) <= QUERY_MAX_BYTES
 
 
 @dataclass(eq=False)
@@ -190,12 +195,18 @@ class Scheduler:
 
     # ------------------------------------------------------------ dispatch
 
-    def next_job(self, now: float) -> tuple[Job | None, list[Request]]:
+    def next_job(self, now: float, queries_only: bool = False) -> tuple[Job | None, list[Request]]:
         """The next job to give a worker (None: nothing queued), and the requests found expired on
-        the way (removed from the queue; the caller fails them)."""
+        the way (removed from the queue; the caller fails them). `queries_only`: the next among the
+        tenants whose next job is a query (`Job.is_query`), for a worker whose hands are full."""
         expired: list[Request] = []
         while self.active:
-            tenant = min((self.tenants[k] for k in self.active), key=lambda t: (t.served, t.turn))
+            tenants = [self.tenants[k] for k in self.active]
+            if queries_only:
+                tenants = [t for t in tenants if t.queue[0].is_query]
+                if not tenants:
+                    break
+            tenant = min(tenants, key=lambda t: (t.served, t.turn))
             job = tenant.queue[0]
             if job.request.finished or now > job.request.deadline:
                 self._remove(tenant, [job])

@@ -24,7 +24,6 @@ import gc
 import json
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -38,6 +37,7 @@ from . import protocol as P
 from .backend import jobs_wanted
 from .client import ERR_SERVER, ERR_TIMEOUT
 from .config import ServerConfig
+from .lanes import BULK, SMALL, Empty, TwoLanes
 from .link import PolledByFd, WorkerSide, poll_key
 from .logs import configure_logging
 
@@ -50,8 +50,6 @@ STAGE_DIED_EXIT_CODE = 71
 # to 1.34 GB). WordPiece tokens of real text average 4 to 6 characters, and a word over 100 becomes
 # one [UNK]; no sentence with max_seq_len tokens in its first 100 x max_seq_len characters changes.
 CHARS_PER_TOKEN_KEPT = 100
-# A job this small (about 10 sentences of 20 words) is encoded on the I/O thread when the worker is idle.
-INLINE_MAX_BYTES = 2048
 # Batches of ever-changing shapes fragment glibc's heap: without giving freed memory back, a CPU
 # worker's RSS grew from 340 MB to 1.3 GB in 7 minutes. A trim costs ~12 ms, so at most every 2 s.
 MALLOC_TRIM_INTERVAL = 2.0
@@ -73,6 +71,7 @@ class Job:
     payload: bytes
     tokens: Any = None          # TokenBatch once tokenized
     error: str | None = None
+    lane: str = BULK            # SMALL for a query (the broker's JOB header says), which the stages take first
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -189,8 +188,8 @@ class Worker:
         self.socket = socket
         self.context = context
         self.parent_pid = parent_pid
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.tokenized: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: TwoLanes[Job] = TwoLanes()
+        self.tokenized: TwoLanes[Job] = TwoLanes()
         # Each counter has one writer (the I/O and the tokenize thread), so no lock is needed.
         self.jobs_received = self.jobs_tokenized = 0
         # On a CPU the model and the tokenizer share the cores, so overlapping them gains nothing;
@@ -281,11 +280,12 @@ class Worker:
                 frames = self.socket.recv_multipart(copy=True)
                 broker_seen = now
                 if frames[0] == P.JOB:
-                    job_id, left, is_tokenized, show_tokens = P.read_job_header(frames[1])
+                    job_id, left, is_tokenized, show_tokens, is_query = P.read_job_header(frames[1])
                     if in_flight == 0:
                         self.mark_progress()  # an idle worker's stall clock starts with its first job
                     # `left` is relative: a worker on another host needs no common clock
-                    job = Job(job_id, None if left is None else now + left, is_tokenized, show_tokens, frames[2])
+                    job = Job(job_id, None if left is None else now + left, is_tokenized, show_tokens, frames[2],
+                              lane=SMALL if is_query else BULK)
                     if in_flight == 0 and self.runs_inline(job):
                         self.run_inline(job)
                     else:
@@ -329,7 +329,7 @@ class Worker:
         is encoded by the I/O thread itself: on a CPU, handing one sentence to the tokenize and then
         the compute thread and its result back cost more than the tokenizing (issue 13). With fault
         injection on, every job goes through the stages, where the drills' faults are armed."""
-        return self.inline_allowed and len(job.payload) <= INLINE_MAX_BYTES and self.config.fault_dir is None
+        return self.inline_allowed and len(job.payload) <= P.QUERY_MAX_BYTES and self.config.fault_dir is None
 
     def run_inline(self, job: Job) -> None:
         """Tokenize, encode and answer `job` on this (the I/O) thread; the stages are idle meanwhile."""
@@ -342,15 +342,15 @@ class Worker:
     def accept(self, job: Job) -> None:
         """Hand a job from the broker to the tokenize thread (called by the I/O thread only)."""
         self.jobs_received += 1
-        self.jobs.put(job)
+        self.jobs.put(job, job.lane)
 
     # ------------------------------------------------------------ tokenize thread
 
     def tokenize_loop(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while (job := self.jobs.get()[1]) is not None:
             self.injected_fault("tokenize")
             self.tokenize_job(job)
-            self.tokenized.put(job)
+            self.tokenized.put(job, job.lane)
             self.jobs_tokenized += 1
             self.mark_progress()
         self.tokenized.put(None)
@@ -380,7 +380,8 @@ class Worker:
             while (window := self.next_window()) is not None:
                 self.injected_fault("compute")
                 self.mark_progress()
-                self.process_window(window, sender)
+                bulk = window[0].lane == BULK
+                self.process_window(window, sender, (lambda: self.serve_queries(sender)) if bulk else self.mark_progress)
                 self.mark_progress()
                 if time.monotonic() - last_trim > MALLOC_TRIM_INTERVAL:
                     trim(0)
@@ -390,16 +391,17 @@ class Worker:
 
     def next_window(self) -> list[Job] | None:
         """The jobs merged into one set of forward passes: every job tokenized so far (at least one),
-        and on a CPU also those still being tokenized."""
-        first = self.tokenized.get()
+        and on a CPU also those still being tokenized. A window that starts with a query (small jobs
+        go first, service/lanes.py) holds only queries, and waits for nothing."""
+        lane, first = self.tokenized.get()
         if first is None:
             return None
-        window = [first]
+        window, only = [first], (SMALL if lane == SMALL else None)
         while True:
-            wait = self.window_waits_for_tokenizer and self.jobs_received > self.jobs_tokenized
+            wait = self.window_waits_for_tokenizer and only is None and self.jobs_received > self.jobs_tokenized
             try:
-                job = self.tokenized.get(timeout=1.0) if wait else self.tokenized.get_nowait()
-            except queue.Empty:
+                job = self.tokenized.get(timeout=1.0 if wait else 0, lane=only)[1]
+            except Empty:
                 if wait:
                     continue
                 return window
@@ -408,7 +410,23 @@ class Worker:
                 return window
             window.append(job)
 
-    def process_window(self, window: list[Job], sender: zmq.Socket) -> None:
+    def serve_queries(self, sender: zmq.Socket) -> None:
+        """Between two forward passes of a bulk window: encode and answer the queries tokenized since
+        (service/lanes.py), so that they wait for one pass, not for the whole window."""
+        self.mark_progress()
+        queries = []
+        while True:
+            try:
+                queries.append(self.tokenized.get(timeout=0, lane=SMALL)[1])
+            except Empty:
+                break
+        if queries:
+            self.process_window(queries, sender)
+
+    def process_window(self, window: list[Job], sender: zmq.Socket,
+                       on_pass: Callable[[], object] | None = None) -> None:
+        """Encode the window's jobs in one set of forward passes and send each its result (or error);
+        `on_pass` is called between passes (default: the stall clock's `mark_progress`)."""
         live = []
         for job in window:
             if job.error is None and job.expired():
@@ -425,7 +443,7 @@ class Worker:
         try:
             # One job (the usual small request): its own batch, not a copy of it.
             batch = live[0].tokens if len(live) == 1 else TokenBatch.concat([job.tokens for job in live])
-            vectors = self.encoder.encode_tokens(batch, on_pass=self.mark_progress)
+            vectors = self.encoder.encode_tokens(batch, on_pass=on_pass or self.mark_progress)
         except Exception as e:
             if is_fatal_device_error(e):
                 raise FatalDeviceError(f"device error: {e}") from e  # ends the compute thread, then the process

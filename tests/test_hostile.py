@@ -272,6 +272,38 @@ def test_a_flood_does_not_lock_out_a_second_client_and_is_dropped_when_it_leaves
     assert_serving(server, tiny_encoder)
 
 
+
+def test_a_worker_whose_hands_are_full_takes_one_query_more(server, tiny_encoder):
+    """A query (a one-job request of a few sentences) does not wait in the queue until a window of
+    bulk jobs is done: a worker holding all the jobs it asked for is given one query more, and only
+    one (service/broker.py `free_for_a_query`); bulk jobs stay queued."""
+    worker = status(server)["workers"][0]
+    pid, capacity = worker["pid"], worker["capacity"]
+    in_hand = lambda state: state["workers"][0]["jobs_in_flight"]  # noqa: E731
+    with raw_dealer(server.port) as bulk, raw_dealer(server.port) as first, raw_dealer(server.port) as second, \
+            status_probe(server) as probe:
+        for dealer in (bulk, first, second):  # connected before the worker is paused
+            dealer.send_multipart(request(0, cmd="status"))
+            receive(dealer)
+        with paused(pid):  # for well under the 5 s a silent worker is given
+            bulk.send_multipart(request(1, [f"bulk sentence {j}" for j in range(200)]))  # 25 jobs of 8
+            wait_for(lambda: in_hand(probe()) == capacity, 2, "the worker's hands full")
+            first.send_multipart(request(2, ["one query"]))
+            wait_for(lambda: in_hand(probe()) == capacity + 1, 1.5, "the query given to the full worker")
+            second.send_multipart(request(3, ["another query"]))
+            wait_for(lambda: probe()["queued_jobs"] == 200 // BATCH - capacity + 1, 1.5, "the second query queued")
+            held = probe()
+        answers = {dealer: receive(dealer, timeout=60) for dealer in (first, second, bulk)}
+    assert in_hand(held) == capacity + 1, held  # the second query waited: one query more, not two
+    for dealer, texts in ((first, ["one query"]), (second, ["another query"])):
+        header, data = answers[dealer]
+        assert header["ok"] is True, header
+        np.testing.assert_allclose(np.frombuffer(data[0], np.float32).reshape(1, HIDDEN), tiny_encoder.encode(texts),
+                                   atol=ATOL)
+    assert answers[bulk][0]["ok"] is True
+    assert_serving(server, tiny_encoder)
+
+
 def test_per_client_request_limit_answers_busy(server, tiny_encoder):
     worker_pid = status(server)["workers"][0]["pid"]
     with raw_dealer(server.port) as dealer:

@@ -183,8 +183,9 @@ def test_job_and_result_headers_read_back_as_their_fields(job, left, is_tokenize
     from service import protocol as P
 
     assume(all(not 0xD800 <= ord(c) <= 0xDFFF for c in dtype))  # UTF-8 has no lone surrogates
-    assert P.read_job_header(P.job_header(job, left, is_tokenized, show_tokens)) == (
-        job, None if left is None else float(left), is_tokenized, show_tokens)
+    for is_query in (False, True):
+        assert P.read_job_header(P.job_header(job, left, is_tokenized, show_tokens, is_query)) == (
+            job, None if left is None else float(left), is_tokenized, show_tokens, is_query)
     # Binary for the two wire dtypes and up to 3 dimensions, JSON otherwise: the same dict either way.
     assert P.read_result_header(P.result_header(job, dtype, tuple(shape), n_tokens, compute_ms)) == {
         "job": job, "ok": True, "dtype": dtype, "shape": shape, "n_tokens": n_tokens, "compute_ms": compute_ms}

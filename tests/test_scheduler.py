@@ -55,6 +55,23 @@ def test_one_flooding_client_does_not_lock_out_another():
     assert take(scheduler, 1) == [b"late"]   # next, not after the 47 jobs left
 
 
+
+def test_a_full_worker_s_one_more_job_is_a_query_never_a_bulk_job():
+    """`next_job(queries_only=True)` serves a worker whose hands are full: it takes only a query, a
+    whole request in one small job, and among queries the fair order holds."""
+    scheduler = Scheduler(Limits())
+    submit(scheduler, b"bulk", jobs=5, tokens=1000)       # small jobs, but of a split request
+    big = make_request(scheduler, b"big")
+    assert scheduler.open(big) is None
+    assert scheduler.enqueue(big, [(b'["' + b"x" * 5000 + b'"]', 1, 1000)]) is None  # one job, but 5 kB
+    assert scheduler.next_job(0.0, queries_only=True)[0] is None
+    submit(scheduler, b"query", jobs=1, tokens=5)
+    job, _ = scheduler.next_job(0.0, queries_only=True)
+    assert job.request.client == b"query" and job.is_query
+    assert scheduler.next_job(0.0, queries_only=True)[0] is None
+    assert take(scheduler, 6) == [b"bulk", b"big", b"bulk", b"bulk", b"bulk", b"bulk"]
+
+
 def test_turns_are_fair_by_tokens_not_by_jobs():
     scheduler = Scheduler(Limits())
     submit(scheduler, b"big", jobs=10, tokens=300)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from bert.tokenization import TokenBatch
 from helpers import real_sentences
 from service.config import ServerConfig
+from service import protocol as P
+from service.lanes import BULK, SMALL
 from service.worker import Job, Worker
 
 
@@ -24,9 +27,16 @@ def worker(bundled_encoder):
     thread.join(timeout=30)
 
 
-def receive(worker: Worker, job_id: int, texts: list[str]) -> None:
-    """A JOB from the broker, as the I/O thread hands it on."""
-    worker.accept(Job(job_id, None, False, False, json.dumps(texts).encode()))
+def receive(worker: Worker, job_id: int, texts: list[str], query: bool = False) -> None:
+    """A JOB from the broker, as the I/O thread hands it on (`query`: the header's query flag)."""
+    worker.accept(Job(job_id, None, False, False, json.dumps(texts).encode(), lane=SMALL if query else BULK))
+
+
+def wait_tokenized(worker: Worker, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while worker.jobs_tokenized < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.jobs_tokenized == n
 
 
 def test_a_cpu_window_merges_every_job_received_even_while_it_is_tokenized(worker, bundled_encoder):
@@ -45,3 +55,42 @@ def test_a_window_does_not_wait_when_nothing_else_was_received(worker):
     assert [job.job_id for job in worker.next_window()] == [1]
     worker.jobs.put(None)
     assert worker.next_window() is None  # the stop sentinel ends the compute loop
+
+
+
+def test_a_query_received_behind_bulk_jobs_is_windowed_first_and_alone(worker):
+    """A one-sentence job that reaches a worker busy with bulk jobs neither waits behind them nor
+    joins their window (service/lanes.py): its window is itself, the next one theirs."""
+    receive(worker, 1, real_sentences(64, seed=1))
+    receive(worker, 2, real_sentences(64, seed=2))
+    receive(worker, 3, ["one query"], query=True)
+    wait_tokenized(worker, 3)
+    assert [job.job_id for job in worker.next_window()] == [3]
+    assert [job.job_id for job in worker.next_window()] == [1, 2]
+
+
+class Recorder:
+    """Stands in for the compute thread's results socket: the job ids and vectors sent, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, np.ndarray]] = []
+
+    def send_multipart(self, frames: list, copy: bool = True) -> None:
+        self.sent.append((P.read_result_header(frames[0])["job"], np.asarray(frames[1])))
+
+
+def test_a_query_is_answered_between_the_forward_passes_of_a_bulk_window(worker, bundled_encoder):
+    """A query that arrives while a bulk window is computed waits for the pass in progress, not for
+    the window: the compute thread answers it between two passes (128 sentences make several CPU
+    passes of 1,024 tokens)."""
+    receive(worker, 1, real_sentences(64, seed=1))
+    receive(worker, 2, real_sentences(64, seed=2))
+    wait_tokenized(worker, 2)
+    window = worker.next_window()
+    receive(worker, 3, ["one query"], query=True)
+    wait_tokenized(worker, 3)
+    sender = Recorder()
+    worker.process_window(window, sender, on_pass=lambda: worker.serve_queries(sender))
+    assert [job_id for job_id, _ in sender.sent] == [3, 1, 2]
+    np.testing.assert_allclose(sender.sent[0][1], bundled_encoder.encode(["one query"]), atol=1e-5)
+    np.testing.assert_allclose(sender.sent[1][1], bundled_encoder.encode(real_sentences(64, seed=1)), atol=1e-5)
