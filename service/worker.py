@@ -390,17 +390,18 @@ class Worker:
             sender.close(linger=1000)
 
     def next_window(self) -> list[Job] | None:
-        """The jobs merged into one set of forward passes: every job tokenized so far (at least one),
-        and on a CPU also those still being tokenized. A window that starts with a query (small jobs
-        go first, service/lanes.py) holds only queries, and waits for nothing."""
+        """The jobs merged into one set of forward passes: every job of one lane tokenized so far (at
+        least one), and for bulk jobs on a CPU also those still being tokenized. Queries go first
+        (service/lanes.py); a window of queries waits for nothing, and a bulk window takes no query
+        (one that arrives meanwhile is answered between its passes: `serve_queries`)."""
         lane, first = self.tokenized.get()
         if first is None:
             return None
-        window, only = [first], (SMALL if lane == SMALL else None)
+        window = [first]
         while True:
-            wait = self.window_waits_for_tokenizer and only is None and self.jobs_received > self.jobs_tokenized
+            wait = self.window_waits_for_tokenizer and lane == BULK and self.jobs_received > self.jobs_tokenized
             try:
-                job = self.tokenized.get(timeout=1.0 if wait else 0, lane=only)[1]
+                job = self.tokenized.get(timeout=1.0 if wait else 0, lane=lane)[1]
             except Empty:
                 if wait:
                     continue

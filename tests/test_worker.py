@@ -94,3 +94,16 @@ def test_a_query_is_answered_between_the_forward_passes_of_a_bulk_window(worker,
     assert [job_id for job_id, _ in sender.sent] == [3, 1, 2]
     np.testing.assert_allclose(sender.sent[0][1], bundled_encoder.encode(["one query"]), atol=1e-5)
     np.testing.assert_allclose(sender.sent[1][1], bundled_encoder.encode(real_sentences(64, seed=1)), atol=1e-5)
+
+
+def test_a_bulk_window_takes_no_query(worker):
+    """A query tokenized while a bulk window is gathered stays out of it (it would wait for the
+    whole window there): the next window, or a pass boundary, is its turn."""
+    receive(worker, 1, real_sentences(64, seed=1))
+    wait_tokenized(worker, 1)
+    worker.tokenized.max_defer = 0  # the bulk job goes first now, as one passed over for long would
+    receive(worker, 2, ["one query"], query=True)
+    receive(worker, 3, real_sentences(64, seed=3))
+    wait_tokenized(worker, 3)
+    assert [job.job_id for job in worker.next_window()] == [1, 3]
+    assert [job.job_id for job in worker.next_window()] == [2]
