@@ -265,3 +265,14 @@ def test_the_hop_timeline_marks_every_hop_of_a_real_server():
         assert (marks[end] > marks[start]).all(), f"{end} before {start}"
     # Each query's hops follow one another, and the next query starts after the last one is back.
     assert (marks["client_send"][1:] > marks["client_back"][:-1]).all()
+
+
+def test_the_query_latency_tool_measures_queries_alone_and_beside_a_bulk_client():
+    """tools/query_latency.py (GPU figures in the README come from it) runs end to end on the CPU."""
+    from tools.query_latency import run
+
+    results = run(cpu=True, queries=20, bulk=64)
+    server = results["server"]
+    assert results["device"] == "cpu" and "in_process" not in results
+    assert server["alone"]["n"] == 20 and server["beside_bulk"]["n"] == 10
+    assert server["bulk_alone_sent_per_s"] > 0 and server["bulk_beside_queries_sent_per_s"] > 0
