@@ -41,18 +41,25 @@ class TwoLanes(Generic[T]):
             self.lanes[lane if item is not None else BULK].append((time.monotonic(), item))
             self.ready.notify()
 
-    def get(self, timeout: float | None = None, lane: str | None = None) -> tuple[str, T | None]:
+    def get(self, timeout: float | None = None, lane: str | None = None,
+            interrupt: str | None = None) -> tuple[str, T | None]:
         """(lane, item): the next item of `lane`, or of either lane when None (small first, unless the
         oldest bulk job has waited `max_defer`). Blocks up to `timeout` seconds (None: for ever;
-        0: not at all), then raises `Empty`."""
+        0: not at all), then raises `Empty`; at once too if lane `interrupt` has an item (a query
+        waits: a stage gathering bulk jobs stops and lets it go first)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.ready:
             while (chosen := self._choose(lane)) is None:
                 left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                if (left is not None and left <= 0) or (interrupt is not None and self.lanes[interrupt]):
                     raise Empty
                 self.ready.wait(left)
             return chosen, self.lanes[chosen].popleft()[1]
+
+    def waiting(self, lane: str) -> bool:
+        """Whether `lane` has an item."""
+        with self.ready:
+            return bool(self.lanes[lane])
 
     def _choose(self, lane: str | None) -> str | None:
         small, bulk = self.lanes[SMALL], self.lanes[BULK]

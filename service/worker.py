@@ -381,6 +381,8 @@ class Worker:
                 self.injected_fault("compute")
                 self.mark_progress()
                 bulk = window[0].lane == BULK
+                if bulk:
+                    self.serve_queries(sender)  # one tokenized while this window was gathered
                 self.process_window(window, sender, (lambda: self.serve_queries(sender)) if bulk else self.mark_progress)
                 self.mark_progress()
                 if time.monotonic() - last_trim > MALLOC_TRIM_INTERVAL:
@@ -401,9 +403,11 @@ class Worker:
         while True:
             wait = self.window_waits_for_tokenizer and lane == BULK and self.jobs_received > self.jobs_tokenized
             try:
-                job = self.tokenized.get(timeout=1.0 if wait else 0, lane=lane)[1]
+                # A query tokenized meanwhile stops the wait: it goes first, then this window.
+                job = self.tokenized.get(timeout=1.0 if wait else 0, lane=lane,
+                                         interrupt=SMALL if lane == BULK else None)[1]
             except Empty:
-                if wait:
+                if wait and not self.tokenized.waiting(SMALL):
                     continue
                 return window
             if job is None:

@@ -50,3 +50,14 @@ def test_get_waits_for_a_put_from_another_thread_and_times_out_when_none_comes()
         lanes.get(timeout=0.05)
     threading.Timer(0.05, lanes.put, args=("query", SMALL)).start()
     assert lanes.get(timeout=10) == (SMALL, "query")
+
+
+def test_a_wait_for_bulk_items_stops_when_a_query_arrives():
+    """A compute thread gathering bulk jobs still being tokenized (it waits up to 1 s at a time)
+    lets a query that arrives meanwhile go first instead of sitting out the wait."""
+    lanes: TwoLanes[str] = TwoLanes()
+    threading.Timer(0.05, lanes.put, args=("query", SMALL)).start()
+    start = time.monotonic()
+    with pytest.raises(Empty):
+        lanes.get(timeout=30, lane=BULK, interrupt=SMALL)
+    assert time.monotonic() - start < 15 and lanes.waiting(SMALL) and not lanes.waiting(BULK)
