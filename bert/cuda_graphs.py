@@ -1,10 +1,11 @@
 """Small batches on a GPU as CUDA graph replays: one launch instead of one per operator.
 
 A query (one sentence, or a few) is launch-bound on a GPU: the compute is microseconds, but eager
-PyTorch launches ~15 kernels per layer, each costing Python and driver time on the host, and every
-sequence length the card has not seen yet may choose and load kernels on first use. Measured on an
-H200 (2026-12-04, fp16, 500 one-sentence calls in process, eager): the bundled MiniLM p50 2.88 ms,
-random BERT-base 2.98 ms, p99 47-67 ms.
+PyTorch launches ~15 kernels per layer, each costing Python and driver time on the host, and
+the first call at each sequence length costs ~45 ms more (kernels chosen and loaded on first use).
+Measured on an H200 (2026-12-04, fp16, 600 one-sentence calls in process, eager): the bundled MiniLM
+p50 2.03 ms, random BERT-base 3.07 ms, p99 49-51 ms, which is the 55 calls at a length not seen
+before (p50 45-47 ms). With these graphs: p50 0.38 and 0.69 ms, p99 0.55 and 0.84 ms.
 
 So the encoder captures, at start-up, one graph per (batch size, length) bucket: batch sizes 1, 2,
 4 and 8, lengths rounded up to a few buckets (`length_buckets`). A small batch is copied into the
