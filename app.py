@@ -136,7 +136,7 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
                               "broker replaces it and re-sends them; keep it above your longest single pass "
                               "(-max_batch_tokens padded tokens)")
     compute.add_argument("-max_batch_tokens", type=int_at_least(1), default=None,
-                         help="padded tokens per forward pass (default: 1024 on CPU, 65536 on GPU)")
+                         help="padded tokens per forward pass (default: 512 on CPU, 65536 on GPU)")
     compute.add_argument("-cpu_engine", choices=CPU_ENGINES, default="onnx",
                          help="what runs the model on a CPU in fp32: onnx (ONNX Runtime on a graph exported from "
                               "the same weights at start-up and cached; about 2x lower latency) or torch")

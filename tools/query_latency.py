@@ -2,7 +2,7 @@
 
     python tools/query_latency.py                          # bundled model, GPU if visible, 600 queries
     python tools/query_latency.py -model_dir bench_out/random_bert_base -out bench_out
-    python tools/query_latency.py -cpu -queries 100 -bulk 256
+    python tools/query_latency.py -cpu -queries 100 -bulk 256 -server_args -max_batch_tokens 512
 
 For one model, one worker, max_seq_len 128:
   in process (GPU only): `Encoder` with CUDA graphs and without (eager), the same queries in turns of
@@ -120,10 +120,10 @@ def through_server(server_args: list[str], sentences: list[str], n: int, bulk: i
 
 
 def run(model_dir: str | None = None, cpu: bool = False, queries: int = 600, bulk: int = 4096,
-        corpus: Path = DEFAULT_CORPUS) -> dict:
+        corpus: Path = DEFAULT_CORPUS, server_args: list[str] | None = None) -> dict:
     sentences, source = corpus_sentences(max(20_000, 2 * bulk), path=corpus)
     base = ["-num_worker", "1", "-max_seq_len", str(MAX_SEQ_LEN)] + (["-model_dir", model_dir] if model_dir else [])
-    base = (["-cpu"] if cpu else []) + base
+    base = (["-cpu"] if cpu else []) + base + list(server_args or [])
     results: dict = {"model": model_dir or "bundled", "corpus": source}
     import torch
     on_gpu = not cpu and torch.cuda.is_available()
@@ -144,8 +144,10 @@ def main() -> None:
     parser.add_argument("-bulk", type=int, default=4096, help="sentences per request of the bulk client")
     parser.add_argument("-corpus", type=Path, default=DEFAULT_CORPUS, help="one sentence a line")
     parser.add_argument("-out", type=Path, default=None, help="folder for the JSON (default: print only)")
+    parser.add_argument("-server_args", nargs=argparse.REMAINDER, default=[],
+                        help="passed to app.py (which already gets -num_worker 1 -max_seq_len 128)")
     args = parser.parse_args()
-    results = run(args.model_dir, args.cpu, args.queries, args.bulk, args.corpus)
+    results = run(args.model_dir, args.cpu, args.queries, args.bulk, args.corpus, args.server_args)
     print(json.dumps(results, indent=1))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
