@@ -56,6 +56,13 @@ class TwoLanes(Generic[T]):
                 self.ready.wait(left)
             return chosen, self.lanes[chosen].popleft()[1]
 
+    def drain(self, lane: str) -> list[T | None]:
+        """Every item of `lane`, oldest first, without waiting (for a stop sentinel, see `put`, ask BULK)."""
+        with self.ready:
+            items = [item for _, item in self.lanes[lane]]
+            self.lanes[lane].clear()
+            return items
+
     def waiting(self, lane: str) -> bool:
         """Whether `lane` has an item."""
         with self.ready:

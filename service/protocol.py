@@ -46,8 +46,9 @@ HEARTBEAT_INTERVAL = 1.0   # seconds between heartbeats, both ways
 HEARTBEAT_LIVENESS = 5     # silent intervals before the other side is taken for dead
 MAX_JOB_ATTEMPTS = 3       # a job on a worker that died this many times is failed, not retried again
 WORKER_PREFETCH_JOBS = 4   # jobs a worker holds at once, so it can merge them into one forward pass
-# A query: a job of at most this many bytes of texts (about 10 sentences of 20 words). The broker gives
-# a worker whose hands are full one query more; the worker encodes queries ahead of bulk jobs.
+# A query is a whole request in one job of at most this many bytes of texts (about 10 sentences of 20
+# words; scheduler.Job.is_query): a worker whose hands are full is given one more, and encodes it ahead
+# of bulk jobs. An idle CPU worker encodes any job this small on its I/O thread (worker.runs_inline).
 QUERY_MAX_BYTES = 2048
 RESPAWN_BACKOFF_MAX = 30.0  # seconds; replacements of a worker that keeps dying start ever later
 MAX_REMOTE_WORKERS = 1024  # workers of other hosts a head takes; more are refused

@@ -419,13 +419,7 @@ class Worker:
         """Between two forward passes of a bulk window: encode and answer the queries tokenized since
         (service/lanes.py), so that they wait for one pass, not for the whole window."""
         self.mark_progress()
-        queries = []
-        while True:
-            try:
-                queries.append(self.tokenized.get(timeout=0, lane=SMALL)[1])
-            except Empty:
-                break
-        if queries:
+        if queries := self.tokenized.drain(SMALL):
             self.process_window(queries, sender)
 
     def process_window(self, window: list[Job], sender: zmq.Socket,

@@ -61,3 +61,11 @@ def test_a_wait_for_bulk_items_stops_when_a_query_arrives():
     with pytest.raises(Empty):
         lanes.get(timeout=30, lane=BULK, interrupt=SMALL)
     assert time.monotonic() - start < 15 and lanes.waiting(SMALL) and not lanes.waiting(BULK)
+
+
+def test_drain_takes_every_item_of_one_lane_and_leaves_the_other():
+    lanes: TwoLanes[str] = TwoLanes()
+    for item, lane in (("query 1", SMALL), ("bulk", BULK), ("query 2", SMALL)):
+        lanes.put(item, lane)
+    assert lanes.drain(SMALL) == ["query 1", "query 2"] and lanes.drain(SMALL) == []
+    assert lanes.waiting(BULK) and lanes.get(timeout=0) == (BULK, "bulk")
