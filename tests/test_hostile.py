@@ -304,6 +304,27 @@ def test_a_worker_whose_hands_are_full_takes_one_query_more(server, tiny_encoder
     assert_serving(server, tiny_encoder)
 
 
+def thread_nice_values(pid: int) -> dict[int, int]:
+    """Each thread's nice value, by thread id, from /proc."""
+    values = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            values[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])  # field 19: nice
+    return values
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="threads' nice values are read from Linux's /proc")
+def test_a_cpu_workers_bulk_compute_runs_below_the_thread_that_answers_queries(server):
+    """The I/O thread, which encodes queries beside bulk windows on a CPU, keeps the process's nice
+    value; the compute thread, which runs the bulk windows, runs BULK_COMPUTE_NICE above it."""
+    from service.worker import BULK_COMPUTE_NICE
+
+    pid = status(server)["workers"][0]["pid"]
+    nice = thread_nice_values(pid)
+    assert nice[pid] == os.getpriority(os.PRIO_PROCESS, os.getpid())  # as this process, which started it
+    assert sorted(set(nice.values())) == [nice[pid], min(19, nice[pid] + BULK_COMPUTE_NICE)], nice
+
+
 def test_per_client_request_limit_answers_busy(server, tiny_encoder):
     worker_pid = status(server)["workers"][0]["pid"]
     with raw_dealer(server.port) as dealer:

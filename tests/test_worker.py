@@ -107,3 +107,69 @@ def test_a_bulk_window_takes_no_query(worker):
     wait_tokenized(worker, 3)
     assert [job.job_id for job in worker.next_window()] == [1, 3]
     assert [job.job_id for job in worker.next_window()] == [2]
+
+
+class LinkRecorder(Recorder):
+    """Stands in for the I/O thread's link to the broker: the RESULT messages sent on it."""
+
+    def send_multipart(self, frames: list, copy: bool = True) -> None:
+        assert frames[0] == P.RESULT
+        super().send_multipart(frames[1:])
+
+
+def query_job(job_id: int, text: str) -> Job:
+    return Job(job_id, None, False, False, json.dumps([text]).encode(), lane=SMALL)
+
+
+def test_a_busy_cpu_worker_lets_only_queries_skip_its_stages(worker):
+    small = Job(1, None, False, False, json.dumps(["part of a bigger request"]).encode(), lane=BULK)
+    assert worker.runs_inline(small, idle=True) and not worker.runs_inline(small, idle=False)
+    assert worker.runs_inline(query_job(2, "one query"), idle=False)
+
+
+def test_a_query_on_a_busy_cpu_worker_is_answered_beside_the_bulk_window(worker, bundled_encoder):
+    """On a CPU the I/O thread encodes a query itself even while the compute thread is inside a bulk
+    window (`Worker.runs_inline`), so the query waits neither for the pass in progress nor for the
+    next pass boundary: here the compute thread is held at its first boundary, and the query is
+    answered meanwhile. Queries encoded while the window's other passes run (one engine, concurrent
+    calls) get the vectors they get alone, and so does the window."""
+    from service.worker import DirectReply
+
+    queries = real_sentences(12, seed=7)
+    alone = bundled_encoder.encode(queries)
+    bulk_texts = real_sentences(64, seed=1) + real_sentences(64, seed=2)
+    receive(worker, 1, bulk_texts[:64])
+    receive(worker, 2, bulk_texts[64:])
+    wait_tokenized(worker, 2)
+    window = worker.next_window()
+    at_boundary, go_on, passes = threading.Event(), threading.Event(), []
+
+    def first_boundary_held() -> None:
+        passes.append(time.monotonic())
+        if len(passes) == 1:
+            at_boundary.set()
+            go_on.wait(30)
+
+    bulk, link = Recorder(), LinkRecorder()
+    worker.direct_reply = DirectReply(link)
+    compute = threading.Thread(target=worker.process_window, args=(window, bulk, first_boundary_held), daemon=True)
+    compute.start()
+    try:
+        assert at_boundary.wait(30)
+        job = query_job(100, queries[0])
+        assert worker.runs_inline(job, idle=False)
+        worker.run_inline(job)
+        assert [job_id for job_id, _ in link.sent] == [100] and bulk.sent == []
+    finally:
+        go_on.set()
+    job_id = 101
+    while (compute.is_alive() or job_id < 100 + len(queries)) and job_id < 400:
+        worker.run_inline(query_job(job_id, queries[(job_id - 100) % len(queries)]))
+        job_id += 1
+    compute.join(timeout=60)
+    assert not compute.is_alive() and len(passes) > 2  # the window made several passes
+    for job_id, vectors in link.sent:
+        np.testing.assert_allclose(vectors, alone[(job_id - 100) % len(queries)][None], atol=1e-6)
+    assert [job_id for job_id, _ in bulk.sent] == [1, 2]
+    np.testing.assert_allclose(np.concatenate([v for _, v in bulk.sent]), bundled_encoder.encode(bulk_texts),
+                               atol=1e-5)

@@ -3,6 +3,7 @@
     python tools/query_latency.py                          # bundled model, GPU if visible, 600 queries
     python tools/query_latency.py -model_dir bench_out/random_bert_base -out bench_out
     python tools/query_latency.py -cpu -queries 100 -bulk 256 -server_args -max_batch_tokens 512
+    python tools/query_latency.py -cpu -queries 300 -bulk 1024 -gap_ms 50   # a query every 50 ms beside bulk
 
 For one model, one worker, max_seq_len 128:
   in process (GPU only): `Encoder` with CUDA graphs and without (eager), the same queries in turns of
@@ -10,8 +11,8 @@ For one model, one worker, max_seq_len 128:
       new length costs: kernels chosen and loaded on first use);
   through the server (and on a GPU also with -cuda_graphs no):
       alone: one-sentence queries back to back;
-      beside bulk: the same while another client sends -bulk-sentence requests back to back, and
-      that client's sentences/s with and without the queries.
+      beside bulk: the same (or with -gap_ms between queries) while another client sends
+      -bulk-sentence requests back to back, and that client's sentences/s with and without the queries.
 Percentiles in ms; a JSON of everything goes to -out/query_latency_<model>.json. Figures from an
 H200 are in the README's speed section.
 """
@@ -79,7 +80,7 @@ def in_process(model_dir: str | None, sentences: list[str], n: int) -> dict:
             "graphs_vs_eager_max_abs": float(np.abs(graphs.encode(queries[:8]) - eager.encode(queries[:8])).max())}
 
 
-def through_server(server_args: list[str], sentences: list[str], n: int, bulk: int) -> dict:
+def through_server(server_args: list[str], sentences: list[str], n: int, bulk: int, gap_ms: float = 0.0) -> dict:
     out: dict = {}
     started = time.perf_counter()
     with RunningServer(server_args, device="auto", ready_timeout=600) as server:
@@ -110,7 +111,11 @@ def through_server(server_args: list[str], sentences: list[str], n: int, bulk: i
             thread = threading.Thread(target=stream, daemon=True)
             thread.start()
             time.sleep(0.3)
-            out["beside_bulk"] = percentiles([timed_ms(client.encode, t) for t in sentences[2000:2000 + n // 2]])
+            beside = []
+            for text in sentences[2000:2000 + n // 2]:
+                beside.append(timed_ms(client.encode, text))
+                time.sleep(gap_ms / 1000)
+            out["beside_bulk"] = percentiles(beside)
             stop.set()
             thread.join()
             out["bulk_beside_queries_sent_per_s"] = done.get("sent_per_s")
@@ -120,7 +125,7 @@ def through_server(server_args: list[str], sentences: list[str], n: int, bulk: i
 
 
 def run(model_dir: str | None = None, cpu: bool = False, queries: int = 600, bulk: int = 4096,
-        corpus: Path = DEFAULT_CORPUS, server_args: list[str] | None = None) -> dict:
+        corpus: Path = DEFAULT_CORPUS, server_args: list[str] | None = None, gap_ms: float = 0.0) -> dict:
     sentences, source = corpus_sentences(max(20_000, 2 * bulk), path=corpus)
     base = ["-num_worker", "1", "-max_seq_len", str(MAX_SEQ_LEN)] + (["-model_dir", model_dir] if model_dir else [])
     base = (["-cpu"] if cpu else []) + base + list(server_args or [])
@@ -130,9 +135,9 @@ def run(model_dir: str | None = None, cpu: bool = False, queries: int = 600, bul
     results["device"] = torch.cuda.get_device_name() if on_gpu else "cpu"
     if on_gpu:
         results["in_process"] = in_process(model_dir, sentences, queries)
-    results["server"] = through_server(base, sentences, queries, bulk)
+    results["server"] = through_server(base, sentences, queries, bulk, gap_ms)
     if on_gpu:
-        results["server -cuda_graphs no"] = through_server(base + ["-cuda_graphs", "no"], sentences, queries, bulk)
+        results["server -cuda_graphs no"] = through_server(base + ["-cuda_graphs", "no"], sentences, queries, bulk, gap_ms)
     return results
 
 
@@ -142,12 +147,14 @@ def main() -> None:
     parser.add_argument("-cpu", action="store_true", help="run on the CPU even where a GPU is visible")
     parser.add_argument("-queries", type=int, default=600, help="one-sentence queries per measurement")
     parser.add_argument("-bulk", type=int, default=4096, help="sentences per request of the bulk client")
+    parser.add_argument("-gap_ms", type=float, default=0.0,
+                        help="pause after each query beside the bulk client (0: back to back)")
     parser.add_argument("-corpus", type=Path, default=DEFAULT_CORPUS, help="one sentence a line")
     parser.add_argument("-out", type=Path, default=None, help="folder for the JSON (default: print only)")
     parser.add_argument("-server_args", nargs=argparse.REMAINDER, default=[],
                         help="passed to app.py (which already gets -num_worker 1 -max_seq_len 128)")
     args = parser.parse_args()
-    results = run(args.model_dir, args.cpu, args.queries, args.bulk, args.corpus, args.server_args)
+    results = run(args.model_dir, args.cpu, args.queries, args.bulk, args.corpus, args.server_args, args.gap_ms)
     print(json.dumps(results, indent=1))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
