@@ -60,9 +60,9 @@ CHARS_PER_TOKEN_KEPT = 100
 MALLOC_TRIM_INTERVAL = 2.0
 # A CPU worker's compute thread (bulk windows) runs this much above the I/O thread's nice value, so
 # that a query the I/O thread encodes beside a bulk pass (`Worker.runs_inline`) gets most of a core
-# rather than a third of two: p50 behind a bulk stream on 2 vCPUs 9.6-10.1 ms at nice 0, 8.2-9.3 at
-# 2, 5.1-5.7 at 5 (paired runs), and no change in bulk throughput with the server alone on the
-# machine. Beside other busy processes bulk windows get less of the CPU than they would at 0: they
+# rather than a third of two: p50 behind a bulk stream on 2 vCPUs 9.4-10.2 ms at +0, 8.2-9.3 at +2,
+# 5.1-7.9 at +5 (7, 2 and 7 runs taking turns), and no change in bulk throughput with the server
+# alone on the machine. Beside other busy processes bulk windows get less of the CPU than they would at 0: they
 # are the work that can wait. (Raising one's own nice needs no privilege; lowering it back does.)
 BULK_COMPUTE_NICE = 5
 
@@ -356,7 +356,7 @@ class Worker:
         bit) even while the stages are busy with bulk jobs. That query's forward pass then runs beside
         the bulk window's, on the same engine (ONNX Runtime's session and PyTorch's modules take
         concurrent calls), instead of waiting for the pass in progress: behind a bulk stream on 2
-        vCPUs, p50 9-11 ms instead of 28-71 ms (see `BULK_COMPUTE_NICE`). With fault injection on,
+        vCPUs, p50 5.3-6.2 ms instead of 22-76 ms (with `BULK_COMPUTE_NICE`). With fault injection on,
         every job goes through the stages, where the drills' faults are armed."""
         return (self.inline_allowed and len(job.payload) <= P.QUERY_MAX_BYTES and self.config.fault_dir is None
                 and (idle or job.lane == SMALL))
