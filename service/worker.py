@@ -58,13 +58,17 @@ CHARS_PER_TOKEN_KEPT = 100
 # Batches of ever-changing shapes fragment glibc's heap: without giving freed memory back, a CPU
 # worker's RSS grew from 340 MB to 1.3 GB in 7 minutes. A trim costs ~12 ms, so at most every 2 s.
 MALLOC_TRIM_INTERVAL = 2.0
-# A CPU worker's compute thread (bulk windows) runs this much above the I/O thread's nice value, so
-# that a query the I/O thread encodes beside a bulk pass (`Worker.runs_inline`) gets most of a core
-# rather than a third of two: p50 behind a bulk stream on 2 vCPUs 9.4-10.2 ms at +0, 8.2-9.3 at +2,
-# 5.1-7.9 at +5 (7, 2 and 7 runs taking turns), and no change in bulk throughput with the server
-# alone on the machine. Beside other busy processes bulk windows get less of the CPU than they would at 0: they
-# are the work that can wait. (Raising one's own nice needs no privilege; lowering it back does.)
-BULK_COMPUTE_NICE = 5
+# In a CPU worker the stage threads (tokenize and compute: bulk work) run this much above the nice
+# value of the I/O thread, which answers queries. A query the I/O thread encodes beside a bulk pass
+# (`Worker.runs_inline`) then gets most of a core rather than a third of two: behind a bulk stream
+# on 2 vCPUs, p50 9.4-10.2 ms with all threads at the same value, 5.1-7.9 ms with the compute thread
+# 5 above (7 runs each, taking turns); bulk throughput with the server alone on the machine did not
+# change. Beside other busy processes, bulk work gets less of the CPU than it would at the same
+# value: it is the work that can wait. The libraries' pools keep the I/O thread's value: ONNX
+# Runtime's serves queries too (lowering every thread but the I/O thread measured 2-6% faster for a
+# query on an idle server in 4 runs of `benchmark.py -preset latency_bar`, and no different in two
+# other paired tests: not kept). (Raising one's own nice needs no privilege; lowering it back does.)
+BACKGROUND_NICE = 5
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -108,17 +112,17 @@ def cut_texts(texts: Any, max_chars: int) -> Any:
     return texts
 
 
-def lower_this_threads_priority(by: int) -> None:
-    """Raise the calling thread's nice value by `by` (from what the process was started with, so a
-    server run under `nice` keeps its place). Linux schedules threads one by one; elsewhere the
-    whole process's would change, so nothing is done there."""
+def run_in_background() -> None:
+    """Give the calling thread the nice value of bulk work: BACKGROUND_NICE above the process's main
+    thread, the I/O thread (so a server started under `nice` keeps its place). Linux schedules
+    threads one by one; elsewhere the whole process's value would change, so nothing is done there."""
     if not sys.platform.startswith("linux"):
         return
     tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + BACKGROUND_NICE))
     except OSError as e:  # a sandbox that forbids it: bulk work and queries then share the cores evenly
-        log.warning("cannot lower the compute thread's priority (%s); queries beside bulk work wait longer", e)
+        log.warning("cannot lower the priority of the worker's bulk work (%s); queries beside it wait longer", e)
 
 
 def _take(path: str) -> bool:
@@ -260,6 +264,8 @@ class Worker:
     def run_stage(self, name: str, loop: Callable[[], None]) -> None:
         """Run a stage's loop; if it dies, tell the I/O thread to end the process: the jobs this
         stage held would otherwise wait forever on a worker that still answers heartbeats."""
+        if self.inline_allowed:
+            run_in_background()  # bulk work, which a query on the I/O thread goes ahead of
         try:
             loop()
         except BaseException as e:  # whatever it was, this stage is gone and the process is not whole
@@ -356,7 +362,7 @@ class Worker:
         bit) even while the stages are busy with bulk jobs. That query's forward pass then runs beside
         the bulk window's, on the same engine (ONNX Runtime's session and PyTorch's modules take
         concurrent calls), instead of waiting for the pass in progress: behind a bulk stream on 2
-        vCPUs, p50 5.3-6.2 ms instead of 22-76 ms (with `BULK_COMPUTE_NICE`). With fault injection on,
+        vCPUs, p50 5.3-6.2 ms instead of 22-76 ms (with `BACKGROUND_NICE`). With fault injection on,
         every job goes through the stages, where the drills' faults are armed."""
         return (self.inline_allowed and len(job.payload) <= P.QUERY_MAX_BYTES and self.config.fault_dir is None
                 and (idle or job.lane == SMALL))
@@ -406,8 +412,6 @@ class Worker:
         sender = self.context.socket(zmq.PAIR)
         sender.connect(self.results_address)
         trim, last_trim = _malloc_trim(), time.monotonic()
-        if self.inline_allowed:
-            lower_this_threads_priority(BULK_COMPUTE_NICE)
         try:
             while (window := self.next_window()) is not None:
                 self.injected_fault("compute")
