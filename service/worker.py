@@ -125,6 +125,10 @@ def run_in_background() -> None:
         log.warning("cannot lower the priority of the worker's bulk work (%s); queries beside it wait longer", e)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _take(path: str) -> bool:
     """Remove the file at `path`; True only for the one caller that removed it."""
     try:
@@ -368,9 +372,11 @@ class Worker:
                 and (idle or job.lane == SMALL))
 
     def run_inline(self, job: Job) -> None:
-        """Tokenize, encode and answer `job` on this (the I/O) thread."""
+        """Tokenize, encode and answer `job` on this (the I/O) thread. Its passes do not move the
+        stall clock, which watches the stages: a compute thread hung in a bulk window is found
+        (`check_stall`) however many queries this thread answers meanwhile."""
         self.tokenize_job(job)
-        self.process_window([job], self.direct_reply)
+        self.process_window([job], self.direct_reply, on_pass=_nothing)
         if time.monotonic() - self.inline_last_trim > MALLOC_TRIM_INTERVAL:
             self.inline_trim(0)  # after the reply went out, so no request waits for it
             self.inline_last_trim = time.monotonic()

@@ -173,3 +173,20 @@ def test_a_query_on_a_busy_cpu_worker_is_answered_beside_the_bulk_window(worker,
     assert [job_id for job_id, _ in bulk.sent] == [1, 2]
     np.testing.assert_allclose(np.concatenate([v for _, v in bulk.sent]), bundled_encoder.encode(bulk_texts),
                                atol=1e-5)
+
+
+def test_queries_the_io_thread_answers_do_not_hide_a_stalled_compute_thread(worker, bundled_encoder):
+    """The stall clock watches the stages: a query of several forward passes encoded by the I/O
+    thread (8 sentences of 120 tokens in under 2 KB, 976 padded tokens against 512 a pass) does not
+    move it, so a compute thread hung in a bulk window is still found while queries are answered."""
+    from service.worker import DirectReply
+
+    texts = [" ".join(["a"] * 118)] * 8
+    job = Job(1, None, False, False, json.dumps(texts).encode(), lane=SMALL)
+    assert worker.runs_inline(job, idle=False) and bundled_encoder.max_batch_tokens < 8 * 120
+    worker.direct_reply = DirectReply(link := LinkRecorder())
+    worker.progress_at = stalled_since = time.monotonic() - 1000
+    worker.run_inline(job)
+    assert worker.progress_at == stalled_since
+    assert worker.check_stall(in_flight=1, now=time.monotonic(), was_stalled=False)
+    np.testing.assert_allclose(link.sent[0][1], bundled_encoder.encode(texts), atol=1e-5)
