@@ -58,16 +58,18 @@ CHARS_PER_TOKEN_KEPT = 100
 # Batches of ever-changing shapes fragment glibc's heap: without giving freed memory back, a CPU
 # worker's RSS grew from 340 MB to 1.3 GB in 7 minutes. A trim costs ~12 ms, so at most every 2 s.
 MALLOC_TRIM_INTERVAL = 2.0
-# In a CPU worker the stage threads (tokenize and compute: bulk work) run this much above the nice
-# value of the I/O thread, which answers queries. A query the I/O thread encodes beside a bulk pass
-# (`Worker.runs_inline`) then gets most of a core rather than a third of two: behind a bulk stream
-# on 2 vCPUs, p50 9.4-10.2 ms with all threads at the same value, 5.1-7.9 ms with the compute thread
-# 5 above (7 runs each, taking turns); bulk throughput with the server alone on the machine did not
-# change. Beside other busy processes, bulk work gets less of the CPU than it would at the same
-# value: it is the work that can wait. The libraries' pools keep the I/O thread's value: ONNX
-# Runtime's serves queries too (lowering every thread but the I/O thread measured 2-6% faster for a
-# query on an idle server in 4 runs of `benchmark.py -preset latency_bar`, and no different in two
-# other paired tests: not kept). (Raising one's own nice needs no privilege; lowering it back does.)
+# In a CPU worker every thread but the I/O thread, which answers queries, runs this much above its
+# nice value: the tokenize and compute threads (bulk work) and the pools the libraries started
+# (ONNX Runtime's, which spins ~50 ms after each pass, and the tokenizer's). Measured on 2 vCPUs:
+# - a query the I/O thread encodes beside a bulk pass (`Worker.runs_inline`) gets most of a core
+#   rather than a third of two: p50 behind a bulk stream 9.4-10.2 ms with every thread at the same
+#   value, 5.1-7.9 ms with the compute thread 5 above (7 runs each, taking turns);
+# - a query on an idle server: its hops on the way back preempt ONNX Runtime's spinning thread
+#   sooner. With the pools 5 above as well, p50 2-6% lower in 4 runs of `benchmark.py -preset
+#   latency_bar -baseline_checkout` and 0-4% in 4 runs of two servers taking turns;
+# - bulk throughput with the server alone on the machine did not move beyond the noise (+-5%).
+# Beside other busy processes, bulk work gets less of the CPU than it would at the same value: it is
+# the work that can wait. (Raising one's own nice needs no privilege; lowering it back does.)
 BACKGROUND_NICE = 5
 
 
@@ -112,17 +114,39 @@ def cut_texts(texts: Any, max_chars: int) -> Any:
     return texts
 
 
-def run_in_background() -> None:
-    """Give the calling thread the nice value of bulk work: BACKGROUND_NICE above the process's main
-    thread, the I/O thread (so a server started under `nice` keeps its place). Linux schedules
-    threads one by one; elsewhere the whole process's value would change, so nothing is done there."""
+def run_in_background(tid: int | None = None) -> None:
+    """Give thread `tid` of this process (default: the calling one) the nice value of bulk work:
+    BACKGROUND_NICE above the process's main thread, the I/O thread (so a server started under
+    `nice` keeps its place). Linux schedules threads one by one; elsewhere the whole process's value
+    would change, so nothing is done there."""
     if not sys.platform.startswith("linux"):
         return
-    tid = threading.get_native_id()
+    tid = threading.get_native_id() if tid is None else tid
     try:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + BACKGROUND_NICE))
+    except ProcessLookupError:  # the thread ended meanwhile
+        pass
     except OSError as e:  # a sandbox that forbids it: bulk work and queries then share the cores evenly
-        log.warning("cannot lower the priority of the worker's bulk work (%s); queries beside it wait longer", e)
+        log.warning("cannot lower the priority of thread %d of the worker (%s); queries beside bulk work wait "
+                    "longer", tid, e)
+
+
+def library_threads() -> list[int]:
+    """The ids of this process's threads but the calling one and libzmq's (Linux; elsewhere none).
+    libzmq's carry the I/O thread's messages where its link to the broker is a ZeroMQ socket (a
+    worker of another host), so they keep the I/O thread's priority."""
+    if not os.path.isdir("/proc/self/task"):
+        return []
+    found = []
+    for tid in map(int, os.listdir("/proc/self/task")):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        if tid != threading.get_native_id() and not name.startswith("ZMQbg"):
+            found.append(tid)
+    return found
 
 
 def _nothing() -> None:
@@ -247,6 +271,11 @@ class Worker:
         # garbage collector stops walking them, and a full collection takes 64 ms -> ~0 (a request that
         # met one waited that long).
         gc.freeze()
+        if self.inline_allowed:  # the pools the libraries started while the model loaded: see BACKGROUND_NICE
+            for tid in library_threads():
+                run_in_background(tid)
+        # After that: a context's first socket starts libzmq's threads, which name themselves only
+        # once running, and they are to keep this thread's priority.
         results = self.context.socket(zmq.PAIR)
         results.bind(self.results_address)
         stages = [self.start_stage("tokenize", self.tokenize_loop), self.start_stage("compute", self.compute_loop)]
