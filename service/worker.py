@@ -114,7 +114,7 @@ def cut_texts(texts: Any, max_chars: int) -> Any:
     return texts
 
 
-def run_in_background(tid: int | None = None) -> None:
+def lower_to_background(tid: int | None = None) -> None:
     """Give thread `tid` of this process (default: the calling one) the nice value of bulk work:
     BACKGROUND_NICE above the process's main thread, the I/O thread (so a server started under
     `nice` keeps its place). Linux schedules threads one by one; elsewhere the whole process's value
@@ -273,7 +273,7 @@ class Worker:
         gc.freeze()
         if self.inline_allowed:  # the pools the libraries started while the model loaded: see BACKGROUND_NICE
             for tid in library_threads():
-                run_in_background(tid)
+                lower_to_background(tid)
         # After that: a context's first socket starts libzmq's threads, which name themselves only
         # once running, and they are to keep this thread's priority.
         results = self.context.socket(zmq.PAIR)
@@ -298,7 +298,7 @@ class Worker:
         """Run a stage's loop; if it dies, tell the I/O thread to end the process: the jobs this
         stage held would otherwise wait forever on a worker that still answers heartbeats."""
         if self.inline_allowed:
-            run_in_background()  # bulk work, which a query on the I/O thread goes ahead of
+            lower_to_background()  # bulk work, which a query on the I/O thread goes ahead of
         try:
             loop()
         except BaseException as e:  # whatever it was, this stage is gone and the process is not whole
