@@ -118,6 +118,18 @@ class WorkerSlot:
     def load(self) -> int:
         return sum(job.size for job in self.in_flight.values())
 
+    def room(self) -> tuple[bool, bool]:
+        """(bulk, query): whether this worker may be given a bulk job, and a query. Its capacity
+        counts bulk jobs only: four clients sending one sentence back to back kept a CPU worker's two
+        places full of queries, and a 2,000-sentence request beside them moved one job a minute. A
+        query is taken while fewer than `capacity` jobs of any kind are in hand, or when none of
+        them is a query, so a worker busy with bulk work takes one more, which it encodes beside or
+        between that work's forward passes (service/worker.py) instead of after it."""
+        if not self.ready:
+            return False, False
+        queries = sum(1 for job in self.in_flight.values() if job.is_query)
+        return len(self.in_flight) - queries < self.capacity, len(self.in_flight) < self.capacity or queries == 0
+
     @property
     def name(self) -> str:
         """How logs name it: its index here, host/index for a worker of another host."""
@@ -645,33 +657,34 @@ class Broker:
     def dispatch(self) -> None:
         """Give queued jobs to ready workers, least loaded first, in the scheduler's fair order."""
         while self.scheduler.active:  # asked first: finding the least loaded worker costs more
-            slot = self.least_loaded()
-            queries_only = slot is None
-            if queries_only and (slot := self.free_for_a_query()) is None:
-                return
-            job, expired = self.scheduler.next_job(time.monotonic(), queries_only)
-            for request in expired:
-                self.time_out(request)
-            if job is None:
-                return
+            for slot, queries in self.places():
+                job, expired = self.scheduler.next_job(time.monotonic(), queries)
+                for request in expired:
+                    self.time_out(request)
+                if job is not None:
+                    break
+            else:
+                return  # no worker has room, or none for the kinds of job queued
             slot.in_flight[job.job_id] = job
             # The time left, not a time of day: workers on other hosts share no clock with the broker.
             left = None if job.request.deadline is None else round(job.request.deadline - time.monotonic(), 3)
             header = P.job_header(job.job_id, left, job.is_tokenized, job.request.show_tokens, job.is_query)
             self.send_to_worker(slot, [P.JOB, header, job.payload])
 
-    def least_loaded(self) -> WorkerSlot | None:
-        """The ready worker with the least work for the jobs it asked to hold (READY's capacity)."""
-        free = [s for s in self.workers() if s.ready and len(s.in_flight) < s.capacity]
-        return min(free, key=lambda s: (len(s.in_flight) / s.capacity, s.load), default=None)
-
-    def free_for_a_query(self) -> WorkerSlot | None:
-        """A ready worker whose hands are full may still take one query (a one-job request of a few
-        sentences), which it encodes between the forward passes of the bulk work it holds
-        (service/lanes.py): otherwise a query waits in the queue until a whole window of bulk jobs
-        is done. The least loaded one without a query in hand, if any."""
-        free = [s for s in self.workers() if s.ready and not any(j.is_query for j in s.in_flight.values())]
-        return min(free, key=lambda s: s.load, default=None)
+    def places(self) -> list[tuple[WorkerSlot, bool | None]]:
+        """Where the next job may go, best first, each with the kind of job it may take (for
+        `Scheduler.next_job`: None any, True a query, False bulk work; see `WorkerSlot.room`): the
+        least loaded worker with room for any job, else the least loaded one with room for a query,
+        and the least loaded one with room for bulk work."""
+        any_kind, queries, bulk = [], [], []
+        for slot in self.workers():
+            room = slot.room()
+            (any_kind if all(room) else queries if room[1] else bulk if room[0] else []).append(slot)
+        places: list[tuple[WorkerSlot, bool | None]] = []
+        for slots, kind in ((any_kind, None), (queries, True), (bulk, False)):
+            if slots:
+                places.append((min(slots, key=lambda s: (len(s.in_flight) / s.capacity, s.load)), kind))
+        return places
 
     def workers(self) -> list[WorkerSlot]:
         """Every worker: this host's, then those of other hosts that joined."""

@@ -195,15 +195,16 @@ class Scheduler:
 
     # ------------------------------------------------------------ dispatch
 
-    def next_job(self, now: float, queries_only: bool = False) -> tuple[Job | None, list[Request]]:
+    def next_job(self, now: float, queries: bool | None = None) -> tuple[Job | None, list[Request]]:
         """The next job to give a worker (None: nothing queued), and the requests found expired on
-        the way (removed from the queue; the caller fails them). `queries_only`: the next among the
-        tenants whose next job is a query (`Job.is_query`), for a worker whose hands are full."""
+        the way (removed from the queue; the caller fails them). `queries`: True, the next among the
+        tenants whose next job is a query (`Job.is_query`); False, among those whose next job is
+        bulk work; for a worker with room for one kind only (service/broker.py `WorkerSlot.room`)."""
         expired: list[Request] = []
         while self.active:
             tenants = [self.tenants[k] for k in self.active]
-            if queries_only:
-                tenants = [t for t in tenants if t.queue[0].is_query]
+            if queries is not None:
+                tenants = [t for t in tenants if t.queue[0].is_query == queries]
                 if not tenants:
                     break
             tenant = min(tenants, key=lambda t: (t.served, t.turn))

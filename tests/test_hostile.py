@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import pytest
@@ -276,7 +276,7 @@ def test_a_flood_does_not_lock_out_a_second_client_and_is_dropped_when_it_leaves
 def test_a_worker_whose_hands_are_full_takes_one_query_more(server, tiny_encoder):
     """A query (a one-job request of a few sentences) does not wait in the queue until a window of
     bulk jobs is done: a worker holding all the jobs it asked for is given one query more, and only
-    one (service/broker.py `free_for_a_query`); bulk jobs stay queued."""
+    one (service/broker.py `WorkerSlot.room`); bulk jobs stay queued."""
     worker = status(server)["workers"][0]
     pid, capacity = worker["pid"], worker["capacity"]
     in_hand = lambda state: state["workers"][0]["jobs_in_flight"]  # noqa: E731
@@ -300,6 +300,39 @@ def test_a_worker_whose_hands_are_full_takes_one_query_more(server, tiny_encoder
         assert header["ok"] is True, header
         np.testing.assert_allclose(np.frombuffer(data[0], np.float32).reshape(1, HIDDEN), tiny_encoder.encode(texts),
                                    atol=ATOL)
+    assert answers[bulk][0]["ok"] is True
+    assert_serving(server, tiny_encoder)
+
+
+def test_a_worker_whose_places_queries_took_still_takes_bulk_work(server, tiny_encoder):
+    """Queries do not starve bulk work at the broker: a worker's capacity counts bulk jobs only
+    (service/broker.py `WorkerSlot.room`). Here queries from three clients take a paused worker's
+    places, then a bulk request arrives: its jobs go to the worker all the same, up to its
+    capacity, while the third query waits (a query more only while none is in hand)."""
+    worker = status(server)["workers"][0]
+    pid, capacity = worker["pid"], worker["capacity"]
+    in_hand = lambda state: state["workers"][0]["jobs_in_flight"]  # noqa: E731
+    with ExitStack() as stack:
+        *askers, bulk = [stack.enter_context(raw_dealer(server.port)) for _ in range(capacity + 2)]
+        probe = stack.enter_context(status_probe(server))
+        for dealer in (*askers, bulk):  # connected before the worker is paused
+            dealer.send_multipart(request(0, cmd="status"))
+            receive(dealer)
+        with paused(pid):  # for well under the 5 s a silent worker is given
+            for i, dealer in enumerate(askers):
+                dealer.send_multipart(request(1, [f"query {i}"]))
+            wait_for(lambda: in_hand(probe()) == capacity and probe()["queued_jobs"] == 1, 2,
+                     "the queries in the worker's places, one more queued")
+            bulk.send_multipart(request(2, [f"bulk sentence {j}" for j in range(200)]))  # 25 jobs of 8
+            wait_for(lambda: in_hand(probe()) == 2 * capacity, 1.5, "bulk jobs given to the worker beside them")
+            held = probe()
+        answers = {dealer: receive(dealer, timeout=60) for dealer in (*askers, bulk)}
+    assert in_hand(held) == 2 * capacity and held["queued_jobs"] == 1 + 200 // BATCH - capacity, held
+    for i, dealer in enumerate(askers):
+        header, data = answers[dealer]
+        assert header["ok"] is True, header
+        np.testing.assert_allclose(np.frombuffer(data[0], np.float32).reshape(1, HIDDEN),
+                                   tiny_encoder.encode([f"query {i}"]), atol=ATOL)
     assert answers[bulk][0]["ok"] is True
     assert_serving(server, tiny_encoder)
 

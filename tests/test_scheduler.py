@@ -57,19 +57,34 @@ def test_one_flooding_client_does_not_lock_out_another():
 
 
 def test_a_full_worker_s_one_more_job_is_a_query_never_a_bulk_job():
-    """`next_job(queries_only=True)` serves a worker whose hands are full: it takes only a query, a
+    """`next_job(queries=True)` serves a worker whose hands are full: it takes only a query, a
     whole request in one small job, and among queries the fair order holds."""
     scheduler = Scheduler(Limits())
     submit(scheduler, b"bulk", jobs=5, tokens=1000)       # small jobs, but of a split request
     big = make_request(scheduler, b"big")
     assert scheduler.open(big) is None
     assert scheduler.enqueue(big, [(b'["' + b"x" * 5000 + b'"]', 1, 1000)]) is None  # one job, but 5 kB
-    assert scheduler.next_job(0.0, queries_only=True)[0] is None
+    assert scheduler.next_job(0.0, queries=True)[0] is None
     submit(scheduler, b"query", jobs=1, tokens=5)
-    job, _ = scheduler.next_job(0.0, queries_only=True)
+    job, _ = scheduler.next_job(0.0, queries=True)
     assert job.request.client == b"query" and job.is_query
-    assert scheduler.next_job(0.0, queries_only=True)[0] is None
+    assert scheduler.next_job(0.0, queries=True)[0] is None
     assert take(scheduler, 6) == [b"bulk", b"big", b"bulk", b"bulk", b"bulk", b"bulk"]
+
+
+def test_a_worker_full_of_queries_takes_bulk_work_in_fair_order():
+    """`next_job(queries=False)` serves a worker whose places are taken by queries: it takes only
+    bulk work (a job of a split request, or a one-job request over 2 KB), however much less the
+    query tenants were served."""
+    scheduler = Scheduler(Limits())
+    submit(scheduler, b"bulk", jobs=3, tokens=1000)
+    assert take(scheduler, 1) == [b"bulk"]  # served 1,000 tokens: queries come first in the fair order
+    for name in (b"q1", b"q2"):
+        submit(scheduler, name, jobs=1, tokens=5)
+    job, _ = scheduler.next_job(0.0, queries=False)
+    assert job.request.client == b"bulk" and not job.is_query
+    assert take(scheduler, 3) == [b"q1", b"q2", b"bulk"]
+    assert scheduler.next_job(0.0, queries=False)[0] is None
 
 
 def test_turns_are_fair_by_tokens_not_by_jobs():
