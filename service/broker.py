@@ -678,8 +678,13 @@ class Broker:
         and the least loaded one with room for bulk work."""
         any_kind, queries, bulk = [], [], []
         for slot in self.workers():
-            room = slot.room()
-            (any_kind if all(room) else queries if room[1] else bulk if room[0] else []).append(slot)
+            bulk_room, query_room = slot.room()
+            if bulk_room and query_room:
+                any_kind.append(slot)
+            elif query_room:
+                queries.append(slot)
+            elif bulk_room:
+                bulk.append(slot)
         places: list[tuple[WorkerSlot, bool | None]] = []
         for slots, kind in ((any_kind, None), (queries, True), (bulk, False)):
             if slots:
