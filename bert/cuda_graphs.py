@@ -13,13 +13,17 @@ static inputs of the smallest bucket that holds it (extra rows and columns padde
 they change nothing but the arithmetic's shape), the graph is replayed, and the rows it holds are
 copied out. Larger batches (throughput, where launches are amortised) run eagerly as before.
 
-All graphs share one memory pool: they are replayed one at a time on one stream, and each replay's
-output is copied before the next, so one graph's scratch memory may be another's.
+All graphs share one memory pool: they are replayed one at a time on one stream (the encoder's query
+stream: only urgent batches replay graphs, see `Encoder.encode_tokens`), and each replay's output is
+copied before the next, so one graph's scratch memory may be another's. A lock keeps two threads'
+replays from interleaving their copies into the fixed input buffers; on one stream, the device then
+runs the replays in the order the lock let them in.
 """
 from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -61,6 +65,7 @@ class SmallBatchGraphs:
             self.pool = torch.cuda.graph_pool_handle()
         # (batch size, length) -> (graph, static ids, static mask, static output)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.replaying = threading.Lock()
 
     def capture_all(self) -> float:
         """Capture every bucket; returns the seconds it took. Raises whatever capture raises.
@@ -113,8 +118,8 @@ class SmallBatchGraphs:
         full_mask = np.zeros((size, length), dtype=bool)
         ids[:n, :width], full_mask[:n, :width] = input_ids, mask
         full_mask[n:, 0] = True  # rows past the batch: one token each, read by nobody
-        with torch.cuda.device(self.device):
+        with self.replaying, torch.cuda.device(self.device):
             ids_t.copy_(torch.from_numpy(ids))
             mask_t.copy_(torch.from_numpy(full_mask))
-            graph.replay()
+            graph.replay()  # on the caller's current stream
             return (out[:n, :width] if self.per_token else out[:n]).clone()

@@ -18,7 +18,7 @@ import torch
 from .batching import plan_batches
 from .checkpoint import ModelFolder, inspect_folder, load_weights, weights_source
 from .config import EncoderOptions, PoolingConfig, effective_dtype
-from .cuda_graphs import SmallBatchGraphs
+from .cuda_graphs import GRAPH_BATCH_SIZES, SmallBatchGraphs
 from .errors import CheckpointError
 from .modeling import BertModel
 from .onnx_engine import OnnxEngine
@@ -67,6 +67,9 @@ class Encoder:
         self.model = self._build_model(max(self.layers))
         self.onnx = self._build_onnx_engine() if self._runs_onnx() else None
         self.graphs = self._capture_graphs() if self.device.type == "cuda" and options.cuda_graphs else None
+        # Urgent batches (queries) run here on a GPU: its scheduler starts their kernels' blocks ahead of
+        # those of work queued on other streams, such as a bulk window's passes (see `encode_tokens`).
+        self.query_stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
 
     def _build_model(self, num_layers: int) -> BertModel:
         weights = load_weights(self.folder, num_layers)
@@ -155,34 +158,53 @@ class Encoder:
         return self.tokenizer.encode(texts)
 
     @torch.inference_mode()
-    def forward(self, batch: TokenBatch) -> torch.Tensor:
+    def forward(self, batch: TokenBatch, graphs: bool = True) -> torch.Tensor:
         """One padded forward pass over `batch`: float32 vectors on the encoder's device, in batch order.
+        `graphs`: a small batch may be a CUDA graph's replay (only urgent batches: see `encode_tokens`).
 
         On a GPU this returns as soon as the work is queued, so the caller can prepare the next batch
         while the device computes this one.
         """
         input_ids, mask = batch.padded(self.tokenizer.pad_id)
         type_ids = batch.padded_type_ids()  # None unless a sentence pair is in the batch
-        if type_ids is None and self.graphs is not None and self.graphs.fits(*input_ids.shape):
+        if graphs and type_ids is None and self.graphs is not None and self.graphs.fits(*input_ids.shape):
             return self.graphs.replay(input_ids, mask)
         ids_t = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
         mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
         types_t = None if type_ids is None else torch.from_numpy(type_ids).to(self.device, non_blocking=True)
         return forward_padded(self.model, self.layers, self.pooling, ids_t, mask_t, types_t)
 
-    def encode_tokens(self, batch: TokenBatch, on_pass: Callable[[], object] = _nothing) -> np.ndarray:
+    def encode_tokens(self, batch: TokenBatch, on_pass: Callable[[], object] = _nothing,
+                      urgent: bool | None = None) -> np.ndarray:
         """Vectors for tokenized sentences, in their order: (n, dim), or (n, T, dim) for NONE.
 
         When the device runs out of memory, the same sentences are encoded again in passes of half
         as many tokens, down to one sentence a pass; the vectors do not depend on how they were batched.
         `on_pass()` is called as each forward pass of a batch split into several finishes (a worker's
         stall clock: a window of many passes is long, but it moves).
+
+        `urgent`: a query's batch, which other work on the device is not to hold up (default: a batch
+        of at most as many sentences as the largest CUDA graph holds). On a GPU an urgent batch runs
+        on `query_stream`, so a worker's query is not queued behind the passes of the bulk window
+        another thread runs on the default stream, and it alone replays CUDA graphs: the graphs'
+        inputs are fixed buffers, so their replays must follow each other on one stream. On a CPU
+        `urgent` changes nothing.
         """
+        if self.query_stream is None:
+            return self._encode_shrinking_on_oom(batch, on_pass, graphs=False)
+        if urgent is None:
+            urgent = len(batch) <= GRAPH_BATCH_SIZES[-1]
+        if not urgent:
+            return self._encode_shrinking_on_oom(batch, on_pass, graphs=False)
+        with torch.cuda.stream(self.query_stream):  # this thread's current stream, until the vectors are back
+            return self._encode_shrinking_on_oom(batch, on_pass, graphs=True)
+
+    def _encode_shrinking_on_oom(self, batch: TokenBatch, on_pass: Callable[[], object], graphs: bool) -> np.ndarray:
         budget = self.max_batch_tokens
         longest = int(batch.lengths.max()) if len(batch) else 0
         while True:
             try:
-                return self._encode_in_passes(batch, budget, on_pass)
+                return self._encode_in_passes(batch, budget, on_pass, graphs)
             except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
                 if not is_out_of_memory(e) or budget <= longest:
                     raise
@@ -197,19 +219,19 @@ class Encoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def vectors(self, batch: TokenBatch) -> np.ndarray:
+    def vectors(self, batch: TokenBatch, graphs: bool = True) -> np.ndarray:
         """One forward pass over `batch`, as float32 numpy vectors in batch order."""
         if self.onnx is not None:
             return self.onnx.run(batch)
-        return self.forward(batch).cpu().numpy()
+        return self.forward(batch, graphs).cpu().numpy()  # waits for this thread's current stream
 
-    def _encode_in_passes(self, batch: TokenBatch, max_tokens: int,
-                          on_pass: Callable[[], object] = _nothing) -> np.ndarray:
+    def _encode_in_passes(self, batch: TokenBatch, max_tokens: int, on_pass: Callable[[], object] = _nothing,
+                          graphs: bool = True) -> np.ndarray:
         n = len(batch)
         if n and int(batch.lengths.max()) * n <= max_tokens:
             # Fast path (one sentence per query is the common case): one pass in the batch's own
             # order, so no sorting, gathering or scattering into a second array.
-            return self.vectors(batch)
+            return self.vectors(batch, graphs)
         width = int(batch.lengths.max()) if n else 0
         shape = (n, width, self.dim) if self.pooling.per_token else (n, self.dim)
         out = np.zeros(shape, dtype=np.float32)
@@ -218,7 +240,7 @@ class Encoder:
         # Queue every forward pass first and copy results back after: one sync per call, not per batch.
         # A CPU pass is over when `run` returns; a GPU's when its copy back is (`run` returns at once,
         # or, once CUDA's queue is full, when an earlier pass is done: progress either way).
-        run = self.onnx.run if self.onnx is not None else self.forward
+        run = self.onnx.run if self.onnx is not None else functools.partial(self.forward, graphs=graphs)
         on_gpu = self.device.type != "cpu"
         results = []
         for index in plan:

@@ -9,6 +9,10 @@ on 2 CPU cores behind a 200,000-sentence flood, p50 1.4 s.
 So each stage takes the oldest query first; a window holds one lane's jobs; and the compute thread
 answers queries between the forward passes of a bulk window (service/worker.py). A bulk job is never
 starved: once the oldest has waited `max_defer` seconds, it goes next whatever is in the query lane.
+
+Since then the worker's I/O thread encodes queries itself, beside the bulk passes
+(`Worker.runs_inline`); the query lane is used where every job goes through the stages (with fault
+injection on, for drills).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ MAX_JOB_ATTEMPTS = 3       # a job on a worker that died this many times is fail
 WORKER_PREFETCH_JOBS = 4   # jobs a worker holds at once, so it can merge them into one forward pass
 # A query is a whole request in one job of at most this many bytes of texts (about 10 sentences of 20
 # words; scheduler.Job.is_query): a worker whose hands are full is given one more, and encodes it ahead
-# of bulk jobs. A CPU worker encodes it on its I/O thread at once, beside any bulk pass, and when idle
+# of bulk jobs. A worker encodes it on its I/O thread at once, beside any bulk pass, and when idle
 # any job this small (worker.runs_inline).
 QUERY_MAX_BYTES = 2048
 RESPAWN_BACKOFF_MAX = 30.0  # seconds; replacements of a worker that keeps dying start ever later

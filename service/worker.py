@@ -17,9 +17,10 @@ while a job is in hand and no stage has moved any job on (tokenized it, or finis
 of which a large window has many) for `-stall_timeout` seconds, the I/O thread stops sending them,
 and the broker replaces the worker and re-sends its jobs.
 
-On a CPU the I/O thread encodes small jobs itself when the stages are idle, and queries (one-job
-requests of a few sentences) even when they are not, beside the bulk window's forward pass: see
-`Worker.runs_inline`. On a GPU queries go through the stages, ahead of bulk jobs (service/lanes.py).
+The I/O thread encodes small jobs itself when the stages are idle, and queries (one-job requests of
+a few sentences) even when they are not, beside the bulk window's forward passes: see
+`Worker.runs_inline`. On a GPU their passes run on a high-priority stream (`Encoder.encode_tokens`),
+and the queries waiting on the link are taken into one window (see `QUERIES_GATHERED`).
 """
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ MALLOC_TRIM_INTERVAL = 2.0
 # Beside other busy processes, bulk work gets less of the CPU than it would at the same value: it is
 # the work that can wait. (Raising one's own nice needs no privilege; lowering it back does.)
 BACKGROUND_NICE = 5
+# On a GPU the I/O thread takes the queries already waiting on the link into one window, up to this
+# many: as many one-sentence queries as the largest CUDA graph holds (bert/cuda_graphs.py), so they
+# cost one replay instead of one each, while a window too wide for any graph would run eagerly (~5x
+# a replay's time on an H200). On a CPU a pass costs in proportion to its tokens, so each query is
+# encoded as soon as it is read.
+QUERIES_GATHERED = 8
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -260,9 +267,10 @@ class Worker:
         # When a stage last moved a job on (monotonic clock); written by the stage threads and read by
         # the I/O thread: a float assignment is atomic under the GIL, and a late read only delays.
         self.progress_at = time.monotonic()
-        # Small jobs on an idle CPU worker skip the stages (see `runs_inline`). A GPU keeps the
-        # pipeline: there a small job is cheap to overlap, and a CUDA error must end the process.
-        self.inline_allowed = encoder.device.type == "cpu"
+        # On a CPU bulk work runs below the I/O thread's priority (BACKGROUND_NICE); a GPU does the
+        # bulk work's arithmetic, and its queries go ahead there by stream priority instead.
+        self.on_cpu = encoder.device.type == "cpu"
+        self.queries_gathered = 1 if self.on_cpu else QUERIES_GATHERED
         self.direct_reply = DirectReply(socket)
         self.inline_trim, self.inline_last_trim = _malloc_trim(), time.monotonic()
 
@@ -271,7 +279,7 @@ class Worker:
         # garbage collector stops walking them, and a full collection takes 64 ms -> ~0 (a request that
         # met one waited that long).
         gc.freeze()
-        if self.inline_allowed:  # the pools the libraries started while the model loaded: see BACKGROUND_NICE
+        if self.on_cpu:  # the pools the libraries started while the model loaded: see BACKGROUND_NICE
             for tid in library_threads():
                 lower_to_background(tid)
         # After that: a context's first socket starts libzmq's threads, which name themselves only
@@ -297,7 +305,7 @@ class Worker:
     def run_stage(self, name: str, loop: Callable[[], None]) -> None:
         """Run a stage's loop; if it dies, tell the I/O thread to end the process: the jobs this
         stage held would otherwise wait forever on a worker that still answers heartbeats."""
-        if self.inline_allowed:
+        if self.on_cpu:
             lower_to_background()  # bulk work, which a query on the I/O thread goes ahead of
         try:
             loop()
@@ -329,9 +337,10 @@ class Worker:
         # The stages' results by their socket's fd: no system calls for it at the turns of a small job
         # this thread encodes itself (see PolledByFd).
         staged = PolledByFd(results, lambda: in_flight > 0)
-        poller = zmq.Poller()
+        poller, link = zmq.Poller(), zmq.Poller()
         poller.register(poll_key(self.socket), zmq.POLLIN)
         poller.register(staged.fd, zmq.POLLIN)
+        link.register(poll_key(self.socket), zmq.POLLIN)  # the broker's messages only: what else waits
         broker = poll_key(self.socket)
         broker_seen = next_heartbeat = next_parent_check = time.monotonic()
         stopping = stalled = False
@@ -341,23 +350,26 @@ class Worker:
             if self.stage_exit_code is not None:
                 os._exit(self.stage_exit_code)  # the threads of a broken process are not joined
             if broker in events:
-                frames = self.socket.recv_multipart(copy=True)
                 broker_seen = now
-                if frames[0] == P.JOB:
-                    job_id, left, is_tokenized, show_tokens, is_query = P.read_job_header(frames[1])
-                    if in_flight == 0:
-                        self.mark_progress()  # an idle worker's stall clock starts with its first job
-                    # `left` is relative: a worker on another host needs no common clock
-                    job = Job(job_id, None if left is None else now + left, is_tokenized, show_tokens, frames[2],
-                              lane=SMALL if is_query else BULK)
-                    if self.runs_inline(job, idle=in_flight == 0):
-                        self.run_inline(job)
-                    else:
-                        self.accept(job)
-                        in_flight += 1
-                elif frames[0] == P.STOP:
-                    log.debug("stop received; finishing %d jobs", in_flight)
-                    stopping = True
+                inline: list[Job] = []  # jobs this thread encodes itself, in one window
+                while True:
+                    frames = self.socket.recv_multipart(copy=True)
+                    if frames[0] == P.JOB:
+                        job = job_from(frames, now)
+                        if in_flight == 0:
+                            self.mark_progress()  # an idle worker's stall clock starts with its first job
+                        if self.runs_inline(job, idle=in_flight == 0):
+                            inline.append(job)
+                        else:
+                            self.accept(job)
+                            in_flight += 1
+                    elif frames[0] == P.STOP:
+                        log.debug("stop received; finishing %d jobs", in_flight)
+                        stopping = True
+                    if not (inline and len(inline) < self.queries_gathered and link.poll(0)):
+                        break
+                if inline:
+                    self.run_inline(inline)
             if staged.has_message(staged.fd in events):
                 frames = results.recv_multipart(copy=False)
                 self.socket.send_multipart([P.RESULT, *frames], copy=False)
@@ -389,23 +401,30 @@ class Worker:
         return stalled
 
     def runs_inline(self, job: Job, idle: bool) -> bool:
-        """Whether the I/O thread encodes `job` itself (CPU workers only): a small job when the stages
-        are `idle`, since handing one sentence to the tokenize and then the compute thread and its
-        result back cost more than the tokenizing (issue 13); and a query (the JOB header's query
-        bit) even while the stages are busy with bulk jobs. That query's forward pass then runs beside
-        the bulk window's, on the same engine (ONNX Runtime's session and PyTorch's modules take
-        concurrent calls), instead of waiting for the pass in progress: behind a bulk stream on 2
-        vCPUs, p50 5.3-6.2 ms instead of 22-76 ms (with `BACKGROUND_NICE`). With fault injection on,
-        every job goes through the stages, where the drills' faults are armed."""
-        return (self.inline_allowed and len(job.payload) <= P.QUERY_MAX_BYTES and self.config.fault_dir is None
+        """Whether the I/O thread encodes `job` itself: a small job when the stages are `idle`, since
+        handing one sentence to the tokenize and then the compute thread and its result back cost
+        more than the tokenizing (issue 13); and a query (the JOB header's query bit) even while the
+        stages are busy with bulk jobs. That query's forward pass then runs beside the bulk window's
+        instead of waiting for the pass in progress. On a CPU it runs on the same engine (ONNX
+        Runtime's session and PyTorch's modules take concurrent calls): behind a bulk stream on 2
+        vCPUs, p50 5.3-6.2 ms instead of 22-76 ms (with `BACKGROUND_NICE`). On a GPU it runs on the
+        encoder's high-priority stream, where a query passed through the stages waited for every
+        pass the compute thread had queued on the device. With fault injection on, every job goes
+        through the stages, where the drills' faults are armed."""
+        return (len(job.payload) <= P.QUERY_MAX_BYTES and self.config.fault_dir is None
                 and (idle or job.lane == SMALL))
 
-    def run_inline(self, job: Job) -> None:
-        """Tokenize, encode and answer `job` on this (the I/O) thread. Its passes do not move the
-        stall clock, which watches the stages: a compute thread hung in a bulk window is found
-        (`check_stall`) however many queries this thread answers meanwhile."""
-        self.tokenize_job(job)
-        self.process_window([job], self.direct_reply, on_pass=_nothing)
+    def run_inline(self, jobs: list[Job]) -> None:
+        """Tokenize, encode (in one window) and answer `jobs` on this (the I/O) thread. Their passes
+        do not move the stall clock, which watches the stages: a compute thread hung in a bulk window
+        is found (`check_stall`) however many queries this thread answers meanwhile."""
+        for job in jobs:
+            self.tokenize_job(job)
+        try:
+            self.process_window(jobs, self.direct_reply, on_pass=_nothing, urgent=True)
+        except FatalDeviceError as e:  # the CUDA context is unusable: as when a stage dies of it
+            log.critical("%s; the worker exits so the broker re-sends its jobs", e)
+            os._exit(CUDA_ERROR_EXIT_CODE)
         if time.monotonic() - self.inline_last_trim > MALLOC_TRIM_INTERVAL:
             self.inline_trim(0)  # after the reply went out, so no request waits for it
             self.inline_last_trim = time.monotonic()
@@ -454,7 +473,8 @@ class Worker:
                 bulk = window[0].lane == BULK
                 if bulk:
                     self.serve_queries(sender)  # one tokenized while this window was gathered
-                self.process_window(window, sender, (lambda: self.serve_queries(sender)) if bulk else self.mark_progress)
+                self.process_window(window, sender, (lambda: self.serve_queries(sender)) if bulk else self.mark_progress,
+                                    urgent=not bulk)
                 self.mark_progress()
                 if time.monotonic() - last_trim > MALLOC_TRIM_INTERVAL:
                     trim(0)
@@ -491,12 +511,13 @@ class Worker:
         (service/lanes.py), so that they wait for one pass, not for the whole window."""
         self.mark_progress()
         if queries := self.tokenized.drain(SMALL):
-            self.process_window(queries, sender)
+            self.process_window(queries, sender, urgent=True)
 
     def process_window(self, window: list[Job], sender: zmq.Socket,
-                       on_pass: Callable[[], object] | None = None) -> None:
+                       on_pass: Callable[[], object] | None = None, urgent: bool = False) -> None:
         """Encode the window's jobs in one set of forward passes and send each its result (or error);
-        `on_pass` is called between passes (default: the stall clock's `mark_progress`)."""
+        `on_pass` is called between passes (default: the stall clock's `mark_progress`); `urgent`: a
+        window of queries (`Encoder.encode_tokens`)."""
         live = []
         for job in window:
             if job.error is None and job.expired():
@@ -513,7 +534,7 @@ class Worker:
         try:
             # One job (the usual small request): its own batch, not a copy of it.
             batch = live[0].tokens if len(live) == 1 else TokenBatch.concat([job.tokens for job in live])
-            vectors = self.encoder.encode_tokens(batch, on_pass=on_pass or self.mark_progress)
+            vectors = self.encoder.encode_tokens(batch, on_pass=on_pass or self.mark_progress, urgent=urgent)
         except Exception as e:
             if is_fatal_device_error(e):
                 raise FatalDeviceError(f"device error: {e}") from e  # ends the compute thread, then the process
@@ -551,6 +572,14 @@ class Worker:
             return [P.dumps({"job": job.job_id, "ok": False, "error": ERR_TIMEOUT,
                              "message": "the client's timeout passed before the request reached the model"})]
         return [P.dumps({"job": job.job_id, "ok": False, "error": ERR_SERVER, "message": job.error})]
+
+
+def job_from(frames: list, now: float) -> Job:
+    """The Job of a JOB message [JOB, header, payload] read at `now` (monotonic clock)."""
+    job_id, left, is_tokenized, show_tokens, is_query = P.read_job_header(frames[1])
+    # `left` is relative: a worker on another host needs no common clock
+    return Job(job_id, None if left is None else now + left, is_tokenized, show_tokens, frames[2],
+               lane=SMALL if is_query else BULK)
 
 
 def is_fatal_device_error(error: Exception) -> bool:

@@ -100,9 +100,9 @@ def _install():
     def traced_encoder(result, *args):
         passes = result.vectors
 
-        def vectors(batch):
+        def vectors(batch, *args):
             _note("pass_start")
-            out = passes(batch)
+            out = passes(batch, *args)
             _note("pass_end")
             return out
         result.vectors = vectors
