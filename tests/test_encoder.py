@@ -13,9 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bert import Encoder
-from bert.batching import plan_batches
+from bert.batching import MIN_FILL_DIVISOR, PADDING_MAX, plan_batches
 from bert.cuda_graphs import bucket_for, length_buckets
 from helpers import (GOOGLE_TINY, HARD_TEXTS, HF_TINY, hf_hidden_states, hf_token_ids, mixed_batch,
                      real_sentences, reference_vectors, sentence_transformers_folder)
@@ -234,6 +236,32 @@ def test_vector_does_not_depend_on_batch_neighbours(reference, name, strategy):
         else:
             together_i = together[i]
         np.testing.assert_allclose(together_i, single, rtol=0, atol=ATOL, err_msg=repr(text))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=st.lists(st.integers(1, 600), min_size=1, max_size=400), max_tokens=st.integers(1, 20000),
+       max_sentences=st.none() | st.integers(1, 64))
+def test_a_plan_takes_every_sentence_once_within_the_budget_and_pads_little(lengths, max_tokens, max_sentences):
+    lengths = np.array(lengths)
+    plan = plan_batches(lengths, max_tokens, max_sentences)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(len(lengths)))
+    tops = [int(lengths[batch].max()) for batch in plan]
+    assert tops == sorted(tops, reverse=True)  # longest first
+    for batch, top in zip(plan, tops):
+        padded, real = len(batch) * top, int(lengths[batch].sum())
+        assert len(batch) == 1 or padded <= max_tokens  # only a sentence over the budget is alone past it
+        assert max_sentences is None or len(batch) <= max_sentences
+        # a wide batch is never more than PADDING_MAX padding
+        assert padded <= max_tokens // MIN_FILL_DIVISOR or real >= (1 - PADDING_MAX) * padded or len(batch) == 1
+
+
+def test_gpu_passes_of_real_sentences_pad_a_fifth_not_half(bundled_encoder):
+    """A GPU window (2,048 sentences, passes of up to 65,536 tokens): filled to the budget, the first
+    pass had the longest sentence's width for hundreds of much shorter ones (over 40% padding)."""
+    lengths = np.minimum(bundled_encoder.tokenize(real_sentences(2048, seed=3)).lengths, 128)
+    plan = plan_batches(lengths, 65536)
+    padded = sum(len(batch) * int(lengths[batch].max()) for batch in plan)
+    assert 1 - lengths.sum() / padded < 0.2 and len(plan) <= 12
 
 
 def test_bundled_vector_does_not_depend_on_batch_neighbours(bundled_encoder):
