@@ -190,11 +190,9 @@ class Encoder:
         inputs are fixed buffers, so their replays must follow each other on one stream. On a CPU
         `urgent` changes nothing.
         """
-        if self.query_stream is None:
-            return self._encode_shrinking_on_oom(batch, on_pass, graphs=False)
         if urgent is None:
             urgent = len(batch) <= GRAPH_BATCH_SIZES[-1]
-        if not urgent:
+        if not urgent or self.query_stream is None:
             return self._encode_shrinking_on_oom(batch, on_pass, graphs=False)
         with torch.cuda.stream(self.query_stream):  # this thread's current stream, until the vectors are back
             return self._encode_shrinking_on_oom(batch, on_pass, graphs=True)
