@@ -13,11 +13,11 @@ static inputs of the smallest bucket that holds it (extra rows and columns padde
 they change nothing but the arithmetic's shape), the graph is replayed, and the rows it holds are
 copied out. Larger batches (throughput, where launches are amortised) run eagerly as before.
 
-All graphs share one memory pool: they are replayed one at a time on one stream (the encoder's query
-stream: only urgent batches replay graphs, see `Encoder.encode_tokens`), and each replay's output is
-copied before the next, so one graph's scratch memory may be another's. A lock keeps two threads'
-replays from interleaving their copies into the fixed input buffers; on one stream, the device then
-runs the replays in the order the lock let them in.
+All graphs share one memory pool: they are captured and replayed on one stream (the encoder's query
+stream: only urgent batches replay graphs, see `Encoder.encode_tokens`), one at a time, and each
+replay's output is copied before the next, so one graph's scratch memory may be another's. A lock
+keeps two threads' replays from interleaving their copies into the fixed input buffers; on one
+stream, the device then runs the replays in the order the lock let them in.
 """
 from __future__ import annotations
 
@@ -56,12 +56,17 @@ def bucket_for(size: int, buckets: tuple[int, ...]) -> int | None:
 class SmallBatchGraphs:
     """Captured graphs of `run(ids, mask) -> vectors` for small batches on one CUDA device."""
 
-    def __init__(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
+    def __init__(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], stream: torch.cuda.Stream,
                  max_seq_len: int, pad_id: int, per_token: bool) -> None:
-        self.run, self.device, self.pad_id, self.per_token = run, device, pad_id, per_token
+        """`stream`: the one stream the graphs are captured on and replayed on (the encoder's query
+        stream). Captured there, they keep its priority: since CUDA 11.7 a graph's kernels may carry
+        the priority of the stream they were captured on, which PyTorch asks for at instantiation
+        (cudaGraphInstantiateFlagUseNodePriority) rather than the priority of the launch stream."""
+        self.run, self.stream, self.pad_id, self.per_token = run, stream, pad_id, per_token
+        self.device = stream.device
         self.batch_sizes = GRAPH_BATCH_SIZES
         self.lengths = length_buckets(max_seq_len)
-        with torch.cuda.device(device):
+        with torch.cuda.device(self.device):
             self.pool = torch.cuda.graph_pool_handle()
         # (batch size, length) -> (graph, static ids, static mask, static output)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -93,15 +98,14 @@ class SmallBatchGraphs:
         ids = torch.full((size, length), self.pad_id, dtype=torch.int64, device=self.device)
         mask = torch.zeros((size, length), dtype=torch.bool, device=self.device)
         mask[:, 0] = True  # every row at least one real token while capturing: no all-masked softmax
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):  # warm-up off the default stream, as capture requires
             for _ in range(2):
                 self.run(ids, mask)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA calls (a second encoder's, say) do not void this capture.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             out = self.run(ids, mask)
         return graph, ids, mask, out
 

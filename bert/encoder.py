@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .batching import plan_batches
+from .batching import fits_one_pass, plan_batches
 from .checkpoint import ModelFolder, inspect_folder, load_weights, weights_source
 from .config import EncoderOptions, PoolingConfig, effective_dtype
 from .cuda_graphs import GRAPH_BATCH_SIZES, SmallBatchGraphs
@@ -66,10 +66,10 @@ class Encoder:
         self.max_batch_tokens = options.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(self.device.type, 512)
         self.model = self._build_model(max(self.layers))
         self.onnx = self._build_onnx_engine() if self._runs_onnx() else None
-        self.graphs = self._capture_graphs() if self.device.type == "cuda" and options.cuda_graphs else None
         # Urgent batches (queries) run here on a GPU: its scheduler starts their kernels' blocks ahead of
         # those of work queued on other streams, such as a bulk window's passes (see `encode_tokens`).
         self.query_stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        self.graphs = self._capture_graphs() if self.device.type == "cuda" and options.cuda_graphs else None
 
     def _build_model(self, num_layers: int) -> BertModel:
         weights = load_weights(self.folder, num_layers)
@@ -100,7 +100,8 @@ class Encoder:
         # The graphs hold the model, not this encoder: no reference cycle, so a dropped encoder's graphs
         # go at once, not in a garbage collection during another encoder's capture.
         run = functools.partial(forward_padded, self.model, self.layers, self.pooling)
-        graphs = SmallBatchGraphs(run, self.device, self.max_seq_len, self.tokenizer.pad_id, self.pooling.per_token)
+        graphs = SmallBatchGraphs(run, self.query_stream, self.max_seq_len, self.tokenizer.pad_id,
+                                  self.pooling.per_token)
         try:
             with torch.inference_mode():
                 seconds = graphs.capture_all()
@@ -158,9 +159,11 @@ class Encoder:
         return self.tokenizer.encode(texts)
 
     @torch.inference_mode()
-    def forward(self, batch: TokenBatch, graphs: bool = True) -> torch.Tensor:
+    def forward(self, batch: TokenBatch, graphs: bool = False) -> torch.Tensor:
         """One padded forward pass over `batch`: float32 vectors on the encoder's device, in batch order.
-        `graphs`: a small batch may be a CUDA graph's replay (only urgent batches: see `encode_tokens`).
+        `graphs`: a small batch may be a CUDA graph's replay, for callers on `query_stream` only (the
+        urgent batches of `encode_tokens`): the graphs' buffers are shared, so replays on two streams
+        could overwrite each other's inputs.
 
         On a GPU this returns as soon as the work is queued, so the caller can prepare the next batch
         while the device computes this one.
@@ -217,16 +220,16 @@ class Encoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def vectors(self, batch: TokenBatch, graphs: bool = True) -> np.ndarray:
+    def vectors(self, batch: TokenBatch, graphs: bool = False) -> np.ndarray:
         """One forward pass over `batch`, as float32 numpy vectors in batch order."""
         if self.onnx is not None:
             return self.onnx.run(batch)
         return self.forward(batch, graphs).cpu().numpy()  # waits for this thread's current stream
 
     def _encode_in_passes(self, batch: TokenBatch, max_tokens: int, on_pass: Callable[[], object] = _nothing,
-                          graphs: bool = True) -> np.ndarray:
+                          graphs: bool = False) -> np.ndarray:
         n = len(batch)
-        if n and int(batch.lengths.max()) * n <= max_tokens:
+        if n == 1 or (n and fits_one_pass(batch.lengths, max_tokens)):
             # Fast path (one sentence per query is the common case): one pass in the batch's own
             # order, so no sorting, gathering or scattering into a second array.
             return self.vectors(batch, graphs)

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bert import Encoder
-from bert.batching import MIN_FILL_DIVISOR, PADDING_MAX, plan_batches
+from bert.batching import MIN_FILL_DIVISOR, PADDING_MAX, fits_one_pass, plan_batches
 from bert.cuda_graphs import bucket_for, length_buckets
 from helpers import (GOOGLE_TINY, HARD_TEXTS, HF_TINY, hf_hidden_states, hf_token_ids, mixed_batch,
                      real_sentences, reference_vectors, sentence_transformers_folder)
@@ -253,6 +253,8 @@ def test_a_plan_takes_every_sentence_once_within_the_budget_and_pads_little(leng
         assert max_sentences is None or len(batch) <= max_sentences
         # a wide batch is never more than PADDING_MAX padding
         assert padded <= max_tokens // MIN_FILL_DIVISOR or real >= (1 - PADDING_MAX) * padded or len(batch) == 1
+    if max_sentences is None and len(lengths) > 1:  # the encoder's fast path asks before sorting
+        assert fits_one_pass(lengths, max_tokens) == (len(plan) == 1)
 
 
 def test_gpu_passes_of_real_sentences_pad_a_fifth_not_half(bundled_encoder):
