@@ -59,9 +59,10 @@ class SmallBatchGraphs:
     def __init__(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], stream: torch.cuda.Stream,
                  max_seq_len: int, pad_id: int, per_token: bool) -> None:
         """`stream`: the one stream the graphs are captured on and replayed on (the encoder's query
-        stream). Captured there, they keep its priority: since CUDA 11.7 a graph's kernels may carry
-        the priority of the stream they were captured on, which PyTorch asks for at instantiation
-        (cudaGraphInstantiateFlagUseNodePriority) rather than the priority of the launch stream."""
+        stream). A replay's kernels run at the priority of the stream it is launched on, or, when the
+        graph is instantiated with cudaGraphInstantiateFlagUseNodePriority (recent PyTorch does, by
+        one review of its source; not checked on a GPU here), at that of the stream it was captured
+        on: the same stream either way, so its priority holds."""
         self.run, self.stream, self.pad_id, self.per_token = run, stream, pad_id, per_token
         self.device = stream.device
         self.batch_sizes = GRAPH_BATCH_SIZES
