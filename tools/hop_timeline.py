@@ -14,7 +14,9 @@ process sends one sentence at a time, with its own marks around each `encode()`.
 The marks, in a query's order:
   client_send   BertClient.encode called                     (this process)
   broker_in     the broker's handler gets the request         Broker.on_client_message
+  job_sent      the broker starts sending the job             Broker.send_to_worker
   worker_in     the worker's I/O thread has read the job      WorkerSide.recv_multipart
+  tokenized     the job's texts are tokenized                 Worker.tokenize_job (returned)
   pass_start    the forward pass starts                       Encoder.vectors (tokenized, padded)
   pass_end      the forward pass returned
   result_sent   the worker starts sending the result          DirectReply.send_multipart
@@ -49,8 +51,10 @@ WARMUP = 100
 # Spans between marks that follow one another in time; each row: (from, to, what happens in between).
 SPANS = [
     ("client_send", "broker_in", "client to broker: the client's Python, libzmq's I/O thread, TCP, the broker's wake-up and read"),
-    ("broker_in", "worker_in", "broker to worker: the request's checks, the scheduler, the link, the worker's wake-up and read"),
-    ("worker_in", "pass_start", "worker before the pass: JSON, tokenizing, padding"),
+    ("broker_in", "job_sent", "the broker's Python: the request's checks, the scheduler, the job's header"),
+    ("job_sent", "worker_in", "broker to worker: the link, the worker's wake-up and read"),
+    ("worker_in", "tokenized", "worker: the job's JSON and tokenizing"),
+    ("tokenized", "pass_start", "worker: the window, the encoder's checks, padding"),
     ("pass_start", "pass_end", "the forward pass"),
     ("pass_end", "result_sent", "worker after the pass: the result framed"),
     ("result_sent", "broker_result", "worker to broker: the link, the broker's wake-up and read"),
@@ -96,6 +100,8 @@ def _install():
     around(broker.Broker, "on_result", before=lambda *a: _note("broker_result"))
     around(link.WorkerSide, "recv_multipart", after=lambda frames, *a: frames[0] == protocol.JOB and _note("worker_in"))
     around(worker.DirectReply, "send_multipart", before=lambda *a: _note("result_sent"))
+    around(broker.Broker, "send_to_worker", before=lambda self, slot, frames: frames[0] == protocol.JOB and _note("job_sent"))
+    around(worker.Worker, "tokenize_job", after=lambda *a: _note("tokenized"))
 
     def traced_encoder(result, *args):
         passes = result.vectors
