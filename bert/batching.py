@@ -9,8 +9,8 @@ ones. Over windows of 2,048 sentences of the shared corpus (mean 21 tokens, long
 filled to 65,536 tokens were 54% padding at max_seq_len 128 (2 passes a window) and 28% at 25 (1).
 A pass of more than `max_tokens / MIN_FILL_DIVISOR` padded tokens therefore takes no shorter
 sentence that would make more than `PADDING_MAX` of them padding (a smaller pass may pad more: a
-pass has a fixed cost too, on a GPU the launches of its kernels): 17% and 12% padding, in 7 and 3 passes a window,
-or 25.6 and 20.5 padded tokens a sentence instead of 46.5 and 25.0. Throughput on a GPU followed
+pass has a fixed cost too, on a GPU the launches of its kernels): 17% and 12% padding, in 7 and 3
+passes a window, or 25.6 and 20.5 padded tokens a sentence instead of 46.5 and 25.0. Throughput on a GPU followed
 padded tokens (H200, random BERT-base in fp16: 18,053 sentences/s at 128 and 36,650/s at 25, 2.0x
 apart, for 1.9x as many padded tokens a sentence), so this is 1.8x and 1.2x fewer tokens to
 compute (not yet measured on a GPU). On a CPU, passes of 512 tokens were already narrow (2.7%
