@@ -473,8 +473,8 @@ class Worker:
                 bulk = window[0].lane == BULK
                 if bulk:
                     self.serve_queries(sender)  # one tokenized while this window was gathered
-                self.process_window(window, sender, (lambda: self.serve_queries(sender)) if bulk else self.mark_progress,
-                                    urgent=not bulk)
+                between_passes = (lambda: self.serve_queries(sender)) if bulk else self.mark_progress
+                self.process_window(window, sender, between_passes, urgent=not bulk)
                 self.mark_progress()
                 if time.monotonic() - last_trim > MALLOC_TRIM_INTERVAL:
                     trim(0)

@@ -100,7 +100,8 @@ def _install():
     around(broker.Broker, "on_result", before=lambda *a: _note("broker_result"))
     around(link.WorkerSide, "recv_multipart", after=lambda frames, *a: frames[0] == protocol.JOB and _note("worker_in"))
     around(worker.DirectReply, "send_multipart", before=lambda *a: _note("result_sent"))
-    around(broker.Broker, "send_to_worker", before=lambda self, slot, frames: frames[0] == protocol.JOB and _note("job_sent"))
+    around(broker.Broker, "send_to_worker",
+           before=lambda self, slot, frames: frames[0] == protocol.JOB and _note("job_sent"))
     around(worker.Worker, "tokenize_job", after=lambda *a: _note("tokenized"))
 
     def traced_encoder(result, *args):
