@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -385,16 +386,41 @@ class _PlainProgress:
         sys.stderr.write("\n")
 
 
+def check_timeout(timeout: Any) -> float | None:
+    """`timeout` as the client keeps it: a positive float of seconds, or None to wait forever.
+    Infinity (or an int too large for a float, such as 10**400) also means forever; NaN, zero,
+    negative numbers and non-numbers are refused, as no wait could honour them."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, got {_describe(timeout)}")
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int past float's range: longer than any wait, or as far below zero
+        seconds = math.inf if timeout > 0 else -math.inf
+    if math.isnan(seconds) or seconds <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {_describe(timeout)}")
+    return None if seconds == math.inf else seconds
+
+
+# The longest single poll, in ms: a longer wait polls again (zmq_poll takes a C long, and a wait of
+# 1e300 s in ms is no such number). The deadline, not this, decides when a wait is over.
+_MAX_POLL_MS = 3_600_000
+
+
 class BertClient:
     """A connection to a bert-as-service server.
 
     Args:
         ip, port: where the server listens (its start-up log prints the address).
-        timeout: seconds to wait for each reply; None waits forever. It is sent with each request,
-            as seconds (not a date), so the server gives up on it too. On timeout a `BertTimeoutError`
-            is raised and the client opens a fresh connection: the timed-out request (and any other
-            still in flight) is abandoned, never delivered late, and its reply is never read. The
-            client stays usable (also across server restarts).
+        timeout: seconds to wait for each reply; None, or math.inf, waits forever. NaN, zero and
+            negative numbers raise ValueError (also when set later, `client.timeout = ...`). It is
+            sent with each request, as seconds (not a date), so the server gives up on it too (one
+            that sets none gets the server's -max_timeout). On timeout a `BertTimeoutError` is raised
+            and the client opens a fresh connection: the timed-out request (and any other still in
+            flight, an `encode_async` loop's included: its next result raises BertTimeoutError at
+            once) is abandoned, never delivered late, and its reply is never read. The client stays
+            usable (also across server restarts).
         output_fmt: 'ndarray' (float32 numpy array) or 'list' (List[List[float]], as in 2018).
         server_public_key: the server's CurveZMQ public key (z85 text, or a path to a key file made
             by `python app.py -keygen DIR`), when the server runs with -auth_dir.
@@ -406,8 +432,6 @@ class BertClient:
                  client_key: str | None = None) -> None:
         if output_fmt not in ("ndarray", "list"):
             raise ValueError(f"output_fmt must be 'ndarray' or 'list', got {output_fmt!r}")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self.address = f"tcp://{ip}:{port}"
         self.timeout = timeout
         self.output_fmt = output_fmt
@@ -415,8 +439,21 @@ class BertClient:
         self._curve_keys = None if server_public_key is None else _load_curve_keys(server_public_key, client_key)
         self._context = zmq.Context()
         self._socket = self._connect()
-        self._early: dict[int, list] = {}  # replies that arrived while waiting for another id
+        # Requests sent on this socket whose replies someone still waits for (an `encode_async`
+        # loop's, while an `encode` inside it waits for its own), and those of their replies that
+        # came while another was awaited. A reply to any other id is dropped: its wait is over.
+        self._outstanding: set[int] = set()
+        self._early: dict[int, list] = {}
         self._closed = False
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds to wait for each reply, None for ever; checked when set (see `check_timeout`)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = check_timeout(value)
 
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.DEALER)
@@ -437,6 +474,7 @@ class BertClient:
         server comes back, and sends never pile up against the queue's limit. Every request in flight
         on this client is abandoned with it."""
         self._socket.close(linger=0)
+        self._outstanding.clear()
         self._early.clear()
         self._socket = self._connect()
 
@@ -474,11 +512,17 @@ class BertClient:
     def encode_async(self, batches: Iterable[Sequence], max_in_flight: int = 4, is_tokenized: bool = False,
                      show_tokens: bool = False) -> Iterator[Any]:
         """Encode each list of `batches`, yielding results in order with up to `max_in_flight` requests
-        outstanding, so the server never waits for the client between requests."""
+        outstanding, so the server never waits for the client between requests. Other calls on this
+        client (`encode`, `server_status`...) may be made inside the loop; its replies are kept
+        meanwhile."""
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be an int of at least 1, got {max_in_flight!r}")
         pending: deque[int] = deque()
         batches = iter(batches)
         try:
             while True:
+                if pending:  # resumed after a call that timed out: send no more for a loop that is over
+                    self._raise_if_abandoned(pending[0])
                 while len(pending) < max_in_flight:
                     batch = next(batches, None)
                     if batch is None:
@@ -492,7 +536,7 @@ class BertClient:
             # Stopped early (an error, or the caller left the loop): replies to the requests still
             # out are no longer wanted. Those already here are dropped now, later ones on arrival.
             for request_id in pending:
-                self._early.pop(request_id, None)
+                self._abandon(request_id)
 
     def server_config(self) -> dict:
         """The server's configuration: model, pooling, dimensions, limits."""
@@ -537,6 +581,7 @@ class BertClient:
         request_id = next(self._ids)
         frames = pack_request(request_id, cmd, texts, self.timeout, is_tokenized, show_tokens)
         self._send_within_timeout(frames)
+        self._outstanding.add(request_id)
         return request_id
 
     def _send_within_timeout(self, frames: list) -> None:
@@ -563,24 +608,49 @@ class BertClient:
                 time.sleep(0.005)  # writable yet refused: the connection is flapping; do not spin
 
     def _receive(self, request_id: int) -> tuple[dict, list]:
-        """Wait for the reply to `request_id`, keeping replies to other pending ids, dropping stale ones."""
+        """Wait for the reply to `request_id`, keeping replies to other outstanding ids and dropping
+        those nobody waits for any more (timed out, or of an `encode_async` loop left early)."""
+        self._raise_if_abandoned(request_id)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while request_id not in self._early:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if wait is not None and wait == 0.0 or not self._replies.poll(None if wait is None else int(wait * 1000) + 1):
+        try:
+            while request_id not in self._early:
+                self._wait_for_a_reply(deadline)
+                frames = self._socket.recv_multipart(copy=False)
+                header = unpack_reply_header(frames[0].bytes)
+                reply_id = header.get("id")
+                if type(reply_id) is int and reply_id in self._outstanding:
+                    self._outstanding.discard(reply_id)
+                    self._early[reply_id] = [header, frames[1:]]
+        finally:
+            if request_id not in self._early:  # left without it (an error, Ctrl-C): a late reply is dropped
+                self._abandon(request_id)
+        header, buffers = self._early.pop(request_id)
+        raise_for_error(header)
+        return header, buffers
+
+    def _wait_for_a_reply(self, deadline: float | None) -> None:
+        """Return once a reply can be read; past `deadline`, reconnect and raise BertTimeoutError."""
+        while True:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
                 self._reconnect()
                 raise BertTimeoutError(f"no reply from {self.address} within {self.timeout} s: the server is "
                                        "down, unreachable, or still encoding (for large requests to a slow "
                                        "server, raise BertClient(timeout=...))")
-            frames = self._socket.recv_multipart(copy=False)
-            header = unpack_reply_header(frames[0].bytes)
-            reply_id = header.get("id")
-            if isinstance(reply_id, int) and reply_id >= request_id:
-                self._early[reply_id] = [header, frames[1:]]
-            # else: the late reply of a request that already timed out; dropped
-        header, buffers = self._early.pop(request_id)
-        raise_for_error(header)
-        return header, buffers
+            poll_ms = _MAX_POLL_MS if wait is None else min(_MAX_POLL_MS, int(wait * 1000) + 1)
+            if self._replies.poll(poll_ms):
+                return
+
+    def _raise_if_abandoned(self, request_id: int) -> None:
+        if request_id not in self._outstanding and request_id not in self._early:
+            # Sent on a socket since replaced: another request on this client timed out meanwhile.
+            raise BertTimeoutError(f"request {request_id} was abandoned when another request on this client "
+                                   f"timed out (no reply from {self.address} within {self.timeout} s)")
+
+    def _abandon(self, request_id: int) -> None:
+        """Nobody waits for this reply any more: drop it if it is here, and on arrival if not."""
+        self._outstanding.discard(request_id)
+        self._early.pop(request_id, None)
 
     def _format(self, header: dict, buffers: list, show_tokens: bool) -> Any:
         vectors = unpack_vectors(header, [b.buffer for b in buffers])

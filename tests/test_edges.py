@@ -128,6 +128,30 @@ def test_a_timeout_in_encode_async_abandons_what_is_in_flight_and_the_next_call_
         assert client._early == {}
 
 
+def test_a_call_that_times_out_inside_encode_async_abandons_the_loop_which_says_so_at_once(
+        fault_server, tiny_encoder):
+    """An encode() inside the loop times out (the worker is paused): the loop's requests went with
+    the old connection, so its next result raises at once, not after another wait."""
+    worker = ready_worker(fault_server, status(fault_server.port)["workers"][0]["restarts"])
+    batches = [[f"loop {i} {j}" for j in range(3)] for i in range(6)]
+    with BertClient(port=fault_server.port, timeout=60) as client:
+        loop = client.encode_async(batches, max_in_flight=3)
+        np.testing.assert_allclose(next(loop), tiny_encoder.encode(batches[0]), atol=ATOL)
+        os.kill(worker["pid"], signal.SIGSTOP)
+        try:
+            client.timeout = 0.5
+            with pytest.raises(BertTimeoutError, match="no reply"):
+                client.encode(["inside the loop"])
+        finally:
+            os.kill(worker["pid"], signal.SIGCONT)
+        client.timeout = 60
+        with pytest.raises(BertTimeoutError, match="abandoned when another request on this client timed out"):
+            next(loop)
+        assert client._early == {} and client._outstanding == set()
+        texts = ["after the loop", "its own reply"]
+        np.testing.assert_allclose(client.encode(texts), tiny_encoder.encode(texts), atol=ATOL)
+
+
 # ---------------------------------------------------------------- a worker's stage dies or stalls (item 7)
 
 

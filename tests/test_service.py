@@ -239,6 +239,28 @@ def test_leaving_encode_async_early_keeps_no_replies_and_the_client_stays_in_ste
     assert bc._early == {}
 
 
+def test_calls_inside_encode_async_loops_get_their_own_replies_and_the_loops_theirs(server, corpus, reference):
+    """encode(), server_status() and server_config() inside an encode_async loop, and two loops in
+    step, on one client: each call waits for its own reply while the loops' replies arrive, and none
+    is taken for stale. A timeout short enough that a dropped reply fails the test in seconds."""
+    first = [corpus[k:k + 20] for k in range(0, 120, 20)]
+    second = [corpus[k:k + 7] for k in range(120, 190, 7)][:6]
+    with client_for(server, timeout=60) as client:
+        results, queries = [], []
+        loops = zip(client.encode_async(first, max_in_flight=4), client.encode_async(second, max_in_flight=3))
+        for k, (a, b) in enumerate(loops):
+            results.append((a, b))
+            queries.append(client.encode([corpus[300 + k]]))
+            assert client.server_status()["workers_ready"] == 2
+            assert client.server_config()["dim"] == DIM
+        for k, (a, b) in enumerate(results):
+            assert_close(a, reference[20 * k:20 * k + 20])
+            assert_close(b, reference[120 + 7 * k:120 + 7 * k + 7])
+            assert_close(queries[k], reference[300 + k:301 + k])
+        assert len(results) == 6
+        assert client._early == {} and client._outstanding == set()  # nothing held once all is read
+
+
 def test_show_tokens_and_is_tokenized(bc, bundled_encoder, corpus):
     texts = ["hello world", "Unbelievably, tokenization works!", corpus[0]]
     vectors, tokens = bc.encode(texts, show_tokens=True)
@@ -337,6 +359,34 @@ def test_dead_port_times_out_then_client_works_once_a_server_listens(bundled_enc
             assert client.server_status()["workers_ready"] == 1
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("timeout, error", [(float("nan"), ValueError), (0, ValueError), (-1, ValueError),
+                                            (-float("inf"), ValueError), (-10**400, ValueError),
+                                            ("10", TypeError), (True, TypeError)],
+                         ids=["nan", "0", "-1", "-inf", "-10**400", "str", "bool"])
+def test_a_timeout_no_wait_could_honour_is_refused_when_set(timeout, error):
+    with pytest.raises(error, match="timeout must be"):
+        BertClient(port=free_port(), timeout=timeout)
+    with BertClient(port=free_port(), timeout=5) as client:
+        with pytest.raises(error, match="timeout must be"):
+            client.timeout = timeout
+        assert client.timeout == 5.0
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 10**400, 1e300], ids=["inf", "10**400", "1e300"])
+def test_an_infinite_or_huge_timeout_waits_and_gets_the_vectors(server, corpus, reference, timeout):
+    with client_for(server, timeout=timeout) as client:
+        assert client.timeout == (None if timeout != 1e300 else 1e300)  # infinity means None: forever
+        assert_close(client.encode(corpus[:3]), reference[:3])
+        assert_close(next(client.encode_async([corpus[3:5]])), reference[3:5])
+        assert client.server_status()["workers_ready"] == 2
+
+
+@pytest.mark.parametrize("max_in_flight", [0, -1, 1.5, True])
+def test_encode_async_refuses_a_window_that_sends_nothing(bc, max_in_flight):
+    with pytest.raises(ValueError, match="max_in_flight"):
+        next(bc.encode_async([["a"]], max_in_flight=max_in_flight))
 
 
 def test_timeout_on_a_busy_server_then_the_next_request_gets_its_own_reply(random_bert, corpus):
