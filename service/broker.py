@@ -149,6 +149,8 @@ class Broker:
         self.backend_address = f"{self.runtime_dir}/workers"
         self.listener = LinkListener(self.backend_address)  # the local workers' links
         self.strangers = LogLimiter(log)  # connections to it from processes this broker did not spawn
+        # A peer can send bad or refused requests as fast as the loop reads them: a line per 10 s of each.
+        self.bad_request_log, self.busy_log = LogLimiter(log), LogLimiter(log)
         self.poller: zmq.Poller | None = None
         self.listener_key: Any = None              # the sources `watch` polls, as the poll names them
         self.client_sockets: list[tuple[Any, Any]] = []
@@ -527,15 +529,24 @@ class Broker:
     def refuse(self, socket: zmq.Socket, client: bytes, request_id: Any, error: BadRequestError,
                enveloped: bool = False) -> None:
         self.stats["bad_requests"] += 1
-        log.warning("bad request from %s: %s", client[:12].hex(), error)
+        self.bad_request_log.warning("bad request from %s: %s", client[:12].hex(), error)
         self.reply(socket, client, pack_error(request_id, ERR_BAD_REQUEST, str(error)), enveloped)
 
     def busy(self, request: Request, message: str) -> None:
         request.finished = True
         self.stats["busy"] += 1
-        log.warning("busy: refused request %s of %s: %s", request.request_id, request.client[:12].hex(), message)
+        self.busy_log.warning("busy: refused request %s of %s: %s", request.request_id, self.named(request), message)
         self.reply(request.socket, request.client, pack_error(request.request_id, ERR_BUSY, message, request.echo),
                    request.enveloped)
+
+    @staticmethod
+    def named(request: Request) -> str:
+        """Who a request is, for a log line: the user a door named ('v1:<identity>', 'http:<user>'),
+        quoted as repr does (it is the peer's text), else the connection's routing id."""
+        tenant = request.tenant
+        if isinstance(tenant, tuple) and len(tenant) == 2 and isinstance(tenant[1], str):
+            return repr(tenant[1][:64])
+        return request.client[:12].hex()
 
     def reply(self, socket: zmq.Socket, client: bytes, frames: list, enveloped: bool = False) -> None:
         """Send without ever blocking. A reply the client's pipe has no room for (it holds

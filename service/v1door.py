@@ -53,6 +53,7 @@ import zmq
 
 from .client import BadRequestError, ProtocolError, check_texts, pack_request, unpack_reply_header, unpack_vectors
 from .config import ServerConfig
+from .logs import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ class V1Door:
         self.max_seq_len: int | None = None
         self.stopping = False
         self.foreign_logged = 0.0
+        # A client can send bad requests (or TERMINATION) as fast as the door reads: a line per 10 s of each.
+        self.bad_request_log, self.termination_log = LogLimiter(log), LogLimiter(log)
         self.foreign_count = 0
 
     def bind(self) -> None:
@@ -257,8 +260,9 @@ class V1Door:
             return
         identity, msg, request_id = parts[0], parts[1], parts[2]
         if msg == TERMINATION:
-            log.warning("ignored TERMINATION from a 2019 client (%s): a network peer cannot stop this server; "
-                        "stop it with SIGTERM or Ctrl-C", identity[:40].decode("utf-8", "replace"))
+            self.termination_log.warning("ignored TERMINATION from a 2019 client (%r): a network peer cannot stop "
+                                         "this server; stop it with SIGTERM or Ctrl-C",
+                                         identity[:40].decode("utf-8", "replace"))
         elif msg in (SHOW_CONFIG, SHOW_STATUS):
             self.ask_broker(Waiting(identity, request_id, msg), "config" if msg == SHOW_CONFIG else "status")
         else:
@@ -266,7 +270,8 @@ class V1Door:
                 texts, is_tokenized = parse_texts(msg)
                 self.ask_broker(Waiting(identity, request_id, b"ENCODE"), "encode", texts, is_tokenized)
             except V1Error as e:
-                log.warning("bad request from a 2019 client (%s): %s", identity[:40].decode("utf-8", "replace"), e)
+                self.bad_request_log.warning("bad request from a 2019 client (%r): %s",
+                                             identity[:40].decode("utf-8", "replace"), e)
                 self.send(encode_error_reply(identity, request_id, "bad_request", str(e)))
             except Exception as e:  # a bug here must not leave a client waiting forever (its default timeout)
                 log.exception("a 2019 request failed in the door")

@@ -7,6 +7,7 @@ and refuses the name `server`; refused unauthenticated connections are logged, r
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import real_sentences
+from helpers import raw_dealer, real_sentences
 from service.client import BertClient, BertTimeoutError
 from service.harness import ROOT, RunningServer, free_port, rss_kb, wait_for
 
@@ -272,3 +273,38 @@ def test_refused_unauthenticated_connections_are_logged_rate_limited(tmp_path, t
     # at once, the rest counted at shutdown, within the 60 s between two lines).
     lines = re.findall(r"refused \d+ unauthenticated connection attempts?.*; (\d+) since start", log)
     assert len(lines) == 2 and int(lines[-1]) > 2, log[-3000:]
+
+
+# ---------------------------------------------------------------- floods of refused requests
+
+
+def test_a_flood_of_bad_or_refused_requests_logs_a_line_per_interval_and_the_server_serves_on(tiny_dir,
+                                                                                             tiny_encoder):
+    """3,000 two-byte messages, then 1,000 requests past -max_client_requests while the worker is
+    paused: each is answered and counted, and the log gets at most a line per 10 s of each kind."""
+    with RunningServer(["-model_dir", str(tiny_dir), "-max_client_requests", "4"]) as server:
+        worker = ready_worker(server, 0)
+        started = time.monotonic()
+        with raw_dealer(server.port, RCVTIMEO=30_000) as dealer:  # a missing reply raises, never hangs
+            for _ in range(3000):
+                dealer.send_multipart([b"{}"])
+            errors = [json.loads(dealer.recv_multipart()[0])["error"] for _ in range(3000)]
+            assert set(errors) == {"bad_request"}, set(errors)
+            os.kill(worker["pid"], signal.SIGSTOP)
+            try:
+                for i in range(1000):
+                    dealer.send_multipart([json.dumps({"v": 1, "id": i, "cmd": "encode"}).encode(),
+                                           json.dumps([f"flood {i}"]).encode()])
+                refused = [json.loads(dealer.recv_multipart()[0]) for _ in range(996)]
+            finally:
+                os.kill(worker["pid"], signal.SIGCONT)
+            served = [json.loads(dealer.recv_multipart()[0]) for _ in range(4)]
+        assert all(r["error"] == "busy" for r in refused) and all(r["ok"] for r in served), (refused[:1], served)
+        with BertClient(port=server.port, timeout=60) as client:
+            np.testing.assert_allclose(client.encode(["after the flood"]), tiny_encoder.encode(["after the flood"]),
+                                       atol=ATOL)
+        state, log = status(server.port), server.log()
+    assert state["bad_requests"] == 3000 and state["busy"] == 996, state
+    bound = 2 + (time.monotonic() - started) / 10  # the first line, then one per 10 s at most
+    assert log.count("bad request from") <= bound and log.count("busy: refused") <= bound, log[-3000:]
+    assert len(log) < 50_000, len(log)  # a line per message would be over 300 KB

@@ -162,17 +162,17 @@ HOSTILE = {  # name: (frames, what the error message must say, id the reply must
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_message_gets_bad_request_logged_once_and_the_server_serves_on(name, tiny_server, tiny_encoder):
+def test_hostile_message_gets_bad_request_counted_once_and_the_server_serves_on(name, tiny_server, tiny_encoder):
     frames, message, request_id = HOSTILE[name]
-    logged = tiny_server.log().count(BAD_REQUEST_LOG)
+    before = status(tiny_server)
     with raw_dealer(tiny_server.port) as dealer:
         reply = exchange(dealer, frames)
     answer = json.loads(reply[0])
     assert len(reply) == 1 and answer["ok"] is False and answer["error"] == ERR_BAD_REQUEST, answer
     assert message in answer["message"] and answer["id"] == request_id, answer
-    log = tiny_server.log()
-    assert log.count(BAD_REQUEST_LOG) == logged + 1, log[-2000:]  # once per request, not per frame
-    assert message in log.rsplit(BAD_REQUEST_LOG, 1)[1].splitlines()[0]
+    # Counted once per request, not per frame; logged at most a line per 10 s (the first one is).
+    assert status(tiny_server)["bad_requests"] == before["bad_requests"] + 1
+    assert BAD_REQUEST_LOG in tiny_server.log()
     assert_serving(tiny_server, tiny_encoder)
 
 
@@ -221,7 +221,8 @@ def test_non_zmtp_garbage_on_the_port_does_not_disturb_the_server(tiny_server, t
     with socket.create_connection(("127.0.0.1", tiny_server.port), timeout=5):
         assert_serving(tiny_server, tiny_encoder)
     after = status(tiny_server)
-    assert after["bad_requests"] - before["bad_requests"] == tiny_server.log().count(BAD_REQUEST_LOG) - logged
+    # Each line logged is a request counted (lines are rate-limited, so there may be fewer).
+    assert after["bad_requests"] - before["bad_requests"] >= tiny_server.log().count(BAD_REQUEST_LOG) - logged
     assert after["errors"] == before["errors"] and after["requests"] == before["requests"] + 1, (before, after)
 
 

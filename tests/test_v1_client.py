@@ -10,6 +10,8 @@ so that a lost reply fails the test instead of hanging it.
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -152,6 +154,53 @@ def test_a_burst_of_non_blocking_requests_then_fetch_all_loses_nothing(old, ours
         np.testing.assert_allclose(vectors, ours.encode(batch), atol=ATOL)
     joined = np.concatenate(results)
     assert joined.shape[0] == sum(map(len, batches))
+
+
+def test_a_burst_over_max_client_requests_gets_busy_errors_for_the_rest_logged_by_client(server, old, ours):
+    """-max_client_requests (64 by default) holds for a 2019 client too: with the worker paused, a
+    burst of 70 non-blocking requests gets 64 served and 6 busy errors (raised by the 2019 client as
+    its TypeError), and the broker's log names the 2019 client, not the door."""
+    batches = [[f"burst {i}"] for i in range(70)]
+    worker_pid = ours.server_status()["workers"][0]["pid"]
+    first_id = old.request_id + 1  # the 2019 client numbers its requests, its constructor's included
+    os.kill(worker_pid, signal.SIGSTOP)
+    try:
+        for batch in batches:
+            assert old.encode(batch, blocking=False) is None
+        wait_for_log(server, f"of 'v1:{old.identity.decode()}': server busy")
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
+    served, busy = [], []
+    while old.pending_request:
+        try:
+            served.extend(old.fetch())
+        except TypeError as e:  # the 2019 client's only way to show an error reply
+            busy.append(str(e))
+    assert len(served) == 64 and len(busy) == 6, (len(served), busy)
+    assert all("server busy" in message for message in busy), busy
+    for result in served:
+        np.testing.assert_allclose(result.embedding, ours.encode(batches[result.id - first_id]), atol=ATOL)
+    assert "busy: refused request" in server.log() and "of 646f6f723a7631" not in server.log()  # not "door:v1"
+
+
+def test_a_flood_of_bad_2019_requests_is_logged_a_line_per_interval_and_the_door_serves_on(server, old, ours):
+    logged = server.log().count("bad request from a 2019 client")
+    started = time.monotonic()
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.connect(f"tcp://127.0.0.1:{server.v1_port}")
+    try:
+        for i in range(2000):
+            push.send_multipart([b"flood", b"{not json", b"%d" % i, b"0"])
+    finally:
+        push.close()
+        context.term()
+    np.testing.assert_allclose(old.encode(["after the flood"]), ours.encode(["after the flood"]), atol=ATOL)
+    # Every one was answered (an error reply each, held for a subscriber that never comes, then dropped).
+    wait_for_log(server, "dropped 2000 replies to a 2019 client (flood)", timeout=60)
+    lines = server.log().count("bad request from a 2019 client") - logged
+    assert lines <= 2 + (time.monotonic() - started) / 10, lines  # a line per 10 s at most, not 2,000
 
 
 def test_six_concurrent_clients(server, ours):
