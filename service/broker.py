@@ -23,7 +23,8 @@ One thread, one poll loop over four ROUTER sockets and the workers' links:
   (the client port's send high-water mark) plus OUTBOX_BYTES held back in the broker (so a burst
   of replies to a client that does read is not lost); the rest are dropped, counted in
   `server_status()` and logged.
-  A client that disconnects (seen by the socket monitor) has its queued work dropped.
+  A client that disconnects (seen by the socket monitor) has its queued work dropped, and so has a
+  request its client cancels (the HTTP door does for a client that disconnected).
 - Workers' replies are kept as raw frames and forwarded to the client once every job of its request
   is back: the broker never decodes a vector.
 - A worker that exits or stops sending heartbeats is replaced; its jobs go back to the head of the
@@ -177,7 +178,7 @@ class Broker:
         self.encoder_info: dict = {}
         self.stats = {"requests": 0, "sentences": 0, "errors": 0, "busy": 0, "bad_requests": 0,
                       "worker_restarts": 0, "timeouts_dropped": 0, "replies_dropped_unread": 0,
-                      "disconnected_dropped": 0, "loop_max_ms": 0.0}
+                      "disconnected_dropped": 0, "cancelled_dropped": 0, "loop_max_ms": 0.0}
         self.metrics = RequestMetrics()  # latency histograms and tokens, observed in complete()
         self.started = time.time()
         self.stop_requested = False
@@ -452,7 +453,9 @@ class Broker:
             self.refuse(socket, client, request_id, e, enveloped)
             return
         request_id = header["id"]
-        if self.stop_requested:
+        if header["cmd"] == "cancel":  # never answered, not even while shutting down
+            self.cancel(socket, client, request_id)
+        elif self.stop_requested:
             self.reply(socket, client, pack_error(request_id, ERR_UNAVAILABLE, "the server is shutting down"), enveloped)
         elif header["cmd"] == "config":
             self.reply(socket, client, pack_result(request_id, self.describe()), enveloped)
@@ -491,7 +494,9 @@ class Broker:
 
     def on_intake_done(self, request: Request, chunks: list | None, error: str | None) -> None:
         """A request back from the intake process: queued, or refused with the reason."""
-        if chunks is not None:
+        if request.finished:  # its client left or cancelled it while it was being read: no reply
+            self.scheduler.release(request)
+        elif chunks is not None:
             self.queue(request, chunks)
         elif error is not None:
             self.scheduler.release(request)
@@ -651,17 +656,48 @@ class Broker:
         """Its queued work is dropped (no one would read the replies); jobs on workers finish."""
         self.outboxes.pop((self.frontend, client), None)
         dropped = self.scheduler.drop_client(self.frontend, client)
-        for request in dropped:
-            request.finished = True
-            self.scheduler.release(request)
-        in_intake = [p.request for p in self.intake.pending.values()
-                     if p.request.socket is self.frontend and p.request.client == client]
-        for request in in_intake:
-            request.finished = True  # released when the intake process hands it back
+        in_intake = self.in_intake(lambda r: r.socket is self.frontend and r.client == client)
+        self.abandon(dropped, in_intake)
         if dropped or in_intake:
             self.stats["disconnected_dropped"] += len(dropped) + len(in_intake)
             log.info("client %s disconnected: %d queued requests dropped", client[:12].hex(),
                      len(dropped) + len(in_intake))
+
+    def cancel(self, socket: zmq.Socket, client: bytes, request_id: Any) -> None:
+        """The client withdrew request `request_id` (the HTTP door, for a client that disconnected or
+        that it stopped waiting for): as for a client that left, its queued work is dropped and jobs
+        on workers finish; nothing more is sent for it. Counted apart from disconnections
+        (`cancelled_dropped`): the connection that cancels is still there. An id unknown or already
+        answered is ignored: a cancel may cross its reply."""
+        request = self.scheduler.find(socket, client, request_id)
+        if request is None or request.finished:
+            return
+        sentences = self.scheduler.queued_sentences
+        queued = self.scheduler.drop_request(request)
+        in_intake = self.in_intake(lambda r: r is request)
+        self.abandon([request] if not in_intake else [], in_intake)
+        if queued or in_intake:
+            self.stats["cancelled_dropped"] += 1
+            log.info("request %s of %s cancelled: %s dropped", request_id, self.whose(request),
+                     f"{sentences - self.scheduler.queued_sentences} queued sentences" if queued else "it")
+
+    def whose(self, request: Request) -> str:
+        """Who sent a request, for a log line: the user a door named, else the connection's id."""
+        name = request.tenant[1]
+        return name if isinstance(name, str) else request.client[:12].hex()
+
+    def in_intake(self, wanted) -> list[Request]:
+        return [p.request for p in self.intake.pending.values() if wanted(p.request)]
+
+    def abandon(self, requests: list[Request], in_intake: list[Request]) -> None:
+        """No one waits for these any more: no reply, and their tenant may send others. A job on a
+        worker finishes and its result is discarded (`on_result`); a request the intake process is
+        reading is released when it hands it back (`on_intake_done`)."""
+        for request in requests:
+            request.finished = True
+            self.scheduler.release(request)
+        for request in in_intake:
+            request.finished = True
 
     # ------------------------------------------------------------ workers
 

@@ -8,7 +8,7 @@ copy it into any project. It is also the home of the wire protocol; the server i
 
 Wire protocol (version 1), over a ZeroMQ DEALER (client) to ROUTER (server) connection:
 
-    request  frame 0  JSON header  {"v": 1, "id": int, "cmd": "encode" | "config" | "status",
+    request  frame 0  JSON header  {"v": 1, "id": int, "cmd": "encode" | "config" | "status" | "cancel",
                                     "timeout": seconds | null, "is_tokenized": bool, "show_tokens": bool,
                                     "tenant": str?, "echo": str?}   (tenant: a door's user, for fair
                                     sharing; echo: a door's note, returned in the reply's header)
@@ -23,6 +23,10 @@ Wire protocol (version 1), over a ZeroMQ DEALER (client) to ROUTER (server) conn
                                        "echo": str?}
              frames 1..k  raw C-order array bytes, one frame per shape, concatenated in order by the
                       client; shapes of 3 dimensions (pooling NONE) are zero-padded to the longest
+
+"cancel" (one frame) withdraws this connection's request `id`: its work not yet on a worker is
+dropped, that on workers finishes, and no reply to `id` comes (nor to the cancel itself: a reply
+would carry `id`, which replies are matched by). An id unknown or already answered is ignored.
 
 Nothing is pickled in either direction: vectors travel as raw bytes described by the header.
 
@@ -55,7 +59,7 @@ __all__ = ["BertClient", "BertClientError", "BertTimeoutError", "BadRequestError
            "ServerError", "ServerBusyError"]
 
 PROTOCOL_VERSION = 1
-COMMANDS = ("encode", "config", "status")
+COMMANDS = ("encode", "config", "status", "cancel")  # cancel: the only one never answered
 DTYPES = ("float32", "float16")
 
 # Error codes a reply may carry, and the exception each becomes in the client.

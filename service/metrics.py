@@ -76,6 +76,8 @@ BROKER_COUNTERS = (
     ("replies_dropped_unread",
      "Replies dropped because their client left -max_unread_replies unread and its outbox was full"),
     ("disconnected_dropped", "Queued requests dropped because their client disconnected"),
+    ("cancelled_dropped", "Queued requests dropped because their client cancelled them (an HTTP client that "
+                          "disconnected, BertClient.encode_async left early)"),
     ("connections_refused", "Connections refused by CurveZMQ authentication (-auth_dir)"),
     ("peers_turned_away", "Connections at the client port that spoke another protocol (the 2019 client, HTTP)"),
 )

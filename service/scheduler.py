@@ -18,6 +18,8 @@ worker is free, and replies. Everything about order and limits is here, tested o
   relative timeout, at most `max_timeout` (also for requests that set none).
 - Retries: a job on a worker that died goes back to the head of its tenant's queue, at most
   `MAX_JOB_ATTEMPTS` times.
+- Withdrawal: a connection may cancel one of its unfinished requests by id (`find`, then
+  `drop_request`), e.g. the HTTP door for a client that disconnected.
 """
 from __future__ import annotations
 
@@ -134,6 +136,8 @@ class Scheduler:
         self.queued_sentences = 0
         self.queued_tokens = 0
         self.queued_jobs = 0
+        # Unfinished requests by (socket, client, request id), for `find`: from open() to release().
+        self.requests: dict[tuple[Any, bytes, Any], Request] = {}
         self.clock = 0.0                        # the fair clock: `served` of the tenant picked last
         self.turns = itertools.count(1)
         self.job_ids = itertools.count(1)
@@ -154,6 +158,7 @@ class Scheduler:
             return (f"server busy: {tenant.requests} of your requests are unfinished "
                     f"(limit {self.limits.max_client_requests}, -max_client_requests); wait for replies first")
         tenant.requests += 1
+        self.requests[(request.socket, request.client, request.request_id)] = request
         return None
 
     def enqueue(self, request: Request, chunks: list[tuple[bytes, int, int]]) -> str | None:
@@ -188,6 +193,9 @@ class Scheduler:
         if request.released:
             return
         request.released = True
+        key = (request.socket, request.client, request.request_id)
+        if self.requests.get(key) is request:  # a client that reused an id: the newer one is indexed
+            del self.requests[key]
         tenant = self.tenants.get(request.tenant)
         if tenant is not None:
             tenant.requests -= 1
@@ -242,12 +250,23 @@ class Scheduler:
         """Remove the queued jobs of a connection that closed; return its unfinished requests."""
         return self._drop(lambda r: r.socket is socket and r.client == client)
 
+    def find(self, socket: Any, client: bytes, request_id: Any) -> Request | None:
+        """The unfinished request `request_id` of this connection (None: unknown, or released)."""
+        return self.requests.get((socket, client, request_id))
+
+    def drop_request(self, request: Request) -> bool:
+        """Remove the queued jobs of one request (its client withdrew it); whether it had any. Only
+        its tenant's queue is looked at: a cancel costs what that tenant queued, not the whole queue."""
+        return bool(self._drop(lambda r: r is request, [request.tenant]))
+
     def drop_all(self) -> list[Request]:
         return self._drop(lambda r: True)
 
-    def _drop(self, doomed) -> list[Request]:
+    def _drop(self, doomed, keys: Iterable[Hashable] | None = None) -> list[Request]:
+        """Remove the queued jobs of requests `doomed` (and of finished ones met on the way) from the
+        queues of tenants `keys` (None: every tenant's); return the unfinished requests hit."""
         dropped: dict[int, Request] = {}
-        for key in list(self.active):
+        for key in list(self.active) if keys is None else [k for k in keys if k in self.active]:
             tenant = self.tenants[key]
             jobs = [j for j in tenant.queue if j.request.finished or doomed(j.request)]
             for job in jobs:

@@ -182,6 +182,40 @@ def test_work_of_a_client_that_left_is_dropped_and_others_kept():
     assert not same_id_at_the_door.finished
 
 
+def test_a_cancelled_request_loses_its_queued_jobs_and_nothing_else():
+    scheduler = Scheduler(Limits())
+    first = submit(scheduler, b"door", request_id=1, jobs=4, sentences=10, socket=DOOR, tenant=("door", "alice"))
+    second = submit(scheduler, b"door", request_id=2, jobs=2, sentences=10, socket=DOOR, tenant=("door", "alice"))
+    other = submit(scheduler, b"door", request_id=1, jobs=1, socket=FRONT)   # the same id on another socket
+    on_worker, _ = scheduler.next_job(0)
+    assert on_worker.request is first
+    assert scheduler.find(DOOR, b"door", 1) is first and scheduler.find(DOOR, b"door", 3) is None
+    assert scheduler.drop_request(first) is True
+    assert scheduler.status()["queued_sentences"] == 2 * 10 + 1   # the second's and the other's are kept
+    left = [job.request for job in iter(lambda: scheduler.next_job(0)[0], None)]
+    assert sorted(map(id, left)) == sorted(map(id, [second, second, other]))
+    assert scheduler.drop_request(first) is False   # nothing of it queued any more
+    assert scheduler.find(DOOR, b"door", 1) is first  # its job on a worker finishes: unfinished until released
+
+
+def test_requests_are_found_from_open_to_release_only():
+    scheduler = Scheduler(Limits(max_client_requests=1))
+    request = submit(scheduler, b"a", request_id=7, jobs=1)
+    assert scheduler.find(FRONT, b"a", 7) is request
+    refused = make_request(scheduler, b"a", request_id=8)
+    assert scheduler.open(refused) is not None and scheduler.find(FRONT, b"a", 8) is None
+    scheduler.release(request)
+    assert scheduler.find(FRONT, b"a", 7) is None and scheduler.requests == {}
+    # A client that reuses an id (its two requests counted under two tenants here, for the limit of 1):
+    # the newer request is the one found, and releasing the older one leaves it found.
+    older = submit(scheduler, b"b", request_id=1, jobs=1)
+    newer = submit(scheduler, b"b", request_id=1, jobs=1, tenant=b"b2")
+    scheduler.release(older)
+    assert scheduler.find(FRONT, b"b", 1) is newer
+    scheduler.release(newer)
+    assert scheduler.requests == {}
+
+
 def test_a_retried_job_goes_first_and_is_given_up_after_max_attempts():
     scheduler = Scheduler(Limits())
     submit(scheduler, b"a", jobs=2)
