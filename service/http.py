@@ -59,6 +59,10 @@ STATUS_TIMEOUT = 5.0    # a broker that does not answer `status` within this is 
 RETRY_AFTER = "1"       # seconds a refused client (429, 503) is asked to wait; OpenAI's SDKs obey it
 KEEP_ALIVE = 75         # seconds an idle connection stays open: longer than load balancers' (60 s)
 STOP_GRACE = 3          # seconds requests in flight get after SIGTERM (the door has 5 before SIGKILL)
+# Seconds the door waits for an encode's reply past the request's deadline (-max_timeout) before it
+# answers 504 itself (the broker dropped the reply, say): the broker fails a request at its deadline,
+# but a job a worker started just before then still runs its forward passes.
+REPLY_MARGIN = 30.0
 BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 OPENAI_ROUTES = ("/v1/", "/embeddings")
 
@@ -253,6 +257,7 @@ class BrokerLink:
     send is followed by reading until the socket's EVENTS show nothing left."""
 
     SEND_RETRY = 0.001  # seconds between tries while the pipe to the broker is full (a burst of requests)
+    CANCEL_TRIES = 1000  # a cancel finds the pipe full: tried again every SEND_RETRY, this many times at most
 
     def __init__(self, address: str) -> None:
         self.context = zmq.Context()
@@ -269,30 +274,62 @@ class BrokerLink:
         self.read_replies()  # what came before the reader was added raises no new edge
 
     async def call(self, cmd: str, texts: list | None = None, tenant: str | None = None,
-                   max_bytes: int | None = None, timeout: float | None = None) -> tuple[dict, list]:
-        """(reply header, data frames). Raises HttpError 413 when the message would be over `max_bytes`."""
+                   max_bytes: int | None = None, timeout: float | None = None,
+                   gone: asyncio.Future | None = None) -> tuple[dict, list]:
+        """(reply header, data frames). Raises HttpError 413 when the message would be over `max_bytes`,
+        asyncio.TimeoutError when no reply came within `timeout` seconds, and ClientDisconnect once
+        `gone` is done (the HTTP client left). An encode given up on so, or whose task is cancelled,
+        is withdrawn from the broker (`cancel`), which drops its work not yet on a worker."""
         request_id = next(self.ids)
         frames = pack_request(request_id, cmd, texts, tenant=tenant)
         if max_bytes is not None and sum(len(f) for f in frames) > max_bytes:
             raise HttpError(413, f"the texts take more than the server's limit of {max_bytes} bytes "
                                  "(-max_request_bytes); split the request", "validation", "request_too_large")
+        deadline = None if timeout is None else self.loop.time() + timeout
         future = self.loop.create_future()
         self.waiting[request_id] = future
+        sent = False
         try:
-            await asyncio.wait_for(self.send_and_wait(frames, future), timeout)
-            return future.result()
+            await self.send(frames, deadline, gone)
+            sent = True
+            self.read_replies()  # the send may have consumed the descriptor's edge for a reply that came
+            if not future.done():
+                await asyncio.wait((future,) if gone is None else (future, gone), return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=None if deadline is None else max(0.0, deadline - self.loop.time()))
+            if future.done():
+                return future.result()
+            raise ClientDisconnect() if gone is not None and gone.done() else asyncio.TimeoutError()
+        except BaseException:  # given up on, or cancelled (the door stopping): no one will read the reply
+            if sent and cmd == "encode" and not future.done():
+                self.withdraw(request_id)
+            raise
         finally:
             self.waiting.pop(request_id, None)
 
-    async def send_and_wait(self, frames: list, future: asyncio.Future) -> None:
+    async def send(self, frames: list, deadline: float | None, gone: asyncio.Future | None) -> None:
+        """Send without blocking the event loop: while the pipe to the broker is full, try again every
+        SEND_RETRY seconds, until `deadline` (asyncio.TimeoutError) or `gone` (ClientDisconnect)."""
         while True:
             try:
                 self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                break
+                return
             except zmq.Again:
+                if deadline is not None and self.loop.time() >= deadline:
+                    raise asyncio.TimeoutError() from None
+                if gone is not None and gone.done():
+                    raise ClientDisconnect() from None
                 await asyncio.sleep(self.SEND_RETRY)
-        self.read_replies()  # the send may have consumed the descriptor's edge for a reply that came
-        await future
+
+    def withdraw(self, request_id: int, tries: int = CANCEL_TRIES) -> None:
+        """Tell the broker that no one waits for `request_id` any more (`cancel`: no reply comes).
+        Best effort: a cancel that cannot be sent leaves the request to be encoded for nobody."""
+        try:
+            self.socket.send(pack_request(request_id, "cancel")[0], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if tries > 1:
+                self.loop.call_later(self.SEND_RETRY, self.withdraw, request_id, tries - 1)
+        except zmq.ZMQError:  # the socket is closed: the door is stopping, and the broker drops its work
+            pass
 
     def read_replies(self) -> None:
         while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -326,6 +363,8 @@ class HttpDoor:
         self.config = config
         self.broker_address = broker_address
         self.link: BrokerLink | None = None
+        # The door sends no timeout, so the broker's deadline for its requests is -max_timeout.
+        self.reply_timeout = config.max_timeout + REPLY_MARGIN
         self.workers_ready = 0
         self.described: dict | None = None    # the broker's `config` reply, once a worker is ready
         self.responses: Counter[tuple[str, int]] = Counter()
@@ -453,13 +492,25 @@ class HttpDoor:
                             "invalid_json")
         return value
 
-    async def encode(self, texts: list[str], tenant: str) -> tuple[np.ndarray, int]:
-        """(float32 vectors, tokens the model saw) from the broker, or the HttpError it answered."""
+    async def encode(self, texts: list[str], tenant: str, request: Request) -> tuple[np.ndarray, int]:
+        """(float32 vectors, tokens the model saw) from the broker, or the HttpError it answered.
+        While it waits, a client that disconnects has its request withdrawn from the broker, which
+        drops its queued work (ClientDisconnect: no answer is written); and a reply that never comes
+        (one the broker dropped) is a 504 once the request's deadline and REPLY_MARGIN have passed."""
         limit = self.config.max_client_batch_size
         if len(texts) > limit:
             raise HttpError(413, f"{len(texts)} inputs are more than the server's limit of {limit} "
                                  "(-max_client_batch_size); split the request", "validation", "too_many_inputs")
-        header, frames = await self.link.call("encode", texts, tenant, self.config.max_request_bytes)
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            header, frames = await self.link.call("encode", texts, tenant, self.config.max_request_bytes,
+                                                  self.reply_timeout, gone)
+        except asyncio.TimeoutError:
+            raise HttpError(504, f"the server did not answer within {self.reply_timeout:.0f} s (-max_timeout "
+                                 f"plus {REPLY_MARGIN:.0f} s); the request was withdrawn", "backend",
+                            "timeout") from None
+        finally:
+            gone.cancel()
         if not header.get("ok"):
             raise broker_error(header)
         vectors = unpack_vectors(header, [f.buffer for f in frames])
@@ -496,7 +547,7 @@ class HttpDoor:
         if dimensions is not None and not 1 <= dimensions <= dim:
             raise HttpError(400, f"'dimensions' must be between 1 and the model's {dim}, got {dimensions}",
                             "validation", "invalid_dimensions", "dimensions")
-        vectors, n_tokens = await self.encode(texts, tenant_of(request, body.get("user")))
+        vectors, n_tokens = await self.encode(texts, tenant_of(request, body.get("user")), request)
         if dimensions is not None and dimensions < dim:
             vectors = truncate_dimensions(vectors, dimensions)
         return Response(openai_body(vectors, encoding_format, model or model_id(self.config), n_tokens),
@@ -515,7 +566,7 @@ class HttpDoor:
         described = await self.require_ready()
         if not truncate:
             await self.check_lengths(texts, described["max_seq_len"])
-        vectors, _ = await self.encode(texts, tenant_of(request, None))
+        vectors, _ = await self.encode(texts, tenant_of(request, None), request)
         if normalize and not described.get("normalize"):
             vectors = l2_normalize(vectors)
         return Response(orjson.dumps(vectors, option=orjson.OPT_SERIALIZE_NUMPY), media_type=JSON)
@@ -606,6 +657,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the HTTP client has disconnected. For a request whose body has been read: the
+    ASGI server's next message is then `http.disconnect` (and uvicorn reads the connection while a
+    receive waits, so it sees the client close it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _drain(request: Request, limit: int) -> None:
