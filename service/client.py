@@ -523,6 +523,7 @@ class BertClient:
             raise ValueError(f"max_in_flight must be an int of at least 1, got {max_in_flight!r}")
         pending: deque[int] = deque()
         batches = iter(batches)
+        sent_on = self._socket
         try:
             while True:
                 if pending:  # resumed after a call that timed out: send no more for a loop that is over
@@ -533,14 +534,19 @@ class BertClient:
                         break
                     batch = check_texts(from_numpy(batch), is_tokenized)
                     pending.append(self._send("encode", batch, is_tokenized, show_tokens))
+                    sent_on = self._socket
                 if not pending:
                     return
                 yield self._format(*self._receive(pending.popleft()), show_tokens)
         finally:
             # Stopped early (an error, or the caller left the loop): replies to the requests still
-            # out are no longer wanted. Those already here are dropped now, later ones on arrival.
+            # out are no longer wanted. Those already here are dropped now, later ones on arrival,
+            # and the server is told to drop their work not yet encoded. (After a timeout the
+            # connection they were sent on is closed, which tells the server as much.)
             for request_id in pending:
                 self._abandon(request_id)
+            if pending and sent_on is self._socket:
+                self._cancel(pending)
 
     def server_config(self) -> dict:
         """The server's configuration: model, pooling, dimensions, limits."""
@@ -587,6 +593,15 @@ class BertClient:
         self._send_within_timeout(frames)
         self._outstanding.add(request_id)
         return request_id
+
+    def _cancel(self, request_ids: Iterable[int]) -> None:
+        """Withdraw requests in flight (`cancel`); best effort, never blocks. (A server older than
+        `cancel` answers it as a bad request, with the id of a request no longer waited for: dropped.)"""
+        for request_id in request_ids:
+            try:
+                self._socket.send(pack_request(request_id, "cancel")[0], _NOBLOCK, copy=False)
+            except zmq.ZMQError:  # no room or no connection: the server encodes it for nobody, as before
+                return
 
     def _send_within_timeout(self, frames: list) -> None:
         # A DEALER with no connection to send on (a refused CurveZMQ handshake, say) blocks in send, and
