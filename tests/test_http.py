@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,11 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
+import uvicorn
+import zmq
 
-from helpers import HARD_TEXTS, HF_TINY, real_sentences, scrape
-from service.client import BertClient
+from helpers import HARD_TEXTS, HF_TINY, raw_dealer, real_sentences, scrape
+from service.client import BertClient, pack_request, pack_result
 from service.harness import RunningServer, free_port, group_pids, proc_stat
 
 ATOL = 1e-6
@@ -335,6 +338,151 @@ def test_broker_errors_map_to_http_statuses():
         body = json.loads(error.response(openai_style=True).body)["error"]
         assert body["type"] == ("server_error" if status >= 500 else "rate_limit_error" if status == 429
                                 else "invalid_request_error")
+
+
+# ---------------------------------------------------------------- clients that leave: cancel
+
+
+def server_status(server) -> dict:
+    with BertClient(port=server.port, timeout=60) as bc:
+        return bc.server_status()
+
+
+def idle(server) -> bool:
+    """Nothing queued and no job on a worker."""
+    status = server_status(server)
+    return status["queued_sentences"] == 0 and not any(w["jobs_in_flight"] for w in status["workers"])
+
+
+BIG = 2500  # sentences: 10 jobs, of which a CPU worker holds 2; most of it waits in the queue for a while
+
+
+def test_an_http_client_that_disconnects_has_its_queued_work_dropped(server, client):
+    """The tester's case: a client gives up on a big request (a timeout, a retry...). The door tells
+    the broker (cancel), which drops the work not yet on a worker, and the same user's next request
+    does not wait behind it."""
+    wait_until(lambda: idle(server), 120, "the server is idle")
+    before = server_status(server)
+    body = json.dumps({"input": real_sentences(BIG, seed=11), "model": "m", "user": "carol"}).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as conn:
+        conn.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: server_status(server)["queued_sentences"] > 0, 60, "the request is queued")
+    wait_until(lambda: server_status(server)["cancelled_dropped"] > before["cancelled_dropped"], 30,
+               "the broker drops the request of the client that left")
+    after = server_status(server)
+    assert after["cancelled_dropped"] == before["cancelled_dropped"] + 1
+    assert after["queued_sentences"] == 0 and after["disconnected_dropped"] == before["disconnected_dropped"]
+    assert scrape(server.http_port)["bert_serving_cancelled_dropped_total"] == after["cancelled_dropped"]
+    assert len(client.embeddings.create(model="m", input="carol again", user="carol").data) == 1
+    wait_until(lambda: idle(server), 120, "the jobs that were on the worker finish")
+    done = server_status(server)["workers"][0]["sentences_done"] - before["workers"][0]["sentences_done"]
+    assert 1 <= done < BIG - 1000, done  # what was on the worker, and carol's sentence; not the rest
+
+
+def test_a_cancelled_request_is_dropped_and_never_answered(server):
+    """Over the client port: the cancel goes before the next message of the same connection, so the
+    status asked right after it already shows the queue without the request."""
+    wait_until(lambda: idle(server), 120, "the server is idle")
+    before = server_status(server)
+    with raw_dealer(server.port) as dealer:
+        dealer.send_multipart(pack_request(1, "encode", real_sentences(BIG, seed=12)))
+        wait_until(lambda: server_status(server)["queued_sentences"] > 0, 60, "the request is queued")
+        dealer.send_multipart(pack_request(1, "cancel"))
+        dealer.send_multipart(pack_request(2, "status"))
+        assert dealer.poll(30_000)
+        header = json.loads(dealer.recv_multipart()[0])
+        assert header["id"] == 2 and header["result"]["queued_sentences"] == 0, header
+        assert header["result"]["cancelled_dropped"] == before["cancelled_dropped"] + 1
+        wait_until(lambda: idle(server), 120, "the jobs that were on the worker finish")
+        assert not dealer.poll(300), dealer.recv_multipart()[0]  # their results were discarded: no reply to 1
+
+
+def test_a_cancel_of_an_unknown_or_answered_id_is_ignored_quietly(server):
+    before = server_status(server)
+    with raw_dealer(server.port) as dealer:
+        dealer.send_multipart(pack_request(1, "encode", ["answered before it is cancelled"]))
+        assert dealer.poll(30_000) and json.loads(dealer.recv_multipart()[0])["ok"]
+        dealer.send_multipart(pack_request(1, "cancel"))     # answered already
+        dealer.send_multipart(pack_request(77, "cancel"))    # never sent
+        dealer.send_multipart(pack_request(2, "config"))
+        assert dealer.poll(30_000)
+        assert json.loads(dealer.recv_multipart()[0])["id"] == 2  # the first reply after the cancels is this one
+        assert not dealer.poll(300)
+    after = server_status(server)
+    for key in ("cancelled_dropped", "bad_requests", "errors"):
+        assert after[key] == before[key], key
+
+
+def test_bertclient_leaving_encode_async_early_withdraws_what_is_still_out(server):
+    wait_until(lambda: idle(server), 120, "the server is idle")
+    before = server_status(server)
+    with BertClient(port=server.port, timeout=120) as bc:
+        results = bc.encode_async([real_sentences(600, seed=seed) for seed in range(20, 24)], max_in_flight=4)
+        assert next(results).shape == (600, DIM)
+        results.close()  # as leaving the loop does: three requests were still out
+        status = bc.server_status()   # sent after the cancels, on the same connection
+        assert status["queued_sentences"] == 0
+        assert status["cancelled_dropped"] - before["cancelled_dropped"] >= 2  # the last two had not started
+        assert bc.encode(["still usable"]).shape == (1, DIM)
+
+
+class SilentBroker:
+    """A broker that answers `status` and `config` but never an encode, as if it had dropped the reply
+    (its outbox for the door full, say): what the door must not wait on forever. It notes each command."""
+
+    def __init__(self) -> None:
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind("tcp://127.0.0.1:*")
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.seen: list[tuple[str, int]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while not self.stopping.is_set():
+            if not self.socket.poll(50):
+                continue
+            door, header, *_ = self.socket.recv_multipart()
+            header = json.loads(header)
+            self.seen.append((header["cmd"], header["id"]))
+            if header["cmd"] == "status":
+                self.socket.send_multipart([door, *pack_result(header["id"], {"workers_ready": 1, "workers": [{}]})])
+            elif header["cmd"] == "config":
+                self.socket.send_multipart([door, *pack_result(header["id"], {"dim": 8, "max_seq_len": 16})])
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+def test_the_door_answers_504_when_the_broker_never_replies_and_withdraws_the_request(monkeypatch):
+    import service.http
+    from service.config import ServerConfig
+
+    monkeypatch.setattr(service.http, "REPLY_MARGIN", 1.0)
+    broker = SilentBroker()
+    port = free_port()
+    door = service.http.HttpDoor(ServerConfig(host="127.0.0.1", max_timeout=1.0), broker.address)
+    server = uvicorn.Server(uvicorn.Config(door.app(), log_config=None))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [service.http.listen("127.0.0.1", port)]},
+                              daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: answers_http(port), 30, "the door answers")
+        reply = call(port, "POST", "/v1/embeddings", {"input": ["never answered"]}, timeout=30)
+        assert_openai_error(reply, 504, "timeout", "did not answer within 2 s")
+        (encode,) = [request_id for cmd, request_id in broker.seen if cmd == "encode"]
+        wait_until(lambda: ("cancel", encode) in broker.seen, 10, "the door withdraws the request")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        broker.close()
 
 
 # ---------------------------------------------------------------- start-up, key, SIGTERM
