@@ -30,12 +30,13 @@ import hashlib
 import hmac
 import itertools
 import logging
+import resource
 import signal
 import socket
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 import orjson
@@ -58,6 +59,18 @@ STATUS_INTERVAL = 1.0   # seconds between the door's looks at the broker's statu
 STATUS_TIMEOUT = 5.0    # a broker that does not answer `status` within this is reported unhealthy
 RETRY_AFTER = "1"       # seconds a refused client (429, 503) is asked to wait; OpenAI's SDKs obey it
 KEEP_ALIVE = 75         # seconds an idle connection stays open: longer than load balancers' (60 s)
+# Slow or silent clients (slowloris): uvicorn waits forever for a request's head and body, so each
+# such connection would hold a socket and its buffers for good.
+HEAD_TIMEOUT = 30       # seconds a connection has to deliver a complete request head, from its opening
+                        # (or from the first byte of its next request): a client sends its head in one
+                        # go, so 30 s is ample on any link (nginx's client_header_timeout is 60 s)
+BODY_READ_TIMEOUT = 30  # seconds the body may go without a byte arriving (nginx's client_body_timeout
+                        # counts the same way): a slow link still moves data every few seconds
+MAX_CONNECTIONS = 1000  # open connections past which a new one is answered 503 and closed: more than a
+                        # balancer's pool or hundreds of direct clients keep open, few enough for the
+                        # door's memory (and its open-file limit, raised to fit when it can be)
+TOKENIZE_CHUNK = 256    # inputs tokenized and serialised at a time by /tokenize: bounds the tokenizer's
+                        # objects alive at once to a chunk's, whatever the request's size
 STOP_GRACE = 3          # seconds requests in flight get after SIGTERM (the door has 5 before SIGKILL)
 # Seconds the door waits for an encode's reply past the request's deadline (-max_timeout) before it
 # answers 504 itself (the broker dropped the reply, say): the broker fails a request at its deadline,
@@ -65,6 +78,7 @@ STOP_GRACE = 3          # seconds requests in flight get after SIGTERM (the door
 REPLY_MARGIN = 30.0
 BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 OPENAI_ROUTES = ("/v1/", "/embeddings")
+OVER_CAPACITY = "bert_serving_over_capacity"  # in scope["state"]: the connection is past MAX_CONNECTIONS
 
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -76,12 +90,14 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 class HttpError(Exception):
     """An error answer. `kind` is TEI's `error_type`; `code` and `param` fill OpenAI's fields.
 
-    400 the body is not an embeddings request (not JSON, wrong types, empty, token ids, dimensions
-        out of range); 401 missing or wrong API key; 404/405 no such route or method;
-    413 body over -max_request_bytes or more inputs than -max_client_batch_size;
-    422 understood but refused (unknown encoding_format, truncate=false on a too-long input,
-        text the broker refuses); 429 queue full (Retry-After); 503 no worker ready or shutting
-        down (Retry-After); 500 encoding failed; 501 per-token vectors (pooling NONE); 504 timeout.
+    400 the body is not an embeddings request (not JSON or not UTF-8, wrong types, empty, token
+        ids, dimensions out of range); 401 missing or wrong API key; 404/405 no such route or
+        method; 408 the body stalled (BODY_READ_TIMEOUT); 413 body over -max_request_bytes, more
+        inputs than -max_client_batch_size, or a /tokenize answer over -max_client_tokens;
+    415 a compressed body (Content-Encoding); 422 understood but refused (unknown encoding_format,
+        truncate=false on a too-long input, text the broker refuses); 429 queue full (Retry-After);
+    503 no worker ready, shutting down, or MAX_CONNECTIONS open (Retry-After); 500 encoding failed;
+        501 per-token vectors (pooling NONE); 504 timeout.
     """
 
     def __init__(self, status: int, message: str, kind: str, code: str, param: str | None = None) -> None:
@@ -99,8 +115,12 @@ class HttpError(Exception):
             headers["Retry-After"] = RETRY_AFTER
         if self.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        if self.status == 501:
-            headers["x-should-retry"] = "false"  # OpenAI's SDKs retry 5xx unless told not to
+        if self.status in (500, 501):
+            # OpenAI's SDKs retry 5xx unless told not to; these fail again (the broker already retried
+            # an encoding on other workers). 503 and 504 stay retryable, as 408 and 429 are.
+            headers["x-should-retry"] = "false"
+        if self.status == 408:
+            headers["Connection"] = "close"  # the body's remainder is not read: the connection is unusable
         return Response(orjson.dumps(body), self.status, headers, media_type=JSON)
 
 
@@ -160,6 +180,16 @@ def input_texts(value: Any, field: str) -> list[str]:
                     "invalid_type", field)
 
 
+def _not_json(body: bytes, error: orjson.JSONDecodeError) -> str:
+    """Why the body is not JSON. orjson calls any bad UTF-8 "surrogates not allowed": say where it is."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return (f"the body is not valid UTF-8 (byte 0x{body[e.start]:02x} at offset {e.start}): JSON must be "
+                "sent as UTF-8")
+    return f"the body is not valid JSON: {error}"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -180,13 +210,35 @@ def optional_flag(body: dict, field: str, default: bool) -> bool:
     return value
 
 
-def tenant_of(request: Request, user: Any) -> str:
+def optional_string(body: dict, field: str) -> str | None:
+    """A field that is a string when given: null or missing is None, any other type a 400."""
+    value = body.get(field)
+    if value is not None and not isinstance(value, str):
+        raise HttpError(400, f"'{field}' must be a string, got {_json_type(value)}", "validation", "invalid_type",
+                        field)
+    return value
+
+
+def optional_dimensions(body: dict) -> int | float | None:
+    """OpenAI's `dimensions`: an integer, or a float only where the JSON integer was too large for 64
+    bits (the JSON parser then gives a float), so that the range check says what is wrong."""
+    value = body.get("dimensions")
+    if value is None or _is_int(value) or isinstance(value, float) and value.is_integer() and abs(value) >= 2 ** 63:
+        return value
+    raise HttpError(400, f"'dimensions' must be an integer, got {_json_type(value)}", "validation", "invalid_type",
+                    "dimensions")
+
+
+def tenant_of(request: Request, user: str | None) -> str:
     """Who a request is, for the broker's fair sharing: OpenAI's `user` (the end user's id) when
     given, else the client's address. A load balancer in front makes every client one address:
-    give `user` there."""
-    name = "http:" + (user if isinstance(user, str) and user else
-                      request.client.host if request.client else "unknown")
-    return name if len(name) <= 64 else "http:" + hashlib.sha256(name.encode()).hexdigest()[:32]
+    give `user` there. The two are named apart ("http-user:", "http-addr:"), so no `user` can
+    pass for a client address and take its share."""
+    if user:
+        name = "http-user:" + user
+        # a long id is hashed (the tenant stays short), into a namespace of its own so no short id can equal it
+        return name if len(name) <= 64 else "http-user-sha256:" + hashlib.sha256(user.encode()).hexdigest()[:32]
+    return "http-addr:" + (request.client.host if request.client else "unknown")
 
 
 # ---------------------------------------------------------------- vectors out
@@ -227,6 +279,23 @@ def token_list(text: str, encoding: Any) -> list[dict]:
             entries.append({"id": token_id, "text": text[start:stop], "special": False, "start": start,
                             "stop": stop, "token": token})
     return entries
+
+
+def tokenize_reply(tokenizer: Any, texts: list[str], add_special_tokens: bool, max_tokens: int) -> bytes:
+    """TEI's /tokenize answer as JSON bytes, built chunk by chunk (a thread's work: ~1 s and ~75 bytes
+    of JSON per token at the cap). Raises HttpError 413 once the tokens pass `max_tokens`, before
+    more is built: the answer's size is bounded, not just the request's."""
+    parts, total = [], 0
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = texts[start:start + TOKENIZE_CHUNK]
+        encodings = tokenizer.encodings(chunk, add_special_tokens)
+        total += sum(len(e.ids) for e in encodings)
+        if total > max_tokens:
+            raise HttpError(413, f"the inputs come to more than the server's limit of {max_tokens} tokens for "
+                                 "one /tokenize request (-max_client_tokens); split the request", "validation",
+                            "too_many_tokens", "inputs")
+        parts.extend(orjson.dumps(token_list(t, e)) for t, e in zip(chunk, encodings))
+    return b"[" + b",".join(parts) + b"]"
 
 
 def model_id(config: ServerConfig) -> str:
@@ -374,7 +443,9 @@ class HttpDoor:
 
     # ------------------------------------------------------------ the app
 
-    def app(self) -> Starlette:
+    def app(self) -> Callable[..., Awaitable[None]]:
+        """The ASGI app uvicorn runs: the routes, or a 503 on a connection over MAX_CONNECTIONS (the
+        protocol marks it: see `HeadDeadline`)."""
         routes = [
             self.route("/v1/embeddings", self.openai_embeddings, "POST"),
             self.route("/embeddings", self.openai_embeddings, "POST"),
@@ -385,8 +456,27 @@ class HttpDoor:
             self.route("/health", self.health, "GET", protected=False),
             self.route("/metrics", self.metrics, "GET", protected=False),
         ]
-        return Starlette(routes=routes, lifespan=self.lifespan,
-                         exception_handlers={HTTPException: self.unknown_route})
+        starlette = Starlette(routes=routes, lifespan=self.lifespan,
+                              exception_handlers={HTTPException: self.unknown_route})
+        # '/v1/embeddings/' is a 404 like any unknown path, not a 307 to a URL built from the client's Host
+        starlette.router.redirect_slashes = False
+
+        async def app(scope: dict, receive: Callable, send: Callable) -> None:
+            if scope["type"] == "http" and scope.get("state", {}).get(OVER_CAPACITY):
+                response = await self.refuse_over_capacity(Request(scope, receive))
+                await response(scope, receive, send)
+            else:
+                await starlette(scope, receive, send)
+
+        return app
+
+    async def refuse_over_capacity(self, request: Request) -> Response:
+        await _drain(request, self.config.max_request_bytes)
+        self.responses["over_capacity", 503] += 1
+        response = HttpError(503, f"the server has {MAX_CONNECTIONS} connections open, its limit; retry shortly",
+                             "overloaded", "too_many_connections").response(request.url.path.startswith(OPENAI_ROUTES))
+        response.headers["Connection"] = "close"
+        return response
 
     def route(self, path: str, handler: Handler, method: str, protected: bool = True) -> Route:
         openai_style = path.startswith(OPENAI_ROUTES)
@@ -397,7 +487,8 @@ class HttpDoor:
                     self.check_key(request)
                 response = await handler(request)
             except HttpError as e:
-                await _drain(request, self.config.max_request_bytes)
+                if e.status != 408:  # a stalled body is not waited for twice: its connection is closed
+                    await _drain(request, self.config.max_request_bytes)
                 response = e.response(openai_style)
             except ClientDisconnect:
                 response = Response(status_code=400)  # nobody reads it; counted all the same
@@ -480,13 +571,17 @@ class HttpDoor:
     # ------------------------------------------------------------ encoding
 
     async def read_json(self, request: Request) -> dict:
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise HttpError(415, f"the body's Content-Encoding {encoding!r} is not supported: send the JSON "
+                                 "uncompressed", "validation", "unsupported_content_encoding")
         body = await _read_body(request, self.config.max_request_bytes)
         if not body.strip():
             raise HttpError(400, "the request has no body: send a JSON object", "validation", "invalid_json")
         try:
             value = orjson.loads(body)
         except orjson.JSONDecodeError as e:
-            raise HttpError(400, f"the body is not valid JSON: {e}", "validation", "invalid_json") from None
+            raise HttpError(400, _not_json(body, e), "validation", "invalid_json") from None
         if not isinstance(value, dict):
             raise HttpError(400, f"the body must be a JSON object, got {_json_type(value)}", "validation",
                             "invalid_json")
@@ -535,20 +630,21 @@ class HttpDoor:
         if model is not None and not isinstance(model, str):
             raise HttpError(400, f"'model' must be a string, got {_json_type(model)}", "validation", "invalid_type",
                             "model")
-        encoding_format = body.get("encoding_format") or "float"
+        encoding_format = optional_string(body, "encoding_format")
+        if encoding_format is None:  # only a missing or null field means the default
+            encoding_format = "float"
         if encoding_format not in ("float", "base64"):
             raise HttpError(422, f"'encoding_format' must be 'float' or 'base64', got {encoding_format!r}",
                             "validation", "invalid_encoding_format", "encoding_format")
-        dimensions = body.get("dimensions")
-        if dimensions is not None and not _is_int(dimensions):
-            raise HttpError(400, f"'dimensions' must be an integer, got {_json_type(dimensions)}", "validation",
-                            "invalid_type", "dimensions")
+        dimensions = optional_dimensions(body)
+        user = optional_string(body, "user")
+        self.check_count(texts, "input")
         dim = (await self.require_ready())["dim"]
         if dimensions is not None and not 1 <= dimensions <= dim:
             raise HttpError(400, f"'dimensions' must be between 1 and the model's {dim}, got {dimensions}",
                             "validation", "invalid_dimensions", "dimensions")
-        vectors, n_tokens = await self.encode(texts, tenant_of(request, body.get("user")), request)
-        if dimensions is not None and dimensions < dim:
+        vectors, n_tokens = await self.encode(texts, tenant_of(request, user), request)
+        if dimensions is not None:  # even all of them: normalised again, as said (the model may not normalise)
             vectors = truncate_dimensions(vectors, dimensions)
         return Response(openai_body(vectors, encoding_format, model or model_id(self.config), n_tokens),
                         media_type=JSON)
@@ -563,6 +659,7 @@ class HttpDoor:
         texts = input_texts(body.get("inputs"), "inputs")
         normalize = optional_flag(body, "normalize", True)
         truncate = optional_flag(body, "truncate", True)  # TEI started with --auto-truncate: the server's way
+        self.check_count(texts, "inputs")  # before any tokenizing for check_lengths
         described = await self.require_ready()
         if not truncate:
             await self.check_lengths(texts, described["max_seq_len"])
@@ -570,6 +667,14 @@ class HttpDoor:
         if normalize and not described.get("normalize"):
             vectors = l2_normalize(vectors)
         return Response(orjson.dumps(vectors, option=orjson.OPT_SERIALIZE_NUMPY), media_type=JSON)
+
+    def check_count(self, texts: list[str], field: str) -> None:
+        """413 for more inputs than -max_client_batch_size, before any work on them. (`encode` checks
+        again, for its own callers.)"""
+        limit = self.config.max_client_batch_size
+        if len(texts) > limit:
+            raise HttpError(413, f"{len(texts)} inputs are more than the server's limit of {limit} "
+                                 "(-max_client_batch_size); split the request", "validation", "too_many_inputs", field)
 
     async def check_lengths(self, texts: list[str], max_seq_len: int) -> None:
         tokenizer = await self.tokenizer()
@@ -583,13 +688,12 @@ class HttpDoor:
         body = await self.read_json(request)
         texts = input_texts(body.get("inputs"), "inputs")
         add_special_tokens = optional_flag(body, "add_special_tokens", True)
-        if len(texts) > self.config.max_client_batch_size:
-            raise HttpError(413, f"{len(texts)} inputs are more than the server's limit of "
-                                 f"{self.config.max_client_batch_size} (-max_client_batch_size)", "validation",
-                            "too_many_inputs")
+        self.check_count(texts, "inputs")
         tokenizer = await self.tokenizer()
-        encodings = await asyncio.to_thread(tokenizer.encodings, texts, add_special_tokens)
-        return Response(orjson.dumps([token_list(t, e) for t, e in zip(texts, encodings)]), media_type=JSON)
+        # in a thread: a large answer takes seconds to build, and the other routes go on meanwhile
+        reply = await asyncio.to_thread(tokenize_reply, tokenizer, texts, add_special_tokens,
+                                        self.config.max_client_tokens)
+        return Response(reply, media_type=JSON)
 
     async def tei_info(self, request: Request) -> Response:
         reply, _ = await self.link.call("config", timeout=STATUS_TIMEOUT)
@@ -651,7 +755,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in _body_chunks(request):
         size += len(chunk)
         if size > limit:
             raise too_large
@@ -667,20 +771,101 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
+async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The body as it arrives; a 408 when nothing arrives for BODY_READ_TIMEOUT seconds (a stalled
+    or slowloris client would otherwise hold the request, and its connection, for good)."""
+    stream = request.stream()
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(BODY_READ_TIMEOUT):
+                    chunk = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise HttpError(408, f"the request body stalled: nothing arrived for {BODY_READ_TIMEOUT} s",
+                                "validation", "request_timeout") from None
+            yield chunk
+    finally:
+        await stream.aclose()
+
+
 async def _drain(request: Request, limit: int) -> None:
     """Read what is left of a refused request's body (up to a bound) before answering: a server that
     closes a connection with unread data resets it, and the client may never see the error."""
     if request.method != "POST":
         return
     seen = 0
-    with contextlib.suppress(Exception):  # a stream already read, or a client gone: nothing to drain
-        async for chunk in request.stream():
+    with contextlib.suppress(Exception):  # a stream already read, a stall (408), or a client gone: no more
+        async for chunk in _body_chunks(request):
             seen += len(chunk)
             if seen > 4 * limit:
                 return
 
 
 # ---------------------------------------------------------------- the process
+
+
+class HeadDeadline:
+    """Mixed into uvicorn's HTTP protocol (httptools or h11: both keep `loop`, `transport`,
+    `connections`, `app_state`, and a request's `cycle`, made once its head is in), two limits
+    uvicorn lacks:
+    - a connection that has not delivered a complete request head HEAD_TIMEOUT seconds after it
+      opened, or after the first byte of its next request (keep-alive), is closed;
+    - a connection opened while MAX_CONNECTIONS are open is marked in the state each of its requests
+      carries (`scope["state"]`): the app answers it 503 and closes it. Refused at its head, not at
+      once, so that the client has sent its request and reads the answer rather than a reset."""
+
+    head_timeout: float = HEAD_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self.head_deadline = self.loop.call_later(self.head_timeout, self.head_overdue)
+        if len(self.connections) > self.max_connections:
+            self.app_state = {**self.app_state, OVER_CAPACITY: True}
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_deadline is None and self.between_requests():  # the first bytes of the next request
+            self.head_deadline = self.loop.call_later(self.head_timeout, self.head_overdue)
+        super().data_received(data)
+        if self.head_deadline is not None and not self.between_requests():  # its head is complete
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+        super().connection_lost(exc)
+
+    def between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def head_overdue(self) -> None:
+        self.head_deadline = None
+        if self.between_requests() and not self.transport.is_closing():
+            self.transport.close()
+
+
+def http_protocol() -> type:
+    """The protocol class uvicorn's "auto" picks (httptools where installed, else h11) with `HeadDeadline`."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return type("HeadDeadlineProtocol", (HeadDeadline, AutoHTTPProtocol), {})
+
+
+def raise_open_file_limit(connections: int) -> None:
+    """Let the door hold `connections` sockets beside its own files: a soft limit of 1024 (a common
+    default) would turn connections away with failed accepts before MAX_CONNECTIONS refuses them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 1024
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 class _Server(uvicorn.Server):
@@ -727,7 +912,8 @@ def serve(config: ServerConfig, broker_address: str, ready: Any) -> None:
     if not config.verbose:  # uvicorn's start/stop lines repeat ours
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     door = HttpDoor(config, broker_address)
-    server = _Server(uvicorn.Config(door.app(), log_config=None, access_log=config.verbose,
+    raise_open_file_limit(MAX_CONNECTIONS)
+    server = _Server(uvicorn.Config(door.app(), http=http_protocol(), log_config=None, access_log=config.verbose,
                                     timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=STOP_GRACE,
                                     server_header=False))
     ready.set()

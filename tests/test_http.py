@@ -3,11 +3,14 @@
 
 Servers:
 - `server`: the bundled all-MiniLM-L6-v2, 1 worker, limits small enough to reach (-max_queue 3000,
-  -max_client_batch_size 4000, -max_request_bytes 1 MB); shared by most tests (module scope);
+  -max_client_batch_size 4000, -max_request_bytes 1 MB, -max_client_tokens 100000); shared by most
+  tests (module scope);
 - `TestStartUpAndKey`: a tiny model whose sentence-transformers pooling config is a named pipe, so
   its worker cannot load the model until the test writes it: "before any worker is ready" is a
   state the test holds, not a race it hopes to win. It runs with an API key from the environment,
   and ends with SIGTERM;
+- `TestTinyWithFaults`: a tiny model that does not normalise, one unfinished request per user
+  (-max_client_requests 1), fault injection armed by the tests ($BERT_SERVING_FAULT_DIR);
 - `TestPerTokenAndKill`: a tiny model with pooling NONE (501 on the embedding routes); its door is
   killed (and comes back), then the main process is SIGKILLed (and the door dies with it).
 Processes are found through `server_status()["doors"]` and `/proc`, never by name.
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import base64
 import errno
+import gzip
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import threading
@@ -36,10 +41,11 @@ import zmq
 from helpers import HARD_TEXTS, HF_TINY, raw_dealer, real_sentences, scrape
 from service.client import BertClient, pack_request, pack_result
 from service.harness import RunningServer, free_port, group_pids, proc_stat
+from service.http import BODY_READ_TIMEOUT, HEAD_TIMEOUT, MAX_CONNECTIONS
 
 ATOL = 1e-6
 DIM = 384
-MAX_QUEUE, MAX_INPUTS, MAX_BYTES = 3000, 4000, 1_000_000
+MAX_QUEUE, MAX_INPUTS, MAX_BYTES, MAX_CLIENT_TOKENS = 3000, 4000, 1_000_000, 100_000
 API_KEY = "test-key-7f3a9c"
 
 
@@ -125,7 +131,8 @@ def answers_http(port: int) -> bool:
 def server():
     port = free_port()
     with RunningServer(["-num_worker", "1", "-http_port", str(port), "-max_queue", str(MAX_QUEUE),
-                        "-max_client_batch_size", str(MAX_INPUTS), "-max_request_bytes", str(MAX_BYTES)]) as s:
+                        "-max_client_batch_size", str(MAX_INPUTS), "-max_request_bytes", str(MAX_BYTES),
+                        "-max_client_tokens", str(MAX_CLIENT_TOKENS)]) as s:
         s.http_port = port
         yield s
 
@@ -224,6 +231,10 @@ def test_tei_embed_truncate_false_refuses_what_the_model_would_cut(server):
     assert call(server.http_port, "POST", "/embed", {"inputs": ["short"], "truncate": False}).status == 200
     assert_tei_error(call(server.http_port, "POST", "/embed", {"inputs": ["short", long_text], "truncate": False}),
                      422, "validation", "input 1 does not")
+    # too many inputs is said before any of them is tokenized for that check
+    assert_tei_error(call(server.http_port, "POST", "/embed", {"inputs": [long_text] + ["a"] * MAX_INPUTS,
+                                                               "truncate": False}), 413, "validation",
+                     "-max_client_batch_size")
 
 
 def test_tokenize_gives_exactly_the_tokens_the_model_sees(server, bc):
@@ -242,6 +253,24 @@ def test_tokenize_gives_exactly_the_tokens_the_model_sees(server, bc):
     assert [t["token"] for t in bare.json()[0]] == ["hello", "world", "!"]
     # the door built the model's tokenizer without torch (hundreds of MB it never needs)
     assert "libtorch" not in Path(f"/proc/{door_pid(server.port)}/maps").read_text()
+
+
+def test_tokenize_answers_up_to_max_client_tokens_and_refuses_more(server):
+    text = " ".join(["a"] * 98)  # 100 tokens with [CLS] and [SEP]
+    texts = [text] * (MAX_CLIENT_TOKENS // 100)  # 1000 inputs: /tokenize builds its answer in chunks of 256
+    full = call(server.http_port, "POST", "/tokenize", {"inputs": texts})
+    assert full.status == 200, full.body[:300]
+    tokenized = full.json()
+    one = call(server.http_port, "POST", "/tokenize", {"inputs": [text]}).json()[0]
+    assert len(tokenized) == len(texts) and all(tokens == one for tokens in tokenized)
+    assert len(one) == 100 and one[1] == {"id": one[1]["id"], "text": "a", "special": False, "start": 0, "stop": 1,
+                                          "token": "a"}
+    over = call(server.http_port, "POST", "/tokenize", {"inputs": texts + ["a"]})  # 3 tokens more
+    assert_tei_error(over, 413, "validation", f"more than the server's limit of {MAX_CLIENT_TOKENS} tokens")
+    assert "-max_client_tokens" in over.json()["error"]
+    bare = call(server.http_port, "POST", "/tokenize", {"inputs": texts + ["a"], "add_special_tokens": False})
+    assert bare.status == 200 and sum(map(len, bare.json())) == 98 * len(texts) + 1
+    assert call(server.http_port, "GET", "/health").status == 200
 
 
 def test_info(server, bc):
@@ -304,7 +333,9 @@ def test_every_error_has_its_status_and_shape_and_the_server_serves_on(server, c
     assert_openai_error(v1(raw=b'{"input": "\\ud800"}'), 400, "invalid_json", "surrogate")
     big = json.dumps({"input": ["x" * 1000] * 1100}).encode()  # 1.1 MB
     assert_openai_error(v1(raw=big), 413, "request_too_large", "-max_request_bytes")
-    assert_openai_error(v1({"input": ["a"] * (MAX_INPUTS + 1)}), 413, "too_many_inputs", "-max_client_batch_size")
+    too_many = v1({"input": ["a"] * (MAX_INPUTS + 1)})
+    assert_openai_error(too_many, 413, "too_many_inputs", "-max_client_batch_size")
+    assert too_many.json()["error"]["param"] == "input"
     busy = v1({"input": ["a"] * (MAX_QUEUE + 1)})  # more than the queue holds: refused at once
     assert_openai_error(busy, 429, "server_busy", "server busy")
     assert busy.headers["retry-after"] == "1"
@@ -326,6 +357,165 @@ def test_every_error_has_its_status_and_shape_and_the_server_serves_on(server, c
     assert after["bert_serving_http_responses_total{code=413,route=/v1/embeddings}"] == 2
 
 
+def test_bad_values_are_refused_and_name_their_field(server):
+    port = server.http_port
+    v1 = lambda body=None, raw=None, headers=None: call(port, "POST", "/v1/embeddings", body, raw, headers)  # noqa: E731
+    # only a missing or null encoding_format means float
+    assert v1({"input": "a", "encoding_format": None}).status == 200
+    assert_openai_error(v1({"input": "a", "encoding_format": ""}), 422, "invalid_encoding_format", "got ''")
+    for value in (False, 0, {}):
+        reply = v1({"input": "a", "encoding_format": value})
+        assert_openai_error(reply, 400, "invalid_type", "'encoding_format' must be a string")
+        assert reply.json()["error"]["param"] == "encoding_format"
+    for value in (5, {"x": 1}, ["u"]):
+        reply = v1({"input": "a", "user": value})
+        assert_openai_error(reply, 400, "invalid_type", "'user' must be a string")
+        assert reply.json()["error"]["param"] == "user"
+    huge = v1(raw=b'{"input": "a", "dimensions": 99999999999999999999999}')  # parsed as a float: too large
+    assert_openai_error(huge, 400, "invalid_dimensions", "between 1 and the model's 384")
+    assert_openai_error(v1({"input": "a", "dimensions": 8.5}), 400, "invalid_type", "'dimensions' must be an integer")
+    # compressed and non-UTF-8 bodies are named as such
+    zipped = gzip.compress(json.dumps({"input": "a"}).encode())
+    assert_openai_error(v1(raw=zipped, headers={"Content-Encoding": "gzip"}), 415, "unsupported_content_encoding",
+                        "Content-Encoding 'gzip' is not supported")
+    assert_tei_error(call(port, "POST", "/embed", raw=zipped, headers={"Content-Encoding": "gzip"}), 415,
+                     "validation", "send the JSON uncompressed")
+    assert v1({"input": "a"}, headers={"Content-Encoding": "identity"}).status == 200
+    latin1 = '{"input": "café"}'.encode("latin-1")  # é is byte 14
+    assert_openai_error(v1(raw=latin1), 400, "invalid_json", "not valid UTF-8 (byte 0xe9 at offset 14)")
+    # a trailing slash is an unknown path like any other: no redirect to a URL made of the client's Host
+    slash = call(port, "POST", "/v1/embeddings/", {"input": "a"}, headers={"Host": "elsewhere.example"})
+    assert_openai_error(slash, 404, "not_found", "Not Found")
+    assert "location" not in slash.headers
+    assert_tei_error(call(port, "POST", "/embed/", {"inputs": "a"}), 404, "validation", "Not Found")
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """All the server sends until it closes the connection (the socket's timeout bounds the wait)."""
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"the server did not close the connection; it sent {received[:200]!r}") from None
+        if not chunk:
+            return received
+        received += chunk
+
+
+def test_slow_and_silent_connections_are_closed_but_idle_keep_alive_ones_are_not(server):
+    """All start together, so the test waits one deadline (HEAD_TIMEOUT and BODY_READ_TIMEOUT, 30 s)."""
+    port = server.http_port
+    wait = max(HEAD_TIMEOUT, BODY_READ_TIMEOUT) + 30
+
+    def sent(data: bytes) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=wait)
+        sock.sendall(data)
+        return sock
+
+    head = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+    slow = {"silent": sent(b""), "half a head": sent(head),
+            "half a body": sent(head + b'Content-Length: 100\r\n\r\n{"input":'),
+            "half a chunked body": sent(b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                        b'5\r\n{"inp\r\n')}
+    idle, next_half = (http.client.HTTPConnection("127.0.0.1", port, timeout=wait) for _ in range(2))
+    for connection in (idle, next_half):
+        connection.request("GET", "/health")
+        assert connection.getresponse().read()
+    next_half.sock.sendall(b"GET /health HTTP/1.1\r\nHo")  # after a response: half of the next request's head
+    slow["half the next head"] = next_half.sock
+    try:
+        answers = {name: read_until_closed(sock) for name, sock in slow.items()}
+    finally:
+        for sock in slow.values():
+            sock.close()
+    assert answers["silent"] == answers["half a head"] == answers["half the next head"] == b""
+    for name, check in (("half a body", assert_openai_error), ("half a chunked body", assert_tei_error)):
+        status_line, _, rest = answers[name].partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status_line == b"HTTP/1.1 408 Request Timeout" and b"connection: close" in headers.lower(), answers[name]
+        reply = Reply(408, {}, body)
+        if check is assert_openai_error:
+            check(reply, 408, "request_timeout", "the request body stalled")
+        else:
+            check(reply, 408, "validation", "the request body stalled")
+    sock = idle.sock  # idle for a deadline, well within the keep-alive's 75 s: still open and serving
+    idle.request("GET", "/health")
+    assert idle.getresponse().status == 200 and idle.sock is sock
+    idle.close()
+
+
+def test_connections_past_the_limit_get_a_503_that_says_why(server):
+    port = server.http_port
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < MAX_CONNECTIONS + 256:  # this process holds them all
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(MAX_CONNECTIONS + 256, hard), hard))
+    held = []
+    try:
+        for _ in range(MAX_CONNECTIONS):  # idle ones (the door accepts connections in order)
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        refused = call(port, "POST", "/v1/embeddings", {"input": "a"})
+        assert_openai_error(refused, 503, "too_many_connections", f"the server has {MAX_CONNECTIONS} connections open")
+        assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+        assert_tei_error(call(port, "POST", "/embed", {"inputs": "a"}), 503, "overloaded", "connections open")
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: call(port, "GET", "/health").status == 200, 30, "a request is served once the others close")
+    assert call(port, "POST", "/v1/embeddings", {"input": "a"}).status == 200
+
+
+@pytest.mark.parametrize("implementation", ["h11_impl:H11Protocol", "httptools_impl:HttpToolsProtocol"])
+def test_head_deadline_and_connection_cap_on_either_uvicorn_protocol(implementation):
+    """The door runs whichever protocol uvicorn picks (httptools where installed, else h11): the
+    mixin, with a 1 s deadline and a cap of 3, on a real uvicorn server of each, in this process."""
+    import importlib
+
+    import uvicorn
+    from service.http import OVER_CAPACITY, HeadDeadline
+
+    module, name = implementation.split(":")
+    base = getattr(importlib.import_module(f"uvicorn.protocols.http.{module}"), name)
+    protocol = type("Protocol", (HeadDeadline, base), {"head_timeout": 1.0, "max_connections": 3})
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            status = 503 if scope["state"].get(OVER_CAPACITY) else 200
+            await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_config=None,
+                                           timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 30, "uvicorn listens")
+
+    def sent(data: bytes) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        sock.sendall(data)
+        return sock
+
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        silent, half = sent(b""), sent(b"GET / HTTP/1.1\r\nHo")
+        assert read_until_closed(silent) == read_until_closed(half) == b""
+        kept = sent(request)
+        assert kept.recv(1000).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # longer than the head deadline, idle after a response: keep-alive's, not closed
+        kept.sendall(request)
+        assert kept.recv(1000).startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET / HTTP/1.1\r\nHo")
+        assert read_until_closed(kept) == b""
+        held = [sent(b"") for _ in range(3)]
+        assert sent(request).recv(1000).startswith(b"HTTP/1.1 503")  # the fourth connection
+        for sock in held:
+            sock.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_broker_errors_map_to_http_statuses():
     from service.client import ERR_BAD_REQUEST, ERR_BUSY, ERR_SERVER, ERR_TIMEOUT, ERR_UNAVAILABLE
     from service.http import broker_error
@@ -335,9 +525,12 @@ def test_broker_errors_map_to_http_statuses():
     for code, status in expected.items():
         error = broker_error({"ok": False, "error": code, "message": "why"})
         assert (error.status, error.message) == (status, "why")
-        body = json.loads(error.response(openai_style=True).body)["error"]
+        response = error.response(openai_style=True)
+        body = json.loads(response.body)["error"]
         assert body["type"] == ("server_error" if status >= 500 else "rate_limit_error" if status == 429
                                 else "invalid_request_error")
+        # OpenAI's SDKs retry 5xx unless told not to: a failed encoding fails again; 503, 504, 429 may not
+        assert (response.headers.get("x-should-retry") == "false") == (status == 500)
 
 
 # ---------------------------------------------------------------- clients that leave: cancel
@@ -609,6 +802,72 @@ class TestStartUpAndKey:
         assert gated.process.wait(timeout=30) == 0, gated.log()
         wait_until(lambda: not alive(door), 10, f"the door (pid {door}) exits after SIGTERM to the server")
         assert not answers_http(gated.http_port)
+
+
+# ---------------------------------------------------------------- a tiny model: dimensions, users, failures
+
+
+class TestTinyWithFaults:
+    @pytest.fixture(scope="class")
+    def tiny(self, tmp_path_factory):
+        faults = tmp_path_factory.mktemp("faults")
+        port = free_port()
+        with RunningServer(["-model_dir", str(HF_TINY), "-http_port", str(port), "-normalize", "false",
+                            "-max_client_requests", "1", "-stall_timeout", "3"],
+                           env={"BERT_SERVING_FAULT_DIR": str(faults)}) as s:
+            s.http_port, s.faults = port, faults
+            yield s
+
+    def test_dimensions_equal_to_the_model_s_are_normalised_too(self, tiny):
+        with BertClient(port=tiny.port, timeout=60) as bc:
+            raw = bc.encode(["hello world"]).astype(np.float64)
+        norm = np.linalg.norm(raw[0])
+        assert abs(norm - 1) > 0.01, norm  # this model does not normalise
+        with openai_client(tiny.http_port) as client:
+            whole = vectors_of(client.embeddings.create(model="m", input="hello world", dimensions=raw.shape[1]))
+            plain = vectors_of(client.embeddings.create(model="m", input="hello world"))
+        np.testing.assert_allclose(whole[0], raw[0] / norm, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(plain[0], raw[0], rtol=0, atol=ATOL)
+
+    def test_a_user_named_like_an_address_is_not_that_address(self, tiny):
+        """One unfinished request per user (-max_client_requests 1), the worker paused: a request whose
+        `user` is "127.0.0.1" and one from 127.0.0.1 without `user` are both let in, as two users."""
+        port = tiny.http_port
+        with BertClient(port=tiny.port, timeout=30) as bc:
+            tenants = lambda: bc.server_status()["tenants"]  # noqa: E731
+            (worker,) = bc.server_status()["workers"]
+            base = tenants()
+            statuses: dict[str, int] = {}
+
+            def post(name: str, body: dict) -> None:
+                statuses[name] = call(port, "POST", "/v1/embeddings", body, timeout=60).status
+
+            posing = threading.Thread(target=post, args=("posing", {"input": "a", "user": "127.0.0.1"}))
+            plain = threading.Thread(target=post, args=("plain", {"input": "b"}))
+            os.kill(worker["pid"], signal.SIGSTOP)
+            try:
+                posing.start()
+                wait_until(lambda: tenants() == base + 1, 30, "the first request is let in and unfinished")
+                plain.start()
+                wait_until(lambda: "plain" in statuses or tenants() == base + 2, 30, "the second is answered or let in")
+            finally:
+                os.kill(worker["pid"], signal.SIGCONT)
+        posing.join(60)
+        plain.join(60)
+        assert statuses == {"posing": 200, "plain": 200}
+
+    def test_a_request_that_failed_on_three_workers_is_not_retried_by_the_sdk(self, tiny):
+        port = tiny.http_port
+        for fault in ("tokenize", "compute", "stall"):  # one per worker, in the order the job meets them
+            (tiny.faults / fault).touch()
+        counted = "bert_serving_http_responses_total{code=500,route=/v1/embeddings}"
+        before = scrape(port).get(counted, 0)
+        with openai_client(port, max_retries=2) as client:
+            with pytest.raises(openai.InternalServerError) as failed:
+                client.embeddings.create(model="m", input="fails on every worker")
+        assert failed.value.status_code == 500 and failed.value.body["code"] == "encoding_failed"
+        assert failed.value.response.headers["x-should-retry"] == "false"
+        assert scrape(port)[counted] - before == 1  # asked once, though the client may retry twice
 
 
 # ---------------------------------------------------------------- pooling NONE, door and server killed
