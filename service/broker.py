@@ -425,9 +425,12 @@ class Broker:
         if socket is self.frontend:
             if self.monitor is not None:  # the ZMTP reader reports departures itself
                 self.note_peer(frames[-1], client)
-            if len(body) >= 2 and len(body[0]) == 0 and body[1].bytes[:1] == b"{":
-                # A REQ socket's empty delimiter, then our request: answered as a REP socket would.
-                # Per message, not per client: a DEALER may send either kind.
+            if len(body) >= 2 and len(body[0]) == 0:
+                # A REQ socket's empty delimiter, then our request: answered as a REP socket would,
+                # whatever follows (a REQ socket drops a reply without it, and can then never send
+                # again). Our header is never empty, so this is exact by shape, on either client
+                # port and for peers whose handshake says nothing (ZMTP 2): every message of a REQ
+                # socket starts with it and has more. Per message: a DEALER may send either kind.
                 enveloped, body = True, body[1:]
         try:
             self.handle_request(socket, client, body, enveloped)

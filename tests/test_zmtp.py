@@ -407,6 +407,14 @@ def test_a_req_socket_is_answered_as_a_rep_socket_would(port_kind, bundled_encod
         assert config["ok"] and config["result"]["dim"] == 384
         error = unpack_reply_header(ask([b'{"v": 1, "id": 3, "cmd": "encode"}', b"not json"])[0])
         assert error["id"] == 3 and not error["ok"] and error["error"] == "bad_request"
+        # Headers that are not a JSON object are answered too, with the envelope: a REQ socket drops
+        # a reply without it and could never send again. A leading space is still JSON.
+        for bad, says in ((b"hello", "not UTF-8 JSON"), (b"[1]", "must be a JSON object"), (b"", "not UTF-8 JSON")):
+            error = unpack_reply_header(ask([bad])[0])
+            assert not error["ok"] and error["error"] == "bad_request" and says in error["message"], (bad, error)
+        spaced = unpack_reply_header(ask([b' {"v": 1, "id": 8, "cmd": "config"}'])[0])
+        assert spaced["id"] == 8 and spaced["ok"]
+        assert unpack_reply_header(ask(pack_request(9, "config"))[0])["id"] == 9  # and it sends on
         # A DEALER may send either kind, in any order: each reply takes its own request's shape.
         mixed = dealer(context, server.port)
         for request_id, envelope in ((4, [b""]), (5, []), (6, [b""]), (7, [])):
@@ -414,6 +422,9 @@ def test_a_req_socket_is_answered_as_a_rep_socket_would(port_kind, bundled_encod
             assert mixed.poll(60_000), "no reply to the DEALER"
             reply = mixed.recv_multipart()
             assert reply[:len(envelope)] == envelope and unpack_reply_header(reply[len(envelope)])["id"] == request_id
+        mixed.send_multipart([b"", b"hello"])  # an envelope whatever follows it: the error comes back in one
+        reply = mixed.recv_multipart() if mixed.poll(60_000) else []
+        assert reply[:1] == [b""] and unpack_reply_header(reply[1])["error"] == "bad_request", reply
         mixed.send_multipart([b""])  # an empty frame alone is no envelope: a bad request, answered plainly
         assert mixed.poll(60_000) and unpack_reply_header(mixed.recv_multipart()[0])["error"] == "bad_request"
 
