@@ -260,9 +260,14 @@ class Broker:
             try:
                 # Caps as the libzmq socket's below: a frame over 4x the polite limit drops the
                 # connection; -max_unread_replies replies unsent, and more wait in the broker's outbox.
+                # And one libzmq lacks: messages not yet whole hold 4x the polite limit at most, all
+                # clients together: several large requests at once (each arrives in well under a
+                # second at loopback speed), twice what may wait for the intake process before it
+                # says "busy" anyway.
                 self.frontend = self.reader = ZmtpRouter(
                     self.config.host, self.config.port, 4 * self.config.max_request_bytes,
-                    self.config.max_unread_replies, on_refused=lambda reason: self.handshakes.note(time.monotonic()))
+                    self.config.max_unread_replies, on_refused=lambda reason: self.handshakes.note(time.monotonic()),
+                    max_buffered=4 * self.config.max_request_bytes)
                 return
             except socketlib.gaierror:  # not an address or a host name: libzmq also takes interface names
                 log.info("-host %s is not an address; the client port uses a libzmq socket", self.config.host)

@@ -55,6 +55,15 @@ MAX_FRAMES = 4096
 MAX_IDENTITY_BYTES = 255      # ZMTP's own limit on a routing id
 MAX_COMMAND_BYTES = 1 << 16   # a READY or a PING is tens of bytes; a peer not yet known gets no more
 HANDSHAKE_TIMEOUT = 30.0      # seconds to finish the greeting and READY (libzmq's ZMQ_HANDSHAKE_IVL)
+# Seconds a message begun may go without a byte more before its connection is closed. Judged on
+# progress, not on the whole message's time: a large request over a slow link keeps arriving and is
+# never cut, however long it takes, while a peer that sends most of a 256 MB frame and stops frees
+# that memory at this deadline. (Bytes that wait in the kernel because this side did not read them
+# are not the peer's stall.) As long as the handshake's: TCP gives up resending sooner than that.
+MESSAGE_STALL_TIMEOUT = 30.0
+# A connection holding at most this much of an unfinished message is never cut for the cap on all
+# of them together (`max_buffered`): a query is a few KB, and the cap is about large messages.
+UNCAPPED_BYTES = 1 << 16
 RECV_CHUNK = 1 << 18          # bytes one recv asks for
 READ_BUDGET = 1 << 22         # bytes read from one connection per pump, so that no client starves the rest
 # Parsed work held for the broker. Whole messages waiting to be taken: past this many, no connection
@@ -111,16 +120,17 @@ class Frame(bytes):
 class Peer:
     """One client connection: what has come in and not been parsed yet, and what waits to go out."""
 
-    __slots__ = ("sock", "fd", "identity", "inbox", "greeted", "ready", "parts", "parts_bytes", "outbox",
-                 "queued", "sent", "ends", "opened", "writing")
+    __slots__ = ("sock", "fd", "identity", "inbox", "greeted", "ready", "parts", "parts_bytes", "held", "outbox",
+                 "queued", "sent", "ends", "opened", "heard", "writing")
 
     def __init__(self, sock: socket.socket, opened: float) -> None:
-        self.sock, self.fd, self.opened = sock, sock.fileno(), opened
+        self.sock, self.fd, self.opened, self.heard = sock, sock.fileno(), opened, opened
         self.identity = Frame(b"")
         self.inbox = bytearray()
         self.greeted = self.ready = self.writing = False
         self.parts: list[Frame] = []   # frames of a message still coming
         self.parts_bytes = 0
+        self.held = 0                   # bytes of a message not yet whole: its frames so far and the inbox
         self.outbox: list[memoryview] = []  # what the socket could not take yet, in order
         self.queued = self.sent = 0     # bytes ever put in the outbox, and handed to the kernel
         self.ends: deque[int] = deque()  # where each message not wholly sent ends, in `queued` bytes
@@ -142,13 +152,21 @@ class ProtocolViolation(Exception):
     """What a peer sent is not ZMTP 3, or is over a limit: its connection is closed."""
 
 
+class OverCapacity(ProtocolViolation):
+    """A connection's unfinished message would take the bytes held for all of them past the cap."""
+
+
 class ZmtpRouter:
     """The client port (see the module's docstring). `max_frame` caps one frame and one message, as
-    ZMQ_MAXMSGSIZE did: a bigger one closes the connection before it uses memory."""
+    ZMQ_MAXMSGSIZE did: a bigger one closes the connection before it uses memory. `max_buffered`
+    caps the bytes held for messages not yet whole, all connections together (libzmq had no such
+    cap): a connection whose message would take them past it is closed (default: `max_frame`)."""
 
     def __init__(self, host: str, port: int, max_frame: int, max_unsent: int,
-                 on_refused: Callable[[str], None] = lambda reason: None) -> None:
+                 on_refused: Callable[[str], None] = lambda reason: None, max_buffered: int | None = None) -> None:
         self.max_frame, self.max_unsent, self.on_refused = max_frame, max_unsent, on_refused
+        self.max_buffered = max_buffered if max_buffered is not None else max_frame
+        self.buffered = 0  # bytes held for messages not yet whole (the sum of the peers' `held`)
         address = host_address(host)
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.listener = socket.create_server((address, port), family=family, backlog=128)
@@ -166,6 +184,7 @@ class ZmtpRouter:
         self.accept_paused_until = 0.0
         # Lines a peer can make the server repeat, at most one per 10 s each.
         self.accept_errors, self.violations = LogLimiter(log), LogLimiter(log)
+        self.overloads, self.stalls = LogLimiter(log), LogLimiter(log)
 
     # ------------------------------------------------------------ the socket-like face
 
@@ -249,12 +268,32 @@ class ZmtpRouter:
     def tick(self, now: float) -> None:
         """Housekeeping, every half second or so: close connections that have not finished the
         handshake within HANDSHAKE_TIMEOUT (a peer that connects and says nothing, or too little,
-        would otherwise hold its socket forever), and accept again after a pause."""
-        for peer in [p for p in self.by_fd.values() if not p.ready and now - p.opened > HANDSHAKE_TIMEOUT]:
-            self.drop(peer, refused="no handshake within %.0f s" % HANDSHAKE_TIMEOUT)
+        would otherwise hold its socket forever) or whose unfinished message has had no byte more
+        for MESSAGE_STALL_TIMEOUT (it would hold its memory forever), and accept again after a pause."""
+        for peer in list(self.by_fd.values()):
+            if not peer.ready:
+                if now - peer.opened > HANDSHAKE_TIMEOUT:
+                    self.drop(peer, refused="no handshake within %.0f s" % HANDSHAKE_TIMEOUT)
+            elif peer.held and now - peer.heard > MESSAGE_STALL_TIMEOUT and peer not in self.backlogged:
+                if self.has_unread_bytes(peer):
+                    peer.heard = now  # this side has not read them (the broker was behind): no stall of the peer's
+                else:
+                    self.drop(peer, violation="its message of %d bytes so far had no byte more for %.0f s"
+                              % (peer.held, now - peer.heard), limiter=self.stalls)
         if self.accept_paused_until and now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
             self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+
+    @staticmethod
+    def has_unread_bytes(peer: Peer) -> bool:
+        """Whether the kernel holds bytes from `peer` that this side has not read yet (or its end)."""
+        try:
+            peer.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # an error to read: the next read finds it and closes the connection
+        return True
 
     def accept(self) -> None:
         for _ in range(ACCEPT_BUDGET):
@@ -299,6 +338,7 @@ class ZmtpRouter:
                 self.drop(peer, refused=None if peer.ready else "closed during the handshake")
                 return
             budget -= len(data)
+            peer.heard = time.monotonic()
             if peer.inbox:
                 peer.inbox += data
                 data = peer.inbox
@@ -310,8 +350,13 @@ class ZmtpRouter:
         was closed, or left with frames to parse at the next pump (then it is not read meanwhile)."""
         try:
             used = self.parse(peer, data)
+            if self.by_fd.get(peer.fd) is not peer:
+                return False  # closed while it was parsed (a PONG could not be sent)
+            self.hold(peer, peer.parts_bytes + len(data) - used)
         except ProtocolViolation as e:
-            self.drop(peer, refused=None if peer.ready else str(e), violation=str(e) if peer.ready else None)
+            limiter = self.overloads if isinstance(e, OverCapacity) else self.violations
+            self.drop(peer, refused=None if peer.ready else str(e), violation=str(e) if peer.ready else None,
+                      limiter=limiter)
             return False
         if used == len(data):
             peer.inbox = bytearray()
@@ -320,6 +365,21 @@ class ZmtpRouter:
         else:
             peer.inbox = bytearray(memoryview(data)[used:])
         return peer not in self.backlogged
+
+    def hold(self, peer: Peer, held: int) -> None:
+        """Count what `peer` now holds of a message not yet whole (its frames parsed and its inbox).
+        OverCapacity when that grows, past UNCAPPED_BYTES, and takes all connections together past
+        `max_buffered`: that connection is closed before it is read further, its bytes freed.
+        Counted on bytes received, not on the size a frame announces: an announcement costs a
+        peer nothing, and one idle connection would then keep every large request out."""
+        grown = held - peer.held
+        if grown > 0 and held > UNCAPPED_BYTES and self.buffered + grown > self.max_buffered:
+            others = sum(1 for p in self.by_fd.values() if p.held and p is not peer)
+            raise OverCapacity(f"its message of {held} bytes so far would take the bytes held for unfinished "
+                               f"messages past {self.max_buffered} (the others: {self.buffered - peer.held} bytes "
+                               f"on {others} connections)")
+        self.buffered += grown
+        peer.held = held
 
     def parse(self, peer: Peer, data: bytes | bytearray) -> int:
         """Take the greeting, commands and frames whole in `data`, up to PARSE_BUDGET of them and
@@ -423,11 +483,15 @@ class ZmtpRouter:
             peer.writing = writing
             self.epoll.modify(peer.fd, select.EPOLLIN | (select.EPOLLOUT if writing else 0))
 
-    def drop(self, peer: Peer, refused: str | None = None, violation: str | None = None) -> None:
-        """Close a connection. Before its handshake finished, that is a peer turned away."""
+    def drop(self, peer: Peer, refused: str | None = None, violation: str | None = None,
+             limiter: LogLimiter | None = None) -> None:
+        """Close a connection. Before its handshake finished, that is a peer turned away; after, a
+        `violation` is logged through `limiter` (one per kind of reason: one kind does not hide another)."""
         if self.by_fd.pop(peer.fd, None) is None:
             return
         self.backlogged.discard(peer)
+        self.buffered -= peer.held
+        peer.held, peer.inbox, peer.parts = 0, bytearray(), []
         try:
             self.epoll.unregister(peer.fd)
         except OSError:
@@ -437,7 +501,8 @@ class ZmtpRouter:
             self.by_identity.pop(peer.identity, None)
             self.departed.append(peer.identity)
             if violation:
-                self.violations.warning("closed the connection of client %s: %s", peer.identity[:12].hex(), violation)
+                (limiter or self.violations).warning("closed the connection of client %s: %s",
+                                                     peer.identity[:12].hex(), violation)
         elif refused:
             log.debug("turned away a peer: %s", refused)
             self.on_refused(refused)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 
@@ -22,6 +24,7 @@ import zmq
 from helpers import raw_dealer, scrape
 from service.client import ERR_BAD_REQUEST, BertClient
 from service.harness import RunningServer, free_port, rss_kb
+from service.zmtp import GREETING, MESSAGE_STALL_TIMEOUT, _ready_command
 
 ATOL = 1e-5
 HIDDEN = 256
@@ -162,6 +165,72 @@ def test_a_big_request_is_read_off_the_broker_loop(server, tiny_encoder):
     assert answer["ok"] is True and sum(shape[0] for shape in answer["shapes"]) == MAX_SENTENCES, answer
     vectors = np.concatenate([np.frombuffer(d, np.float32) for d in data]).reshape(MAX_SENTENCES, HIDDEN)
     np.testing.assert_allclose(vectors[[0, 500, 999]], tiny_encoder.encode([big[0], big[500], big[999]]), atol=ATOL)
+
+
+def stalled_peer(port: int, announced: int, sent: int) -> socket.socket:
+    """A raw ZMTP peer that announces a frame of `announced` bytes, sends `sent` of them, and stops."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(10)
+    try:
+        sock.sendall(GREETING + _ready_command({b"Socket-Type": b"DEALER"}) + bytes([2]) + announced.to_bytes(8, "big")
+                     + b"x" * sent)
+    except ConnectionResetError:
+        pass  # closed already (the cap): what the test checks next
+    return sock
+
+
+def closed_within(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closed `sock` within `timeout` (its greeting and READY are read and skipped)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            if not sock.recv(1 << 16):
+                return True
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def test_unfinished_messages_are_capped_together_and_one_that_stops_is_closed(server, tiny_encoder):
+    """The t11 repro, scaled to this server's 2 MB limit (so 8 MB for unfinished messages, all
+    clients together): a peer sends most of a 7 MB frame and stops; a second doing the same is
+    closed at once with a line in the log, while a client's 1 MB request is served; the first is
+    closed once MESSAGE_STALL_TIMEOUT passes with nothing more from it; then large requests from
+    three clients at once are all served."""
+    big = [f"sentence {i} " + "word " * 200 for i in range(MAX_SENTENCES)]  # ~1 MB, read by the intake process
+    first = stalled_peer(server.port, 7_000_000, 6_000_000)
+    stalled_at = time.monotonic()
+    second = stalled_peer(server.port, 7_000_000, 6_000_000)
+    try:
+        assert closed_within(second, 15), "the connection over the cap was not closed"
+        wait_for(lambda: "would take the bytes held for unfinished messages past 8000000" in server.log(), 15,
+                 "the cap's line in the log")
+        with BertClient(port=server.port, timeout=60) as client:
+            vectors = client.encode(big)
+        assert vectors.shape == (MAX_SENTENCES, HIDDEN)
+        np.testing.assert_allclose(vectors[[0, 999]], tiny_encoder.encode([big[0], big[999]]), atol=ATOL)
+        assert not closed_within(first, max(0.0, stalled_at + MESSAGE_STALL_TIMEOUT - 5 - time.monotonic()))
+        assert closed_within(first, 20), "the stalled connection outlived the deadline"
+        wait_for(lambda: "had no byte more for" in server.log(), 15, "the stall's line in the log")
+    finally:
+        first.close()
+        second.close()
+    results: list = [None] * 3
+
+    def encode(i: int) -> None:
+        with BertClient(port=server.port, timeout=60) as client:
+            results[i] = client.encode(big)
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(r is not None and r.shape == (MAX_SENTENCES, HIDDEN) for r in results)
+    assert_serving(server, tiny_encoder)
 
 
 def test_an_intake_process_that_dies_fails_what_it_held_and_is_replaced(server, tiny_encoder):

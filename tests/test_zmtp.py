@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
-from service.zmtp import (GREETING, HANDSHAKE_TIMEOUT, MAX_COMMAND_BYTES, MAX_FRAMES, MAX_PARSED, PARSE_BUDGET,
-                          ZmtpRouter, _ready_command)
+from service.zmtp import (GREETING, HANDSHAKE_TIMEOUT, MAX_COMMAND_BYTES, MAX_FRAMES, MAX_PARSED, MESSAGE_STALL_TIMEOUT,
+                          PARSE_BUDGET, ZmtpRouter, _ready_command)
 
 MAX_FRAME = 1 << 20
 
@@ -230,6 +230,92 @@ def test_a_frame_over_the_cap_closes_that_connection_before_it_is_read(router, c
     good = dealer(context, router.port, b"c-ok")
     good.send(b"fine")
     assert receive(router)[0] == [b"c-ok", b"fine"]
+
+
+def raw_peer(port: int, identity: bytes, start: bytes = b"") -> socket.socket:
+    """A plain TCP peer that says READY as a DEALER named `identity`, then sends `start`."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(GREETING + _ready_command({b"Socket-Type": b"DEALER", b"Identity": identity}) + start)
+    return sock
+
+
+def long_frame_header(size: int, more: bool = False) -> bytes:
+    """The head of a frame of `size` bytes (the LONG form), whose body the test sends as it likes."""
+    return bytes([2 | (1 if more else 0)]) + size.to_bytes(8, "big")
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closed `sock` within `timeout` (what it sent before is read and skipped)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_a_message_that_stops_arriving_is_closed_at_the_stall_deadline(router, context, caplog):
+    """A frame sent in part, or a message's first frames and not its last, then nothing: the
+    connection is closed once MESSAGE_STALL_TIMEOUT passes without a byte more, and what it held is
+    freed. Not closed: a client with no message under way, nor one whose next bytes wait in the
+    kernel because the port has not read them (that is this side's delay, not the peer's)."""
+    idle = dealer(context, router.port, b"c-idle")
+    stalled = raw_peer(router.port, b"c-stalled", long_frame_header(200_000) + b"x" * 100_000)
+    parted = raw_peer(router.port, b"c-parted", _zmtp_frame(b"header", 1))  # MORE, then no last frame
+    behind = raw_peer(router.port, b"c-behind", long_frame_header(200_000) + b"y" * 50_000)
+    wait_until(lambda: len(router.by_identity) == 4 and router.buffered == 100_009 + 6 + 50_009, router)
+    router.tick(time.monotonic())
+    assert len(router.by_identity) == 4  # not yet
+    behind.sendall(b"y" * 10_000)  # not read before the deadline: the port's delay
+    time.sleep(0.2)
+    with caplog.at_level("WARNING", logger="service.zmtp"):
+        router.tick(time.monotonic() + MESSAGE_STALL_TIMEOUT + 1)
+    assert sorted(router.take_departed()) == [b"c-parted", b"c-stalled"]
+    assert set(router.by_identity) == {b"c-idle", b"c-behind"} and router.buffered == 50_009  # the frame's head too
+    assert "c-stal".encode().hex() in caplog.text and "had no byte more for" in caplog.text
+    assert closed_by_server(stalled, 5) and closed_by_server(parted, 5)
+    behind.sendall(b"y" * 140_000)  # its message finishes: handed over whole, nothing held
+    assert receive(router)[0] == [b"c-behind", b"y" * 200_000]
+    assert router.buffered == 0
+    idle.send(b"still here")
+    assert receive(router)[0] == [b"c-idle", b"still here"]
+    for sock in (stalled, parted, behind):
+        sock.close()
+
+
+def test_unfinished_messages_together_are_capped_and_the_one_that_would_pass_the_cap_is_closed(context, caplog):
+    """`max_buffered` caps the bytes held for messages not yet whole, all connections together: a
+    connection whose message would take them past it is closed before more of it is read, while
+    the one already holding its share, a small client, and large messages that fit are served."""
+    router = ZmtpRouter("127.0.0.1", 0, MAX_FRAME, 4, max_buffered=1_500_000)
+    try:
+        first = raw_peer(router.port, b"c-first", long_frame_header(1_000_000) + b"a" * 900_000)
+        wait_until(lambda: router.buffered == 900_009, router)  # with the frame's head
+        with caplog.at_level("WARNING", logger="service.zmtp"):
+            second = raw_peer(router.port, b"c-second", long_frame_header(1_000_000) + b"b" * 900_000)
+            wait_until(lambda: router.take_departed() == [b"c-second"], router)
+        assert "would take the bytes held for unfinished messages past 1500000" in caplog.text
+        assert closed_by_server(second, 5)
+        assert set(router.by_identity) == {b"c-first"} and router.buffered == 900_009
+        small = dealer(context, router.port, b"c-small")
+        small.send_multipart([b"header", b"s" * 300_000])  # fits beside the first: served
+        assert receive(router)[0] == [b"c-small", b"header", b"s" * 300_000]
+        first.sendall(b"a" * 100_000)
+        assert receive(router)[0] == [b"c-first", b"a" * 1_000_000]
+        assert router.buffered == 0
+        # Large messages from several clients at once, together under the cap: all arrive whole.
+        senders = [dealer(context, router.port, b"c-big%d" % i) for i in range(3)]
+        for i, sender in enumerate(senders):
+            sender.send(bytes([i]) * 450_000)
+        got = sorted(receive(router, 3))
+        assert got == [[b"c-big%d" % i, bytes([i]) * 450_000] for i in range(3)] and router.buffered == 0
+        for sock in (first, second):
+            sock.close()
+    finally:
+        router.close()
 
 
 # ---------------------------------------------------------------- through a real server
@@ -576,6 +662,7 @@ def test_any_bytes_leave_the_port_consistent_and_serving(router, data, split):
     for peer in router.by_fd.values():
         assert len(peer.parts) < MAX_FRAMES and peer.parts_bytes <= MAX_FRAME
         assert peer.ready == (peer.identity in router.by_identity)
+    assert router.buffered == sum(peer.held for peer in router.by_fd.values())  # what the cap counts is exact
     raw.close()
     wait_until(lambda: not router.by_fd, router)  # its closing is seen
     with zmq.Context() as ctx:
