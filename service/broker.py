@@ -430,12 +430,11 @@ class Broker:
         if socket is self.frontend:
             if self.monitor is not None:  # the ZMTP reader reports departures itself
                 self.note_peer(frames[-1], client)
-            if len(body) >= 2 and len(body[0]) == 0:
-                # A REQ socket's empty delimiter, then our request: answered as a REP socket would,
-                # whatever follows (a REQ socket drops a reply without it, and can then never send
-                # again). Our header is never empty, so this is exact by shape, on either client
-                # port and for peers whose handshake says nothing (ZMTP 2): every message of a REQ
-                # socket starts with it and has more. Per message: a DEALER may send either kind.
+            if len(body) >= 2 and len(body[0]) == 0 and (body[1].bytes[:1] == b"{" or self.may_be_req(frames[0])):
+                # A REQ socket's empty delimiter, then our request: answered as a REP socket would.
+                # From a REQ socket whatever follows, or a bad header's error would go without the
+                # delimiter, which the socket drops, and it could never send again. Per message, not
+                # per client: a DEALER may send either kind (its garbage is answered plainly).
                 enveloped, body = True, body[1:]
         try:
             self.handle_request(socket, client, body, enveloped)
@@ -445,6 +444,16 @@ class Broker:
             request_id = peek_id(body[0].bytes) if body and len(body[0]) <= MAX_HEADER_BYTES else None
             self.reply(socket, client, pack_error(request_id, ERR_SERVER, f"internal error: {type(e).__name__}: {e}"),
                        enveloped)
+
+    @staticmethod
+    def may_be_req(identity: zmq.Frame) -> bool:
+        """Whether a client may be a REQ socket, by the Socket-Type its handshake declared (both
+        client ports give it: libzmq's frames, and the ZMTP reader's id frames). A peer whose
+        handshake declared none (ZMTP 2, on the libzmq port) may be."""
+        try:
+            return identity.get("Socket-Type") == "REQ"
+        except zmq.ZMQError:
+            return True
 
     def handle_request(self, socket: zmq.Socket, client: bytes, body: list[zmq.Frame],
                        enveloped: bool = False) -> None:

@@ -117,6 +117,21 @@ class Frame(bytes):
         return memoryview(self)
 
 
+class Identity(Frame):
+    """A client's id, the first frame of each of its messages. Like a pyzmq frame, it tells what the
+    client's READY said: `get("Socket-Type")` (the broker answers a REQ socket as a REP would)."""
+
+    def __new__(cls, value: bytes, socket_type: str = "") -> "Identity":
+        identity = super().__new__(cls, value)
+        identity.socket_type = socket_type
+        return identity
+
+    def get(self, option: str) -> str:
+        if option == "Socket-Type" and self.socket_type:
+            return self.socket_type
+        raise zmq.ZMQError(zmq.EINVAL)
+
+
 class Peer:
     """One client connection: what has come in and not been parsed yet, and what waits to go out."""
 
@@ -125,7 +140,7 @@ class Peer:
 
     def __init__(self, sock: socket.socket, opened: float) -> None:
         self.sock, self.fd, self.opened, self.heard = sock, sock.fileno(), opened, opened
-        self.identity = Frame(b"")
+        self.identity = Identity(b"")
         self.inbox = bytearray()
         self.greeted = self.ready = self.writing = False
         self.parts: list[Frame] = []   # frames of a message still coming
@@ -441,7 +456,7 @@ class ZmtpRouter:
             kind = properties.get(b"socket-type", b"")
             if kind not in PEER_TYPES:
                 raise ProtocolViolation(f"a {kind.decode('ascii', 'replace') or 'nameless'} socket, not a DEALER or REQ")
-            self.name(peer, properties.get(b"identity", b""))
+            self.name(peer, properties.get(b"identity", b""), kind.decode("ascii"))
         elif name == b"PING" and peer.ready:  # answered with its context (after the 2-byte TTL)
             if peer.queued - peer.sent > MAX_COMMAND_BYTES:
                 return  # it is not reading: no more for it to hold here (libzmq keeps one PONG pending)
@@ -452,13 +467,13 @@ class ZmtpRouter:
         elif not peer.ready:
             raise ProtocolViolation("no READY")
 
-    def name(self, peer: Peer, wanted: bytes) -> None:
+    def name(self, peer: Peer, wanted: bytes, socket_type: str) -> None:
         """The client's id: the Identity it set, unless empty, reserved (a leading zero byte, as libzmq
         reserves it), too long or taken; else one of ours."""
         if wanted and wanted[0] != 0 and len(wanted) <= MAX_IDENTITY_BYTES and wanted not in self.by_identity:
-            peer.identity = Frame(wanted)  # a Frame once, so every message can start with it as it is
+            peer.identity = Identity(wanted, socket_type)  # made once: every message starts with it as it is
         else:
-            peer.identity = Frame(b"\x00" + struct.pack(">I", self.next_id))
+            peer.identity = Identity(b"\x00" + struct.pack(">I", self.next_id), socket_type)
             self.next_id = (self.next_id + 1) & 0xFFFFFFFF
         peer.ready = True
         self.by_identity[peer.identity] = peer

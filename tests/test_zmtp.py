@@ -508,9 +508,9 @@ def test_a_req_socket_is_answered_as_a_rep_socket_would(port_kind, bundled_encod
             assert mixed.poll(60_000), "no reply to the DEALER"
             reply = mixed.recv_multipart()
             assert reply[:len(envelope)] == envelope and unpack_reply_header(reply[len(envelope)])["id"] == request_id
-        mixed.send_multipart([b"", b"hello"])  # an envelope whatever follows it: the error comes back in one
+        mixed.send_multipart([b"", b"hello"])  # from a DEALER, no envelope before garbage: answered plainly
         reply = mixed.recv_multipart() if mixed.poll(60_000) else []
-        assert reply[:1] == [b""] and unpack_reply_header(reply[1])["error"] == "bad_request", reply
+        assert len(reply) == 1 and unpack_reply_header(reply[0])["error"] == "bad_request", reply
         mixed.send_multipart([b""])  # an empty frame alone is no envelope: a bad request, answered plainly
         assert mixed.poll(60_000) and unpack_reply_header(mixed.recv_multipart()[0])["error"] == "bad_request"
 
