@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[UNK]", "[PAD]")
+# Texts longer than max(PREFIX_MIN_CHARS, PREFIX_CHARS_PER_TOKEN * max_seq_len) characters are
+# tokenized from a prefix that gives the same tokens (`BertTokenizer.within_reach`): English runs
+# ~4-5 characters a token, so that prefix holds the tokens kept 3-4 times over (2,048 characters at
+# max_seq_len 128), and a query never comes near it.
+PREFIX_MIN_CHARS = 1024
+PREFIX_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,11 @@ class BertTokenizer:
             raise CheckpointError(f"the vocabulary has no {', '.join(missing)} token")
         self.cls_id, self.sep_id, self.unk_id = ids["[CLS]"], ids["[SEP]"], ids["[UNK]"]
         self.pad_id = ids["[PAD]"] or 0
+        # A longer text is tokenized from a prefix that gives the same tokens (`within_reach`); only
+        # for BERT's own normalizer and pre-tokenizer, whose tokens depend on nothing past a space.
+        self.prefix_chars = max(PREFIX_MIN_CHARS, PREFIX_CHARS_PER_TOKEN * max_seq_len)
+        self.cuts_long_texts = (isinstance(tokenizer.normalizer, (normalizers.BertNormalizer, type(None)))
+                                and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer))
 
     @classmethod
     def from_dir(cls, folder: Path, max_seq_len: int, do_lower_case: bool | None = None,
@@ -160,7 +171,8 @@ class BertTokenizer:
         if all(isinstance(t, str) for t in texts):
             encodings = self._tokenizer.encode_batch_fast(self._model_input(texts), add_special_tokens=True)
             return _from_id_lists([e.ids for e in encodings])
-        inputs = [self._model_input([t])[0] if isinstance(t, str) else tuple(self._model_input(t)) for t in texts]
+        inputs = [self._model_input([t])[0] if isinstance(t, str) else tuple(self._model_input(t, cut=False))
+                  for t in texts]
         encodings = self._tokenizer.encode_batch_fast(inputs, add_special_tokens=True)
         return _from_id_lists([e.ids for e in encodings], [e.type_ids for e in encodings])
 
@@ -169,8 +181,35 @@ class BertTokenizer:
         when truncated): with special tokens, the ids `encode` gives the model."""
         return self._tokenizer.encode_batch(self._model_input(texts), add_special_tokens=add_special_tokens)
 
-    def _model_input(self, texts: Sequence[str]) -> list[str]:
-        return [t.lower() for t in texts] if self.lowercase_input else list(texts)
+    def _model_input(self, texts: Sequence[str], cut: bool = True) -> list[str]:
+        """The texts as the tokenizer gets them: lower-cased if the model wants that, and a long one
+        cut to a prefix of the same tokens (not a pair's members: see `within_reach`)."""
+        texts = [t.lower() for t in texts] if self.lowercase_input else list(texts)
+        if not (cut and self.cuts_long_texts):
+            return texts
+        limit = self.prefix_chars
+        return [t if len(t) <= limit else self.within_reach(t) for t in texts]
+
+    def within_reach(self, text: str) -> str:
+        """`text`, or a prefix of it that truncation turns into the same tokens. `tokenizers` builds
+        every token of a text before truncating it, the cut-off part as `overflowing` encodings: 10 MB
+        of text took 8 s and 1.5 GB, for the 128 tokens the model sees. A prefix ending at a space
+        (BERT's pre-tokenizer splits there, and its normalizer maps one character at a time) has the
+        text's tokens up to that space; once its first `max_seq_len` + 1 tokens all end there, they
+        are the text's first, more than truncation keeps, so that it is cut too (of a pair's members, though,
+        which one loses the odd token depends on both whole lengths: pairs are never cut). A prefix
+        4x longer is tried while that fails (long runs of spaces, a word of thousands of letters),
+        up to the whole text."""
+        size = self.prefix_chars
+        while size < len(text):
+            prefix = text[:size]
+            boundary = max(prefix.rfind(" "), prefix.rfind("\n"), prefix.rfind("\t"))
+            if boundary > 0:
+                beyond = self._tokenizer.encode(prefix, add_special_tokens=False).overflowing
+                if beyond and beyond[0].offsets[0][1] <= boundary:  # one token more than kept: the text is cut too
+                    return prefix
+            size *= 4
+        return text
 
     def encode_pretokenized(self, token_lists: Sequence[Sequence[str]]) -> TokenBatch:
         """Tokens the caller already split into WordPieces: looked up as they are ([UNK] if unknown)."""

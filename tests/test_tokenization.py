@@ -138,6 +138,67 @@ def test_random_unicode_tokens_equal_bert_tokenizer_fast(property_tokenizers, ca
     assert id_lists(encoder.tokenize(texts)) == expected
 
 
+# ---------------------------------------------------------------- long texts, from a prefix
+
+LONG_PIECES = PIECES + ["x" * 150, " " * 40, "\u3000", "\u00a0", ".", "Straße", "ﬁnance", "a b c d"]
+long_text_strategy = st.lists(st.one_of(st.text(max_size=12), st.sampled_from(LONG_PIECES)), max_size=120).map("".join)
+
+
+@pytest.fixture(scope="module")
+def cutting_tokenizers(vocab_folders):
+    """As `property_tokenizers`, at max_seq_len 12 and with prefixes from 10 characters: nearly
+    every text is tokenized from a prefix (`BertTokenizer.within_reach`)."""
+    from transformers import BertTokenizerFast
+
+    pairs = {}
+    for casing, (folder, vocab) in vocab_folders.items():
+        lower = casing == "uncased"
+        encoder = Encoder.from_dir(str(folder), do_lower_case=lower, max_seq_len=12)
+        encoder.tokenizer.prefix_chars = 10
+        pairs[casing] = (encoder, BertTokenizerFast(str(vocab), do_lower_case=lower))
+    return pairs
+
+
+@pytest.mark.parametrize("casing", ["uncased", "cased"])
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(long_text_strategy, min_size=1, max_size=3))
+def test_long_texts_tokenized_from_a_prefix_give_the_whole_texts_tokens(cutting_tokenizers, casing, texts):
+    encoder, reference = cutting_tokenizers[casing]
+    assert encoder.tokenizer.cuts_long_texts
+    expected = reference(texts, truncation=True, max_length=12)["input_ids"]
+    assert id_lists(encoder.tokenize(texts)) == expected
+    assert id_lists(encoder.tokenize(texts[:1])) == expected[:1]  # the one-sentence path
+    pairs = [[texts[0], texts[-1]]]  # never cut: the reference's longest-first split needs whole lengths
+    assert id_lists(encoder.tokenize(pairs)) == reference([texts[0]], [texts[-1]], truncation=True,
+                                                          max_length=12)["input_ids"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=long_text_strategy)
+def test_encodings_from_a_prefix_keep_tokens_offsets_and_overflow(cutting_tokenizers, text):
+    """What the HTTP door's /tokenize and truncate:false read: tokens, their offsets in the text,
+    and whether anything was cut off."""
+    tokenizer = cutting_tokenizers["uncased"][0].tokenizer
+    for special in (True, False):
+        cut = tokenizer.encodings([text], special)[0]
+        whole = tokenizer._tokenizer.encode(text, add_special_tokens=special)
+        assert (cut.ids, cut.tokens, cut.offsets) == (whole.ids, whole.tokens, whole.offsets)
+        assert bool(cut.overflowing) == bool(whole.overflowing)
+
+
+def test_a_long_document_is_tokenized_from_a_prefix_with_the_same_tokens(bundled_encoder):
+    """A 170 KB document: its first `prefix_chars` characters (16 per token kept) are tokenized, for
+    the tokens the whole gives (the whole would be ~40,000 tokens, built then dropped)."""
+    tokenizer = bundled_encoder.tokenizer
+    text = " ".join(real_sentences(2000, seed=11))
+    assert len(text) > 150_000 and tokenizer.cuts_long_texts
+    assert len(tokenizer.within_reach(text)) == tokenizer.prefix_chars == 16 * tokenizer.max_seq_len
+    assert id_lists(bundled_encoder.tokenize([text])) == [tokenizer._tokenizer.encode(text).ids]
+    spaced = "word " + " " * 100_000 + text  # a long run of spaces: a longer prefix is needed, then found
+    assert tokenizer.prefix_chars < len(tokenizer.within_reach(spaced)) < len(spaced)
+    assert id_lists(bundled_encoder.tokenize([spaced])) == [tokenizer._tokenizer.encode(spaced).ids]
+
+
 # ---------------------------------------------------------------- sentence pairs
 
 
