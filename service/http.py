@@ -77,6 +77,7 @@ STOP_GRACE = 3          # seconds requests in flight get after SIGTERM (the door
 # but a job a worker started just before then still runs its forward passes.
 REPLY_MARGIN = 30.0
 BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client gone before its answer: in the metrics only
 OPENAI_ROUTES = ("/v1/", "/embeddings")
 OVER_CAPACITY = "bert_serving_over_capacity"  # in scope["state"]: the connection is past MAX_CONNECTIONS
 
@@ -490,8 +491,8 @@ class HttpDoor:
                 if e.status != 408:  # a stalled body is not waited for twice: its connection is closed
                     await _drain(request, self.config.max_request_bytes)
                 response = e.response(openai_style)
-            except ClientDisconnect:
-                response = Response(status_code=400)  # nobody reads it; counted all the same
+            except ClientDisconnect:  # nobody reads it; counted as nginx logs it, "client closed request"
+                response = Response(status_code=CLIENT_CLOSED_REQUEST)
             except Exception as e:  # a bug in the door: answer 500 and serve on
                 log.exception("%s %s failed", request.method, path)
                 response = HttpError(500, f"internal error in the HTTP door: {type(e).__name__}: {e}",

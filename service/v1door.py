@@ -61,6 +61,11 @@ SERVER_VERSION = "1.10.0"        # the 2019 client refuses any other (check_vers
 SHOW_CONFIG, SHOW_STATUS, TERMINATION = b"SHOW_CONFIG", b"SHOW_STATUS", b"TERMINATION"
 HOLD_FOR_SUBSCRIPTION = 10.0     # seconds a reply waits for its client to subscribe
 HOLD_FOR_READER = 300.0          # seconds replies wait for a subscribed client that reads none
+# Replies held for all clients together, at most this many times -max_request_bytes (the cap the
+# client port puts on unfinished messages): one that never subscribes or never reads, under many
+# identities if it likes, would otherwise make the door hold HOLD_FOR_READER seconds of the GPUs'
+# output. Past it, the client holding the most loses its oldest replies first.
+HELD_PER_REQUEST_BYTES = 4
 MAX_IDENTITY_BYTES = 256         # the 2019 client's identity is a 36-byte UUID
 POLL_MS = 100
 V1_DOOR_ID = b"door:v1"          # this door's routing id at the broker, the same after a restart
@@ -89,6 +94,7 @@ class Held:
 
     since: float
     replies: deque = field(default_factory=deque)
+    size: int = 0        # bytes of `replies`
 
 
 # ---------------------------------------------------------------- the protocol
@@ -150,6 +156,11 @@ def vectors_reply(identity: bytes, request_id: bytes, header: dict, frames: list
     return [identity, json.dumps(info, ensure_ascii=False).encode("utf-8"), vectors, request_id]
 
 
+def reply_bytes(reply: list) -> int:
+    """What a reply's frames take (its vectors are a numpy array, the rest bytes)."""
+    return sum(frame.nbytes if isinstance(frame, np.ndarray) else len(frame) for frame in reply)
+
+
 def waiting_from_echo(echo: Any) -> Waiting | None:
     """Where an encode reply goes, from the echo its request carried: how a restarted door answers
     the requests its predecessor passed on."""
@@ -190,6 +201,8 @@ class V1Door:
         self.waiting: dict[int, Waiting] = {}
         self.subscribed: set[bytes] = set()
         self.held: dict[bytes, Held] = {}
+        self.held_bytes, self.max_held_bytes = 0, HELD_PER_REQUEST_BYTES * config.max_request_bytes
+        self.evicted_log = LogLimiter(log)
         self.max_seq_len: int | None = None
         self.stopping = False
         self.foreign_logged = 0.0
@@ -251,7 +264,7 @@ class V1Door:
             self.subscribed.add(message[1:])
         elif message[:1] == b"\x00":
             self.subscribed.discard(message[1:])
-            self.held.pop(message[1:], None)
+            self.forget(message[1:])
 
     def on_request(self, frames: list) -> None:
         parts = [f.bytes for f in frames]
@@ -350,7 +363,36 @@ class V1Door:
         if held is not None or not self.try_publish(reply):
             if held is None:
                 held = self.held[identity] = Held(time.monotonic())
+            size = reply_bytes(reply)
             held.replies.append(reply)
+            held.size += size
+            self.held_bytes += size
+            if self.held_bytes > self.max_held_bytes:
+                self.evict()
+
+    def evict(self) -> None:
+        """Drop the oldest replies of the client holding the most until the rest fit the cap."""
+        hog = max(self.held, key=lambda identity: self.held[identity].size)
+        held, dropped = self.held[hog], 0
+        while held.replies and self.held_bytes > self.max_held_bytes:
+            size = reply_bytes(held.replies.popleft())
+            held.size -= size
+            self.held_bytes -= size
+            dropped += 1
+        if not held.replies:
+            del self.held[hog]
+        self.evicted_log.warning("dropped %d replies to a 2019 client (%s) that %s: replies held for all "
+                                 "clients together are capped at %.3g MB (%d x -max_request_bytes)", dropped,
+                                 hog[:40].decode("utf-8", "replace"),
+                                 "reads too slowly" if hog in self.subscribed else "did not subscribe",
+                                 self.max_held_bytes / 1e6, HELD_PER_REQUEST_BYTES)
+        if self.held_bytes > self.max_held_bytes:
+            self.evict()
+
+    def forget(self, identity: bytes) -> None:
+        held = self.held.pop(identity, None)
+        if held is not None:
+            self.held_bytes -= held.size
 
     def try_publish(self, reply: list) -> bool:
         if reply[0] not in self.subscribed:
@@ -365,7 +407,9 @@ class V1Door:
         for identity in list(self.held):
             held = self.held[identity]
             while held.replies and self.try_publish(held.replies[0]):
-                held.replies.popleft()
+                size = reply_bytes(held.replies.popleft())
+                held.size -= size
+                self.held_bytes -= size
                 held.since = now
             if not held.replies:
                 del self.held[identity]
@@ -376,7 +420,7 @@ class V1Door:
                 log.warning("dropped %d replies to a 2019 client (%s) that %s for %.0f s", len(held.replies),
                             identity[:40].decode("utf-8", "replace"),
                             "read none" if subscribed else "did not subscribe to -v1_port_out", limit)
-                del self.held[identity]
+                self.forget(identity)
 
 
 # ---------------------------------------------------------------- the process

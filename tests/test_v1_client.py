@@ -10,6 +10,7 @@ so that a lost reply fails the test instead of hanging it.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -201,6 +202,40 @@ def test_a_flood_of_bad_2019_requests_is_logged_a_line_per_interval_and_the_door
     wait_for_log(server, "dropped 2000 replies to a 2019 client (flood)", timeout=60)
     lines = server.log().count("bad request from a 2019 client") - logged
     assert lines <= 2 + (time.monotonic() - started) / 10, lines  # a line per 10 s at most, not 2,000
+
+
+def test_replies_held_for_clients_that_never_subscribe_are_capped_and_others_served(tiny):
+    """A client that sends requests and never subscribes (or never reads) would make the door hold
+    its replies for seconds to minutes, under as many identities as it likes: all held replies
+    together are capped at 4 x -max_request_bytes (here 256 KB), the biggest holder losing its
+    oldest first, while a 2019 client that reads gets its vectors."""
+    v1_port, v1_port_out = free_port(), free_port()
+    while v1_port_out == v1_port:
+        v1_port_out = free_port()
+    # Per-token vectors: 20 sentences x 32 tokens x 32 floats = 80 KB a reply.
+    with RunningServer(["-model_dir", str(tiny[0]), "-v1_port", str(v1_port), "-v1_port_out", str(v1_port_out),
+                        "-pooling_strategy", "NONE", "-max_seq_len", "32", "-max_request_bytes", "65536"]) as server:
+        server.v1_port, server.v1_port_out = v1_port, v1_port_out
+        context = zmq.Context()
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 5000)
+        push.connect(f"tcp://127.0.0.1:{v1_port}")
+        texts = real_sentences(20, seed=3)
+        try:
+            for i in range(10):
+                push.send_multipart([b"hog", json.dumps(texts).encode(), b"%d" % i, b"%d" % len(texts)])
+        finally:
+            push.close()
+            context.term()
+        wait_for_log(server, "that did not subscribe: replies held for all clients together are capped at 0.262 MB",
+                     timeout=60)
+        client = old_client(server, output_fmt="list")
+        try:
+            vectors = np.asarray(client.encode(["a reader", "still served"]))
+        finally:
+            client.close()
+        assert vectors.shape[0] == 2 and np.isfinite(vectors).all()
+        assert "dropped 10 replies" not in server.log()  # the cap, not the 10 s wait, let most of them go
 
 
 def test_six_concurrent_clients(server, ours):
