@@ -774,17 +774,33 @@ async def _client_gone(request: Request) -> None:
 
 async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
     """The body as it arrives; a 408 when nothing arrives for BODY_READ_TIMEOUT seconds (a stalled
-    or slowloris client would otherwise hold the request, and its connection, for good)."""
-    stream = request.stream()
+    or slowloris client would otherwise hold the request, and its connection, for good). A timer
+    that cancels this task, not asyncio.wait_for: a chunk already read is then taken without a turn
+    of the event loop (wait_for runs the read as a task of its own: +0.4 ms per one-sentence request
+    on 2 vCPUs), and asyncio.timeout is Python 3.11's."""
+    stream, task, loop = request.stream(), asyncio.current_task(), asyncio.get_running_loop()
+    stalled: list[bool] = []
+
+    def stall() -> None:
+        stalled.append(True)
+        task.cancel()
+
     try:
         while True:
-            try:  # wait_for, not asyncio.timeout: the server runs on Python 3.10 too
-                chunk = await asyncio.wait_for(anext(stream), BODY_READ_TIMEOUT)
+            timer = loop.call_later(BODY_READ_TIMEOUT, stall)
+            try:
+                chunk = await anext(stream)
             except StopAsyncIteration:
                 return
-            except asyncio.TimeoutError:  # on 3.10 not the builtin TimeoutError
+            except asyncio.CancelledError:
+                if not stalled:
+                    raise
+                if hasattr(task, "uncancel"):  # 3.11+: this cancel is handled, the task goes on
+                    task.uncancel()
                 raise HttpError(408, f"the request body stalled: nothing arrived for {BODY_READ_TIMEOUT} s",
                                 "validation", "request_timeout") from None
+            finally:
+                timer.cancel()
             yield chunk
     finally:
         await stream.aclose()
