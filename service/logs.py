@@ -31,6 +31,7 @@ class LogLimiter:
         self.logger = logger
         self.interval = interval
         self.next_at = 0.0
+        self.logged_at = 0.0  # when the last line was logged
         self.held_back = 0
 
     def warning(self, message: str, *args: Any) -> None:
@@ -38,7 +39,8 @@ class LogLimiter:
         if now < self.next_at:
             self.held_back += 1
             return
-        if self.held_back:
-            message += f" ({self.held_back} more like it in the last {self.interval:.0f} s not logged)"
+        if self.held_back:  # counted since the last line, however long ago that was
+            message += (f" ({self.held_back} more like it since the last such line, "
+                        f"{now - self.logged_at:.0f} s ago, not logged)")
         self.logger.warning(message, *args)
-        self.next_at, self.held_back = now + self.interval, 0
+        self.next_at, self.logged_at, self.held_back = now + self.interval, now, 0

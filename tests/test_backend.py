@@ -182,10 +182,11 @@ def test_the_log_about_strangers_is_rate_limited(caplog):
         for i in range(100):
             limiter.warning("stranger %d", i)
     assert [r.getMessage() for r in caplog.records] == ["stranger 0"]
-    limiter.next_at = 0.0  # the interval has passed
+    limiter.next_at, limiter.logged_at = 0.0, limiter.logged_at - 4000  # the interval has passed, and more
     with caplog.at_level(logging.WARNING, logger="test_backend"):
         limiter.warning("stranger %d", 100)
-    assert caplog.records[-1].getMessage() == "stranger 100 (99 more like it in the last 3600 s not logged)"
+    assert caplog.records[-1].getMessage() == ("stranger 100 (99 more like it since the last such line, 4000 s ago, "
+                                               "not logged)")
 
 
 # ---------------------------------------------------------------- workers of other hosts: the pure parts
