@@ -24,12 +24,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[UNK]", "[PAD]")
-# Texts longer than max(PREFIX_MIN_CHARS, PREFIX_CHARS_PER_TOKEN * max_seq_len) characters are
-# tokenized from a prefix that gives the same tokens (`BertTokenizer.within_reach`): English runs
-# ~4-5 characters a token, so that prefix holds the tokens kept 3-4 times over (2,048 characters at
-# max_seq_len 128), and a query never comes near it.
+# A long text is tokenized from a prefix that gives the same tokens (`BertTokenizer.prefixes`): the
+# first tried is max(PREFIX_MIN_CHARS, PREFIX_CHARS_PER_TOKEN * max_seq_len) characters (2,048 at
+# max_seq_len 128; English runs ~4-5 characters a token, so it holds the tokens kept 3-4 times over),
+# then 4x longer ones. Only texts over PROBED_ABOVE times the first prefix are tried: trying costs a
+# prefix's tokenizing, so shorter ones would gain less than 2x (texts of 2-4 KB took 2-3x longer).
 PREFIX_MIN_CHARS = 1024
 PREFIX_CHARS_PER_TOKEN = 16
+PROBED_ABOVE = 4
+# Where no prefix is found to give the same tokens (few spaces, long runs of them, words of thousands
+# of letters), a text is cut to this many characters per token of max_seq_len, as workers always cut
+# (service/worker.py): memory then follows what the model can use, not what the client sent. Real
+# text averages 4 to 6 characters a token and a word over 100 is one [UNK], so no text with
+# max_seq_len tokens in its first 100 x max_seq_len characters changes.
+CHARS_PER_TOKEN_KEPT = 100
 
 
 @dataclass(frozen=True)
@@ -121,11 +129,11 @@ class BertTokenizer:
             raise CheckpointError(f"the vocabulary has no {', '.join(missing)} token")
         self.cls_id, self.sep_id, self.unk_id = ids["[CLS]"], ids["[SEP]"], ids["[UNK]"]
         self.pad_id = ids["[PAD]"] or 0
-        # A longer text is tokenized from a prefix that gives the same tokens (`within_reach`); only
-        # for BERT's own normalizer and pre-tokenizer, whose tokens depend on nothing past a space.
+        # A long text is tokenized from a prefix that gives the same tokens (`prefixes`).
         self.prefix_chars = max(PREFIX_MIN_CHARS, PREFIX_CHARS_PER_TOKEN * max_seq_len)
-        self.cuts_long_texts = (isinstance(tokenizer.normalizer, (normalizers.BertNormalizer, type(None)))
-                                and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer))
+        self.probed_above = PROBED_ABOVE * self.prefix_chars
+        self.max_chars = CHARS_PER_TOKEN_KEPT * max_seq_len
+        self.cuts_long_texts = tokens_end_at_spaces(tokenizer)
 
     @classmethod
     def from_dir(cls, folder: Path, max_seq_len: int, do_lower_case: bool | None = None,
@@ -182,34 +190,53 @@ class BertTokenizer:
         return self._tokenizer.encode_batch(self._model_input(texts), add_special_tokens=add_special_tokens)
 
     def _model_input(self, texts: Sequence[str], cut: bool = True) -> list[str]:
-        """The texts as the tokenizer gets them: lower-cased if the model wants that, and a long one
-        cut to a prefix of the same tokens (not a pair's members: see `within_reach`)."""
+        """The texts as the tokenizer gets them: lower-cased if the model wants that, and long ones
+        cut (`prefixes`; not a pair's members, see there)."""
         texts = [t.lower() for t in texts] if self.lowercase_input else list(texts)
-        if not (cut and self.cuts_long_texts):
-            return texts
-        limit = self.prefix_chars
-        return [t if len(t) <= limit else self.within_reach(t) for t in texts]
+        if cut and self.cuts_long_texts and any(len(t) > self.probed_above for t in texts):
+            return self.prefixes(texts)
+        return texts
 
-    def within_reach(self, text: str) -> str:
-        """`text`, or a prefix of it that truncation turns into the same tokens. `tokenizers` builds
+    def prefixes(self, texts: list[str]) -> list[str]:
+        """Each text, or a prefix of it that truncation turns into the same tokens. `tokenizers` builds
         every token of a text before truncating it, the cut-off part as `overflowing` encodings: 10 MB
         of text took 8 s and 1.5 GB, for the 128 tokens the model sees. A prefix ending at a space
         (BERT's pre-tokenizer splits there, and its normalizer maps one character at a time) has the
         text's tokens up to that space; once its first `max_seq_len` + 1 tokens all end there, they
-        are the text's first, more than truncation keeps, so that it is cut too (of a pair's members, though,
-        which one loses the odd token depends on both whole lengths: pairs are never cut). A prefix
-        4x longer is tried while that fails (long runs of spaces, a word of thousands of letters),
-        up to the whole text."""
+        are the whole text's first, more than truncation keeps (so the text is cut too). A prefix 4x
+        longer is tried while that fails, up to `max_chars` (100 per token), where the text is cut as
+        the workers cut it. The texts still undecided are tried together, one batch call a round.
+        (A pair's members are never cut: which one loses the odd token depends on both whole lengths.)"""
+        out = list(texts)
+        pending = [i for i, text in enumerate(texts) if len(text) > self.probed_above]
         size = self.prefix_chars
-        while size < len(text):
-            prefix = text[:size]
-            boundary = max(prefix.rfind(" "), prefix.rfind("\n"), prefix.rfind("\t"))
-            if boundary > 0:
-                beyond = self._tokenizer.encode(prefix, add_special_tokens=False).overflowing
-                if beyond and beyond[0].offsets[0][1] <= boundary:  # one token more than kept: the text is cut too
-                    return prefix
+        while pending:
+            tried, prefixes = [], []
+            for i in pending:
+                text = texts[i]
+                if size >= min(len(text), self.max_chars):
+                    out[i] = text[:self.max_chars]
+                    continue
+                prefix = text[:size]
+                boundary = max(prefix.rfind(" "), prefix.rfind("\n"), prefix.rfind("\t"))
+                if boundary > 0:
+                    tried.append((i, boundary))
+                    prefixes.append(prefix)
+            found = set()
+            if prefixes:
+                encodings = self._tokenizer.encode_batch(prefixes, add_special_tokens=False)  # with offsets
+                for (i, boundary), prefix, encoding in zip(tried, prefixes, encodings):
+                    beyond = encoding.overflowing  # with one token more than kept, the text is cut too
+                    if beyond and beyond[0].offsets[0][1] <= boundary:
+                        out[i] = prefix
+                        found.add(i)
+            pending = [i for i in pending if i not in found and size < min(len(texts[i]), self.max_chars)]
             size *= 4
-        return text
+        return out
+
+    def within_reach(self, text: str) -> str:
+        """One text as `prefixes` cuts it."""
+        return self.prefixes([text])[0] if self.cuts_long_texts else text
 
     def encode_pretokenized(self, token_lists: Sequence[Sequence[str]]) -> TokenBatch:
         """Tokens the caller already split into WordPieces: looked up as they are ([UNK] if unknown)."""
@@ -234,6 +261,20 @@ def is_uncased_vocabulary(tokens: Iterable[str]) -> bool:
     lower-casing every word with a capital becomes [UNK] or a worse split."""
     return not any(token != token.lower() for token in tokens
                    if not (token.startswith("[") and token.endswith("]")))  # [CLS], [unused0]...
+
+
+def tokens_end_at_spaces(tokenizer: Tokenizer) -> bool:
+    """Whether no token depends on text past a space that follows it, so that a prefix ending at a
+    space has the whole text's tokens up to it (`BertTokenizer.prefixes`): BERT's normalizer (one
+    character at a time) and pre-tokenizer (split at spaces), and no added token that holds a space
+    or strips those around it (added tokens are matched in the raw text, across spaces)."""
+    if not (isinstance(tokenizer.normalizer, (normalizers.BertNormalizer, type(None)))
+            and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer)):
+        return False
+    added = getattr(tokenizer, "get_added_tokens_decoder", lambda: None)()
+    if added is None:  # an older `tokenizers`: cannot tell, so never cut
+        return False
+    return not any(t.lstrip or t.rstrip or any(c.isspace() for c in t.content) for t in added.values())
 
 
 def bert_normalizer(do_lower_case: bool) -> normalizers.Normalizer:

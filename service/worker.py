@@ -51,11 +51,6 @@ log = logging.getLogger(__name__)
 
 CUDA_ERROR_EXIT_CODE = 70
 STAGE_DIED_EXIT_CODE = 71
-# Texts are cut to this many characters per token of max_seq_len before tokenizing: memory then
-# follows what the model can use, not what the client sent (a 10 MB sentence took a worker from 351 MB
-# to 1.34 GB). WordPiece tokens of real text average 4 to 6 characters, and a word over 100 becomes
-# one [UNK]; no sentence with max_seq_len tokens in its first 100 x max_seq_len characters changes.
-CHARS_PER_TOKEN_KEPT = 100
 # Batches of ever-changing shapes fragment glibc's heap: without giving freed memory back, a CPU
 # worker's RSS grew from 340 MB to 1.3 GB in 7 minutes. A trim costs ~12 ms, so at most every 2 s.
 MALLOC_TRIM_INTERVAL = 2.0
@@ -261,6 +256,10 @@ class Worker:
         # (2,000 sentences in 256-sentence jobs: 5.5% padding instead of 10%, and 1,000-sentence windows).
         self.window_waits_for_tokenizer = encoder.device.type == "cpu"
         self.results_address = f"inproc://results-{id(self)}"
+        # Every text, a pair's and a token list's too, is cut to CHARS_PER_TOKEN_KEPT characters per
+        # token of max_seq_len before tokenizing: memory then follows what the model can use, not what
+        # the client sent (a 10 MB sentence took a worker from 351 MB to 1.34 GB). See bert/tokenization.py.
+        from bert.tokenization import CHARS_PER_TOKEN_KEPT  # here: the broker imports this module, not tokenizers
         self.max_chars = CHARS_PER_TOKEN_KEPT * encoder.max_seq_len
         # Set once by a stage thread that died, read by the I/O thread: the exit code to end with.
         self.stage_exit_code: int | None = None

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import AddedToken
 
 from bert import Encoder
 from helpers import HARD_TEXTS, HF_TINY, hf_token_ids, id_lists, real_sentences
@@ -146,15 +147,16 @@ long_text_strategy = st.lists(st.one_of(st.text(max_size=12), st.sampled_from(LO
 
 @pytest.fixture(scope="module")
 def cutting_tokenizers(vocab_folders):
-    """As `property_tokenizers`, at max_seq_len 12 and with prefixes from 10 characters: nearly
-    every text is tokenized from a prefix (`BertTokenizer.within_reach`)."""
+    """As `property_tokenizers`, at max_seq_len 12, every text over 10 characters tried from a
+    prefix of 10 (`BertTokenizer.prefixes`), and no cut where no prefix is found (`max_chars`)."""
     from transformers import BertTokenizerFast
 
     pairs = {}
     for casing, (folder, vocab) in vocab_folders.items():
         lower = casing == "uncased"
         encoder = Encoder.from_dir(str(folder), do_lower_case=lower, max_seq_len=12)
-        encoder.tokenizer.prefix_chars = 10
+        tokenizer = encoder.tokenizer
+        tokenizer.prefix_chars, tokenizer.probed_above, tokenizer.max_chars = 10, 10, 10 ** 9
         pairs[casing] = (encoder, BertTokenizerFast(str(vocab), do_lower_case=lower))
     return pairs
 
@@ -190,13 +192,44 @@ def test_a_long_document_is_tokenized_from_a_prefix_with_the_same_tokens(bundled
     """A 170 KB document: its first `prefix_chars` characters (16 per token kept) are tokenized, for
     the tokens the whole gives (the whole would be ~40,000 tokens, built then dropped)."""
     tokenizer = bundled_encoder.tokenizer
+    whole = tokenizer._tokenizer.encode
     text = " ".join(real_sentences(2000, seed=11))
     assert len(text) > 150_000 and tokenizer.cuts_long_texts
     assert len(tokenizer.within_reach(text)) == tokenizer.prefix_chars == 16 * tokenizer.max_seq_len
-    assert id_lists(bundled_encoder.tokenize([text])) == [tokenizer._tokenizer.encode(text).ids]
-    spaced = "word " + " " * 100_000 + text  # a long run of spaces: a longer prefix is needed, then found
-    assert tokenizer.prefix_chars < len(tokenizer.within_reach(spaced)) < len(spaced)
-    assert id_lists(bundled_encoder.tokenize([spaced])) == [tokenizer._tokenizer.encode(spaced).ids]
+    assert id_lists(bundled_encoder.tokenize([text])) == [whole(text).ids]
+    spaced = "word " + " " * 10_000 + text  # a run of spaces: a prefix 4x longer is needed, and found
+    assert len(tokenizer.within_reach(spaced)) == 4 * tokenizer.prefix_chars
+    assert id_lists(bundled_encoder.tokenize([spaced])) == [whole(spaced).ids]
+    several = [text[:5000], spaced, "a query", text]  # tried together, each cut as alone
+    assert tokenizer.prefixes(several) == [text[:5000]] + [tokenizer.within_reach(t) for t in several[1:]]
+
+
+def test_a_text_with_no_prefix_found_is_cut_as_workers_cut_it(bundled_encoder):
+    """No space to cut at (Chinese text, say), or too few tokens before one: the first 100 x
+    max_seq_len characters, as a worker cuts every text; for Chinese, a token a character, the same
+    tokens as the whole."""
+    tokenizer = bundled_encoder.tokenizer
+    chinese = "中文" * 25_000
+    assert tokenizer.within_reach(chinese) == chinese[:tokenizer.max_chars] and tokenizer.max_chars == 100 * 256
+    assert id_lists(bundled_encoder.tokenize([chinese])) == [tokenizer._tokenizer.encode(chinese).ids]
+    far = "word " + " " * 200_000 + "more words"
+    assert tokenizer.within_reach(far) == far[:tokenizer.max_chars]
+
+
+@pytest.mark.parametrize("added", [AddedToken("b c", special=False), AddedToken("[X]", lstrip=True)])
+def test_no_prefix_is_taken_when_an_added_token_may_span_a_space(bundled_dir, added):
+    """Added tokens are matched in the raw text, where one holding a space, or stripping those beside
+    it, may take in the text past a prefix's last space."""
+    from tokenizers import Tokenizer
+
+    from bert.tokenization import BertTokenizer
+
+    raw = Tokenizer.from_file(str(bundled_dir / "tokenizer.json"))
+    assert BertTokenizer(raw, 4).cuts_long_texts
+    raw.add_tokens([added])
+    tokenizer = BertTokenizer(raw, 4)
+    text = "a b c d e f " * 2000
+    assert not tokenizer.cuts_long_texts and tokenizer.within_reach(text) == text
 
 
 # ---------------------------------------------------------------- sentence pairs
