@@ -55,8 +55,8 @@ MAX_FRAMES = 4096
 MAX_IDENTITY_BYTES = 255      # ZMTP's own limit on a routing id
 MAX_COMMAND_BYTES = 1 << 16   # a READY or a PING is tens of bytes; a peer not yet known gets no more
 HANDSHAKE_TIMEOUT = 30.0      # seconds to finish the greeting and READY (libzmq's ZMQ_HANDSHAKE_IVL)
-# Seconds a message begun may go without a byte more before its connection is closed. Judged on
-# progress, not on the whole message's time: a large request over a slow link keeps arriving and is
+# Seconds a message begun may go without a byte more of it (commands between its frames do not
+# count) before its connection is closed. Judged on progress, not on the whole message's time: a large request over a slow link keeps arriving and is
 # never cut, however long it takes, while a peer that sends most of a 256 MB frame and stops frees
 # that memory at this deadline. (Bytes that wait in the kernel because this side did not read them
 # are not the peer's stall.) As long as the handshake's: TCP gives up resending sooner than that.
@@ -199,7 +199,7 @@ class ZmtpRouter:
         self.accept_paused_until = 0.0
         # Lines a peer can make the server repeat, at most one per 10 s each.
         self.accept_errors, self.violations = LogLimiter(log), LogLimiter(log)
-        self.overloads, self.stalls = LogLimiter(log), LogLimiter(log)
+        self.overloads, self.evictions, self.stalls = LogLimiter(log), LogLimiter(log), LogLimiter(log)
 
     # ------------------------------------------------------------ the socket-like face
 
@@ -265,6 +265,8 @@ class ZmtpRouter:
         for peer in list(self.backlogged):
             if len(self.messages) >= MAX_PARSED:
                 break
+            if self.by_fd.get(peer.fd) is not peer:  # closed meanwhile (to make room under the cap, say)
+                continue
             self.backlogged.discard(peer)
             self.take(peer, peer.inbox)
         for fd, events in self.epoll.poll(0):
@@ -353,7 +355,6 @@ class ZmtpRouter:
                 self.drop(peer, refused=None if peer.ready else "closed during the handshake")
                 return
             budget -= len(data)
-            peer.heard = time.monotonic()
             if peer.inbox:
                 peer.inbox += data
                 data = peer.inbox
@@ -382,17 +383,27 @@ class ZmtpRouter:
         return peer not in self.backlogged
 
     def hold(self, peer: Peer, held: int) -> None:
-        """Count what `peer` now holds of a message not yet whole (its frames parsed and its inbox).
-        OverCapacity when that grows, past UNCAPPED_BYTES, and takes all connections together past
-        `max_buffered`: that connection is closed before it is read further, its bytes freed.
-        Counted on bytes received, not on the size a frame announces: an announcement costs a
-        peer nothing, and one idle connection would then keep every large request out."""
+        """Count what `peer` now holds of a message not yet whole (its frames parsed and its inbox),
+        and when that message last grew (`heard`: commands between its frames, PINGs say, do not
+        keep it from the stall deadline). When it grows past UNCAPPED_BYTES and takes all connections
+        together past `max_buffered`, the connection holding the most is closed, its bytes freed:
+        another, if it holds more than this one (one that stopped sending, typically; an honest
+        large request arrives in a fraction of a second), else this one (OverCapacity). Counted on
+        bytes received, not on the size a frame announces: an announcement costs a peer nothing."""
         grown = held - peer.held
-        if grown > 0 and held > UNCAPPED_BYTES and self.buffered + grown > self.max_buffered:
-            others = sum(1 for p in self.by_fd.values() if p.held and p is not peer)
-            raise OverCapacity(f"its message of {held} bytes so far would take the bytes held for unfinished "
-                               f"messages past {self.max_buffered} (the others: {self.buffered - peer.held} bytes "
-                               f"on {others} connections)")
+        if grown > 0 and held > UNCAPPED_BYTES:
+            while self.buffered + grown > self.max_buffered:
+                others = [p for p in self.by_fd.values() if p.held and p is not peer]
+                hog = max(others, key=lambda p: p.held, default=None)
+                if hog is None or hog.held <= held:
+                    raise OverCapacity(f"its message of {held} bytes so far would take the bytes held for unfinished "
+                                       f"messages past {self.max_buffered} (the others: {self.buffered - peer.held} "
+                                       f"bytes on {len(others)} connections)")
+                self.drop(hog, violation=f"its unfinished message of {hog.held} bytes was the largest when the bytes "
+                                         f"held for all of them were to pass {self.max_buffered}: closed to make room",
+                          limiter=self.evictions)
+        if grown > 0:
+            peer.heard = time.monotonic()
         self.buffered += grown
         peer.held = held
 

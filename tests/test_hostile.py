@@ -194,26 +194,26 @@ def closed_within(sock: socket.socket, timeout: float) -> bool:
     return False
 
 
-def test_unfinished_messages_are_capped_together_and_one_that_stops_is_closed(server, tiny_encoder):
+def test_unfinished_messages_are_capped_together_the_largest_holder_closed_and_one_that_stops_too(server, tiny_encoder):
     """The t11 repro, scaled to this server's 2 MB limit (so 8 MB for unfinished messages, all
-    clients together): a peer sends most of a 7 MB frame and stops; a second doing the same is
-    closed at once with a line in the log, while a client's 1 MB request is served; the first is
-    closed once MESSAGE_STALL_TIMEOUT passes with nothing more from it; then large requests from
-    three clients at once are all served."""
+    clients together): a peer sends most of a 7 MB frame and stops; when a second does the same,
+    the first, then the largest holder, is closed to make room, with a line in the log; a client's
+    1 MB request is served beside the second, which is closed once MESSAGE_STALL_TIMEOUT passes with
+    nothing more from it; then large requests from three clients at once are all served."""
     big = [f"sentence {i} " + "word " * 2000 for i in range(100)]  # ~1 MB (read by the intake process), cheap to encode
     first = stalled_peer(server.port, 7_000_000, 6_000_000)
-    stalled_at = time.monotonic()
     second = stalled_peer(server.port, 7_000_000, 6_000_000)
+    stalled_at = time.monotonic()
     try:
-        assert closed_within(second, 15), "the connection over the cap was not closed"
-        wait_for(lambda: "would take the bytes held for unfinished messages past 8000000" in server.log(), 15,
-                 "the cap's line in the log")
+        assert closed_within(first, 15), "the largest holder was not closed to make room"
+        wait_for(lambda: "was the largest when the bytes held for all of them were to pass 8000000" in server.log(),
+                 15, "the cap's line in the log")
         with BertClient(port=server.port, timeout=60) as client:
             vectors = client.encode(big)
         assert vectors.shape == (len(big), HIDDEN)
         np.testing.assert_allclose(vectors[[0, 99]], tiny_encoder.encode([big[0], big[99]]), atol=ATOL)
-        assert not closed_within(first, max(0.0, stalled_at + MESSAGE_STALL_TIMEOUT - 5 - time.monotonic()))
-        assert closed_within(first, 20), "the stalled connection outlived the deadline"
+        assert not closed_within(second, max(0.0, stalled_at + MESSAGE_STALL_TIMEOUT - 5 - time.monotonic()))
+        assert closed_within(second, 20), "the stalled connection outlived the deadline"
         wait_for(lambda: "had no byte more for" in server.log(), 15, "the stall's line in the log")
     finally:
         first.close()

@@ -2,6 +2,7 @@
 libzmq ROUTER did for the broker, it must do, and what libzmq turned away, it must turn away."""
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -269,6 +270,15 @@ def test_a_message_that_stops_arriving_is_closed_at_the_stall_deadline(router, c
     wait_until(lambda: len(router.by_identity) == 4 and router.buffered == 100_009 + 6 + 50_009, router)
     router.tick(time.monotonic())
     assert len(router.by_identity) == 4  # not yet
+    parted.sendall(PING)  # a command between frames is no progress of the message
+    answered = bytearray()
+
+    def ponged() -> bool:
+        if select.select([parted], [], [], 0)[0]:
+            answered.extend(parted.recv(4096))
+        return b"PONG" in answered
+
+    wait_until(ponged, router)  # the PING was read (and answered) before the deadline
     behind.sendall(b"y" * 10_000)  # not read before the deadline: the port's delay
     time.sleep(0.2)
     with caplog.at_level("WARNING", logger="service.zmtp"):
@@ -286,25 +296,32 @@ def test_a_message_that_stops_arriving_is_closed_at_the_stall_deadline(router, c
         sock.close()
 
 
-def test_unfinished_messages_together_are_capped_and_the_one_that_would_pass_the_cap_is_closed(context, caplog):
-    """`max_buffered` caps the bytes held for messages not yet whole, all connections together: a
-    connection whose message would take them past it is closed before more of it is read, while
-    the one already holding its share, a small client, and large messages that fit are served."""
+def test_unfinished_messages_together_are_capped_and_the_largest_holder_is_closed(context, caplog):
+    """`max_buffered` caps the bytes held for messages not yet whole, all connections together: when
+    a message grows past it, the connection holding the most is closed (one that stopped sending
+    cannot keep every other large request out), the growing one if it is the largest; small
+    clients and large messages that fit are served meanwhile."""
     router = ZmtpRouter("127.0.0.1", 0, MAX_FRAME, 4, max_buffered=1_500_000)
     try:
-        first = raw_peer(router.port, b"c-first", long_frame_header(1_000_000) + b"a" * 900_000)
+        stalled = raw_peer(router.port, b"c-stalled", long_frame_header(1_000_000) + b"a" * 900_000)
         wait_until(lambda: router.buffered == 900_009, router)  # with the frame's head
         with caplog.at_level("WARNING", logger="service.zmtp"):
-            second = raw_peer(router.port, b"c-second", long_frame_header(1_000_000) + b"b" * 900_000)
-            wait_until(lambda: router.take_departed() == [b"c-second"], router)
-        assert "would take the bytes held for unfinished messages past 1500000" in caplog.text
-        assert closed_by_server(second, 5)
-        assert set(router.by_identity) == {b"c-first"} and router.buffered == 900_009
+            growing = raw_peer(router.port, b"c-growing", long_frame_header(1_000_000) + b"b" * 700_000)
+            wait_until(lambda: router.take_departed() == [b"c-stalled"], router)
+        assert "was the largest when the bytes held for all of them were to pass 1500000" in caplog.text
+        assert closed_by_server(stalled, 5)
+        wait_until(lambda: router.buffered == 700_009, router)
+        assert set(router.by_identity) == {b"c-growing"}
         small = dealer(context, router.port, b"c-small")
-        small.send_multipart([b"header", b"s" * 300_000])  # fits beside the first: served
+        small.send_multipart([b"header", b"s" * 300_000])  # fits beside it: served
         assert receive(router)[0] == [b"c-small", b"header", b"s" * 300_000]
-        first.sendall(b"a" * 100_000)
-        assert receive(router)[0] == [b"c-first", b"a" * 1_000_000]
+        with caplog.at_level("WARNING", logger="service.zmtp"):  # now the one that grows is the largest
+            biggest = raw_peer(router.port, b"c-biggest", long_frame_header(1_000_000) + b"c" * 900_000)
+            wait_until(lambda: router.take_departed() == [b"c-biggest"], router)
+        assert "would take the bytes held for unfinished messages past 1500000" in caplog.text
+        assert closed_by_server(biggest, 5) and router.buffered == 700_009
+        growing.sendall(b"b" * 300_000)
+        assert receive(router)[0] == [b"c-growing", b"b" * 1_000_000]
         assert router.buffered == 0
         # Large messages from several clients at once, together under the cap: all arrive whole.
         senders = [dealer(context, router.port, b"c-big%d" % i) for i in range(3)]
@@ -312,7 +329,7 @@ def test_unfinished_messages_together_are_capped_and_the_one_that_would_pass_the
             sender.send(bytes([i]) * 450_000)
         got = sorted(receive(router, 3))
         assert got == [[b"c-big%d" % i, bytes([i]) * 450_000] for i in range(3)] and router.buffered == 0
-        for sock in (first, second):
+        for sock in (stalled, growing, biggest):
             sock.close()
     finally:
         router.close()
