@@ -470,7 +470,10 @@ class Broker:
             self.refuse(socket, client, request_id, e, enveloped)
             return
         request_id = header["id"]
-        if header["cmd"] == "cancel":  # never answered, not even while shutting down
+        if header["cmd"] == "cancel" and enveloped:  # a REQ socket must hear back before it sends again
+            self.reply(socket, client, pack_error(request_id, ERR_BAD_REQUEST, "cancel is for DEALER sockets: a REQ "
+                                                  "socket's request is answered before it can send another"), enveloped)
+        elif header["cmd"] == "cancel":  # never answered, not even while shutting down
             self.cancel(socket, client, request_id)
         elif self.stop_requested:
             self.reply(socket, client, pack_error(request_id, ERR_UNAVAILABLE, "the server is shutting down"), enveloped)
@@ -563,7 +566,7 @@ class Broker:
 
     @staticmethod
     def named(request: Request) -> str:
-        """Who a request is, for a log line: the user a door named ('v1:<identity>', 'http:<user>'),
+        """Who a request is, for a log line: the user a door named ('v1:<identity>', 'http-user:<user>'),
         quoted as repr does (it is the peer's text), else the connection's routing id."""
         tenant = request.tenant
         if isinstance(tenant, tuple) and len(tenant) == 2 and isinstance(tenant[1], str):
@@ -695,13 +698,8 @@ class Broker:
         self.abandon([request] if not in_intake else [], in_intake)
         if queued or in_intake:
             self.stats["cancelled_dropped"] += 1
-            log.info("request %s of %s cancelled: %s dropped", request_id, self.whose(request),
+            log.info("request %s of %s cancelled: %s dropped", request_id, self.named(request),
                      f"{sentences - self.scheduler.queued_sentences} queued sentences" if queued else "it")
-
-    def whose(self, request: Request) -> str:
-        """Who sent a request, for a log line: the user a door named, else the connection's id."""
-        name = request.tenant[1]
-        return name if isinstance(name, str) else request.client[:12].hex()
 
     def in_intake(self, wanted) -> list[Request]:
         return [p.request for p in self.intake.pending.values() if wanted(p.request)]

@@ -594,6 +594,28 @@ def test_a_cancelled_request_is_dropped_and_never_answered(server):
         assert not dealer.poll(300), dealer.recv_multipart()[0]  # their results were discarded: no reply to 1
 
 
+def test_a_cancel_from_a_req_socket_is_answered_so_the_socket_can_send_again(server):
+    """A REQ socket must hear back before it may send again, and has nothing to cancel (its one
+    request is answered by then): its cancel gets an error that says so, not the silence a
+    DEALER's gets, which would leave the socket stuck for good."""
+    context = zmq.Context()
+    req = context.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(f"tcp://127.0.0.1:{server.port}")
+    try:
+        req.send_multipart(pack_request(7, "cancel"))
+        assert req.poll(10_000), "no answer to a REQ socket's cancel"
+        header = json.loads(req.recv_multipart()[0])
+        assert header["id"] == 7 and not header["ok"] and "cancel is for DEALER sockets" in header["message"]
+        req.send_multipart(pack_request(8, "config"))
+        assert req.poll(10_000)
+        header = json.loads(req.recv_multipart()[0])
+        assert header["id"] == 8 and header["ok"]
+    finally:
+        req.close()
+        context.term()
+
+
 def test_a_cancel_of_an_unknown_or_answered_id_is_ignored_quietly(server):
     before = server_status(server)
     with raw_dealer(server.port) as dealer:
