@@ -117,17 +117,22 @@ PIECES = ["[SEP]", "[MASK]", "[CLS]", "Hello", "naïve", "\t", "\n", " ", "中�
 text_strategy = st.lists(st.one_of(st.text(max_size=12), st.sampled_from(PIECES)), max_size=30).map("".join)
 
 
-@pytest.fixture(scope="module")
-def property_tokenizers(vocab_folders):
-    """(our encoder, transformers tokenizer) for uncased and cased vocab.txt, max_seq_len 40."""
+def encoder_and_reference(vocab_folders, max_seq_len: int) -> dict:
+    """{casing: (our encoder, transformers tokenizer)} for uncased and cased vocab.txt."""
     from transformers import BertTokenizerFast
 
     pairs = {}
     for casing, (folder, vocab) in vocab_folders.items():
         lower = casing == "uncased"
-        pairs[casing] = (Encoder.from_dir(str(folder), do_lower_case=lower, max_seq_len=40),
+        pairs[casing] = (Encoder.from_dir(str(folder), do_lower_case=lower, max_seq_len=max_seq_len),
                          BertTokenizerFast(str(vocab), do_lower_case=lower))
     return pairs
+
+
+@pytest.fixture(scope="module")
+def property_tokenizers(vocab_folders):
+    """(our encoder, transformers tokenizer) for uncased and cased vocab.txt, max_seq_len 40."""
+    return encoder_and_reference(vocab_folders, 40)
 
 
 @pytest.mark.parametrize("casing", ["uncased", "cased"])
@@ -149,15 +154,10 @@ long_text_strategy = st.lists(st.one_of(st.text(max_size=12), st.sampled_from(LO
 def cutting_tokenizers(vocab_folders):
     """As `property_tokenizers`, at max_seq_len 12, every text over 10 characters tried from a
     prefix of 10 (`BertTokenizer.prefixes`), and no cut where no prefix is found (`max_chars`)."""
-    from transformers import BertTokenizerFast
-
-    pairs = {}
-    for casing, (folder, vocab) in vocab_folders.items():
-        lower = casing == "uncased"
-        encoder = Encoder.from_dir(str(folder), do_lower_case=lower, max_seq_len=12)
+    pairs = encoder_and_reference(vocab_folders, 12)
+    for encoder, _ in pairs.values():
         tokenizer = encoder.tokenizer
         tokenizer.prefix_chars, tokenizer.probed_above, tokenizer.max_chars = 10, 10, 10 ** 9
-        pairs[casing] = (encoder, BertTokenizerFast(str(vocab), do_lower_case=lower))
     return pairs
 
 
