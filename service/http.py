@@ -593,10 +593,6 @@ class HttpDoor:
         While it waits, a client that disconnects has its request withdrawn from the broker, which
         drops its queued work (ClientDisconnect: no answer is written); and a reply that never comes
         (one the broker dropped) is a 504 once the request's deadline and REPLY_MARGIN have passed."""
-        limit = self.config.max_client_batch_size
-        if len(texts) > limit:
-            raise HttpError(413, f"{len(texts)} inputs are more than the server's limit of {limit} "
-                                 "(-max_client_batch_size); split the request", "validation", "too_many_inputs")
         gone = asyncio.ensure_future(_client_gone(request))
         try:
             header, frames = await self.link.call("encode", texts, tenant, self.config.max_request_bytes,
@@ -670,8 +666,8 @@ class HttpDoor:
         return Response(orjson.dumps(vectors, option=orjson.OPT_SERIALIZE_NUMPY), media_type=JSON)
 
     def check_count(self, texts: list[str], field: str) -> None:
-        """413 for more inputs than -max_client_batch_size, before any work on them. (`encode` checks
-        again, for its own callers.)"""
+        """413 for more inputs than -max_client_batch_size, before any work on them (every route calls
+        it before `encode`)."""
         limit = self.config.max_client_batch_size
         if len(texts) > limit:
             raise HttpError(413, f"{len(texts)} inputs are more than the server's limit of {limit} "
