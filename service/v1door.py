@@ -371,23 +371,28 @@ class V1Door:
                 self.evict()
 
     def evict(self) -> None:
-        """Drop the oldest replies of the client holding the most until the rest fit the cap."""
-        hog = max(self.held, key=lambda identity: self.held[identity].size)
-        held, dropped = self.held[hog], 0
-        while held.replies and self.held_bytes > self.max_held_bytes:
-            size = reply_bytes(held.replies.popleft())
-            held.size -= size
-            self.held_bytes -= size
-            dropped += 1
-        if not held.replies:
-            del self.held[hog]
-        self.evicted_log.warning("dropped %d replies to a 2019 client (%s) that %s: replies held for all "
-                                 "clients together are capped at %.3g MB (%d x -max_request_bytes)", dropped,
-                                 hog[:40].decode("utf-8", "replace"),
-                                 "reads too slowly" if hog in self.subscribed else "did not subscribe",
-                                 self.max_held_bytes / 1e6, HELD_PER_REQUEST_BYTES)
-        if self.held_bytes > self.max_held_bytes:
-            self.evict()
+        """Drop the oldest replies of the clients holding the most until the rest fit the cap."""
+        while self.held_bytes > self.max_held_bytes:
+            hog = max(self.held, key=lambda identity: self.held[identity].size)
+            held, dropped = self.held[hog], 0
+            while held.replies and self.held_bytes > self.max_held_bytes:
+                self.pop_oldest(held)
+                dropped += 1
+            if not held.replies:
+                del self.held[hog]
+            self.evicted_log.warning("dropped %d replies to a 2019 client (%r) that %s: replies held for all "
+                                     "clients together are capped at %.3g MB (%d x -max_request_bytes)", dropped,
+                                     hog[:40].decode("utf-8", "replace"),
+                                     "reads too slowly" if hog in self.subscribed else "did not subscribe",
+                                     self.max_held_bytes / 1e6, HELD_PER_REQUEST_BYTES)
+
+    def pop_oldest(self, held: Held) -> list:
+        """A client's oldest held reply, taken out of the counts."""
+        reply = held.replies.popleft()
+        size = reply_bytes(reply)
+        held.size -= size
+        self.held_bytes -= size
+        return reply
 
     def forget(self, identity: bytes) -> None:
         held = self.held.pop(identity, None)
@@ -407,9 +412,7 @@ class V1Door:
         for identity in list(self.held):
             held = self.held[identity]
             while held.replies and self.try_publish(held.replies[0]):
-                size = reply_bytes(held.replies.popleft())
-                held.size -= size
-                self.held_bytes -= size
+                self.pop_oldest(held)
                 held.since = now
             if not held.replies:
                 del self.held[identity]

@@ -256,11 +256,10 @@ class Worker:
         # (2,000 sentences in 256-sentence jobs: 5.5% padding instead of 10%, and 1,000-sentence windows).
         self.window_waits_for_tokenizer = encoder.device.type == "cpu"
         self.results_address = f"inproc://results-{id(self)}"
-        # Every text, a pair's and a token list's too, is cut to CHARS_PER_TOKEN_KEPT characters per
-        # token of max_seq_len before tokenizing: memory then follows what the model can use, not what
-        # the client sent (a 10 MB sentence took a worker from 351 MB to 1.34 GB). See bert/tokenization.py.
-        from bert.tokenization import CHARS_PER_TOKEN_KEPT  # here: the broker imports this module, not tokenizers
-        self.max_chars = CHARS_PER_TOKEN_KEPT * encoder.max_seq_len
+        # Every text, a pair's and a token list's too, is cut to the tokenizer's bound (100 characters
+        # per token of max_seq_len) before tokenizing: memory then follows what the model can use, not
+        # what the client sent (a 10 MB sentence took a worker from 351 MB to 1.34 GB).
+        self.max_chars = encoder.tokenizer.max_chars
         # Set once by a stage thread that died, read by the I/O thread: the exit code to end with.
         self.stage_exit_code: int | None = None
         # When a stage last moved a job on (monotonic clock); written by the stage threads and read by
